@@ -1,0 +1,511 @@
+//! Boards are data: one TOML file per board in `boards/`, parsed strictly (unknown keys are
+//! errors) and checked for layout mistakes before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::size::{Bytes, MIB};
+
+/// A board file, as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Board {
+    /// Short name used on the command line and in output names (`h4`).
+    pub name: String,
+    /// One line for `picoimg boards`.
+    pub description: String,
+    /// Debian architecture of the root filesystem.
+    pub arch: Arch,
+    pub distro: Distro,
+    /// Apt sources; at least one.
+    #[serde(rename = "source")]
+    pub sources: Vec<Source>,
+    pub packages: Packages,
+    pub disk: Disk,
+    pub boot: Boot,
+    pub qemu: Qemu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Distro {
+    /// `debian` (Ubuntu and Raspberry Pi OS come with the arm64 boards).
+    pub name: String,
+    /// Suite (codename) to install, e.g. `trixie`.
+    pub suite: String,
+    /// mmdebstrap variant; `apt` installs Essential + apt, the board and stack add the rest.
+    #[serde(default = "default_variant")]
+    pub variant: String,
+}
+
+fn default_variant() -> String {
+    "apt".into()
+}
+
+/// An apt source. `uri = "default"` means the distribution's default mirror as mmdebstrap
+/// chooses it (with -updates and -security for stable suites), unless `--mirror` is given.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub name: String,
+    pub uri: String,
+    pub components: Vec<String>,
+    /// Keyring that signs this source (a path on the build host).
+    pub keyring: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Packages {
+    /// Kernel image package(s).
+    pub kernel: Vec<String>,
+    /// Firmware and microcode packages.
+    #[serde(default)]
+    pub firmware: Vec<String>,
+    /// Packages that provide the bootloader's files.
+    #[serde(default)]
+    pub bootloader: Vec<String>,
+    /// Anything else the board needs.
+    #[serde(default)]
+    pub extra: Vec<String>,
+}
+
+impl Packages {
+    pub fn all(&self) -> impl Iterator<Item = &String> {
+        self.kernel
+            .iter()
+            .chain(&self.firmware)
+            .chain(&self.bootloader)
+            .chain(&self.extra)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    Gpt,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub table: TableKind,
+    /// Size of the image file; the root partition grows to fill the real disk on first boot.
+    pub size: Bytes,
+    /// Partition start and size alignment.
+    pub align: Bytes,
+    #[serde(rename = "partition")]
+    pub partitions: Vec<Partition>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartType {
+    /// EFI system partition.
+    Esp,
+    /// Extended boot loader partition.
+    Xbootldr,
+    /// Root partition, x86-64 (discoverable partitions type).
+    RootX86_64,
+    /// Root partition, arm64.
+    RootArm64,
+    /// Generic Linux data.
+    LinuxData,
+}
+
+impl PartType {
+    pub fn gpt_guid(self) -> &'static str {
+        match self {
+            PartType::Esp => "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+            PartType::Xbootldr => "bc13c2ff-59e6-4262-a352-b275fd6f7172",
+            PartType::RootX86_64 => "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
+            PartType::RootArm64 => "b921b045-1df0-41c3-af44-4c6f280d3fae",
+            PartType::LinuxData => "0fc63daf-8483-4772-8e79-3d69d8477de4",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filesystem {
+    Vfat,
+    Ext4,
+}
+
+/// A partition size: bytes, or "fill" for the rest of the image (last partition only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartSize {
+    Fixed(Bytes),
+    Fill,
+}
+
+impl Serialize for PartSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PartSize::Fixed(b) => s.serialize_u64(b.0),
+            PartSize::Fill => s.serialize_str("fill"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PartSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(PartSize::Fixed(Bytes(n))),
+            Raw::Str(s) if s == "fill" => Ok(PartSize::Fill),
+            Raw::Str(s) => Bytes::parse(&s)
+                .map(PartSize::Fixed)
+                .map_err(|e| serde::de::Error::custom(format!("{e}, or \"fill\""))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// Name in the partition table (GPT) and in error messages.
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: PartType,
+    pub fs: Filesystem,
+    /// Filesystem label.
+    pub label: String,
+    pub size: PartSize,
+    /// Start offset; by default right after the previous partition (aligned).
+    #[serde(default)]
+    pub start: Option<Bytes>,
+    /// Where the running system mounts it.
+    pub mount: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Loader {
+    /// systemd-boot as the removable-media path `EFI/BOOT/BOOTX64.EFI` on the ESP, with a
+    /// loader entry; kernel and initrd on the ESP.
+    SystemdBoot,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Boot {
+    pub loader: Loader,
+    /// Kernel command line; the builder adds `root=PARTUUID=...`.
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QemuFirmware {
+    /// x86-64 UEFI (package ovmf), as pflash.
+    Ovmf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QemuDisk {
+    Virtio,
+    Nvme,
+}
+
+/// How `picoimg run` emulates the board.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Qemu {
+    pub machine: String,
+    #[serde(default)]
+    pub cpu: Option<String>,
+    pub firmware: QemuFirmware,
+    pub memory: String,
+    pub cpus: u32,
+    pub disk: QemuDisk,
+}
+
+/// A partition placed on the disk: byte offsets, aligned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Placed {
+    pub index: usize,
+    pub start: u64,
+    pub size: u64,
+}
+
+/// Bytes GPT needs at the end of the disk for the backup table (33 sectors).
+pub const GPT_TAIL: u64 = 33 * 512;
+
+impl Board {
+    /// Reads and checks a board file.
+    pub fn load(path: &Path) -> Result<Board> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading board file {}", path.display()))?;
+        Board::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Board> {
+        let board: Board = toml::from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {}\nhint: see boards/h4.toml for every key a board file takes",
+                path.display(),
+                e.to_string().trim_end()
+            )
+        })?;
+        board
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+        Ok(board)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.sources.is_empty() {
+            bail!("no [[source]]: add at least one apt source");
+        }
+        if self.packages.kernel.is_empty() {
+            bail!("packages.kernel is empty: name the kernel package, e.g. \"linux-image-amd64\"");
+        }
+        self.check_kernel_arch()?;
+        let roots: Vec<_> = self
+            .disk
+            .partitions
+            .iter()
+            .filter(|p| p.mount == "/")
+            .collect();
+        if roots.len() != 1 {
+            bail!(
+                "disk.partition: exactly one partition must have mount = \"/\" (found {})",
+                roots.len()
+            );
+        }
+        if roots[0].fs != Filesystem::Ext4 {
+            bail!(
+                "disk.partition `{}`: the root filesystem must be ext4",
+                roots[0].name
+            );
+        }
+        if self.boot.loader == Loader::SystemdBoot
+            && !self
+                .disk
+                .partitions
+                .iter()
+                .any(|p| p.kind == PartType::Esp && p.fs == Filesystem::Vfat)
+        {
+            bail!("boot.loader = \"systemd-boot\" needs a partition with type = \"esp\" and fs = \"vfat\"");
+        }
+        if self.disk.align.0 == 0 || !self.disk.align.0.is_multiple_of(512) {
+            bail!(
+                "disk.align = {}: must be a multiple of 512 bytes, e.g. \"1MiB\"",
+                self.disk.align
+            );
+        }
+        self.layout()?;
+        Ok(())
+    }
+
+    /// A kernel package built for another architecture is a board-file mistake.
+    fn check_kernel_arch(&self) -> Result<()> {
+        let foreign: &[&str] = match self.arch {
+            Arch::Amd64 => &[
+                "arm64", "aarch64", "armhf", "rpi", "raspi", "meson", "odroid",
+            ],
+            Arch::Arm64 => &["amd64", "x86", "686"],
+        };
+        for k in &self.packages.kernel {
+            if let Some(tag) = foreign.iter().find(|t| k.contains(*t)) {
+                bail!(
+                    "packages.kernel `{k}` looks like a kernel for another architecture (`{tag}`), \
+                     but arch = \"{}\"; pick a {} kernel package",
+                    self.arch.as_str(),
+                    self.arch.as_str()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Places every partition: aligned starts, "fill" up to the end of the image, and no
+    /// overlaps or overruns.
+    pub fn layout(&self) -> Result<Vec<Placed>> {
+        let align = self.disk.align.0;
+        let disk_size = self.disk.size.0;
+        if !disk_size.is_multiple_of(512) {
+            bail!(
+                "disk.size = {}: must be a multiple of 512 bytes",
+                self.disk.size
+            );
+        }
+        let usable_end = (disk_size - GPT_TAIL.min(disk_size)) / align * align;
+        let mut placed: Vec<Placed> = Vec::new();
+        let mut next = align.max(MIB);
+        let n = self.disk.partitions.len();
+        if n == 0 {
+            bail!("disk: no [[disk.partition]]");
+        }
+        for (i, p) in self.disk.partitions.iter().enumerate() {
+            let start = match p.start {
+                Some(s) if s.0 % align != 0 => bail!(
+                    "disk.partition `{}`: start = {} is not aligned to disk.align = {}",
+                    p.name,
+                    s,
+                    self.disk.align
+                ),
+                Some(s) => s.0,
+                None => next,
+            };
+            let size = match p.size {
+                PartSize::Fixed(b) if b.0 == 0 || b.0 % align != 0 => bail!(
+                    "disk.partition `{}`: size = {} must be a non-zero multiple of disk.align = {}",
+                    p.name,
+                    b,
+                    self.disk.align
+                ),
+                PartSize::Fixed(b) => b.0,
+                PartSize::Fill if i + 1 != n => bail!(
+                    "disk.partition `{}`: size = \"fill\" is only allowed on the last partition",
+                    p.name
+                ),
+                PartSize::Fill => {
+                    if start >= usable_end {
+                        bail!(
+                            "disk.partition `{}` starts at {} but the image is only {}: raise disk.size",
+                            p.name,
+                            Bytes(start),
+                            self.disk.size
+                        );
+                    }
+                    usable_end - start
+                }
+            };
+            let end = start + size;
+            if end > usable_end {
+                bail!(
+                    "disk.partition `{}` ({} at {}) ends past the usable end of a {} image ({}): \
+                     shrink the partition or raise disk.size",
+                    p.name,
+                    Bytes(size),
+                    Bytes(start),
+                    self.disk.size,
+                    Bytes(usable_end)
+                );
+            }
+            for q in &placed {
+                if start < q.start + q.size && q.start < end {
+                    let other = &self.disk.partitions[q.index].name;
+                    bail!(
+                        "disk.partition `{}` ({}..{}) overlaps `{other}` ({}..{}): fix its start or size",
+                        p.name,
+                        Bytes(start),
+                        Bytes(end),
+                        Bytes(q.start),
+                        Bytes(q.start + q.size)
+                    );
+                }
+            }
+            placed.push(Placed {
+                index: i,
+                start,
+                size,
+            });
+            next = end.div_ceil(align) * align;
+        }
+        Ok(placed)
+    }
+
+    pub fn root_partition(&self) -> (usize, &Partition) {
+        self.disk
+            .partitions
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.mount == "/")
+            .expect("validated: one root partition")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn h4_text() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../boards/h4.toml"))
+            .expect("boards/h4.toml")
+    }
+
+    fn parse(text: &str) -> Result<Board> {
+        Board::parse(text, Path::new("boards/test.toml"))
+    }
+
+    #[test]
+    fn board_round_trips_through_json() {
+        let b = parse(&h4_text()).expect("h4 parses");
+        let json = serde_json::to_string(&b).expect("serialises");
+        let back: Board = serde_json::from_str(&json).expect("parses back");
+        assert_eq!(back.layout().expect("layout"), b.layout().expect("layout"));
+    }
+
+    #[test]
+    fn h4_parses_and_lays_out() {
+        let b = parse(&h4_text()).expect("h4 parses");
+        let l = b.layout().expect("layout");
+        assert_eq!(l[0].start, MIB);
+        assert_eq!(l[1].start, l[0].start + l[0].size);
+        assert!(l[1].start + l[1].size <= b.disk.size.0 - GPT_TAIL);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let t = h4_text().replace("[boot]", "[boot]\ncolour = \"red\"");
+        let e = format!("{:#}", parse(&t).unwrap_err());
+        assert!(e.contains("boards/test.toml"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+        assert!(e.contains("hint"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_rejected() {
+        let t = h4_text().replace("cpus = 2", "cpus = \"two\"");
+        let e = format!("{:#}", parse(&t).unwrap_err());
+        assert!(e.contains("cpus"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_partitions_are_rejected() {
+        let t = h4_text().replace("name = \"root\"", "name = \"root\"\nstart = \"128MiB\"");
+        let e = format!("{:#}", parse(&t).unwrap_err());
+        assert!(e.contains("overlaps `esp`"), "{e}");
+    }
+
+    #[test]
+    fn partition_larger_than_image_is_rejected() {
+        let t = h4_text().replace("size = \"256MiB\"", "size = \"64GiB\"");
+        let e = format!("{:#}", parse(&t).unwrap_err());
+        assert!(e.contains("ends past the usable end"), "{e}");
+    }
+
+    #[test]
+    fn foreign_kernel_is_rejected() {
+        let t = h4_text().replace("\"linux-image-amd64\"", "\"linux-image-arm64\"");
+        let e = format!("{:#}", parse(&t).unwrap_err());
+        assert!(e.contains("another architecture"), "{e}");
+    }
+}

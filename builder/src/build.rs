@@ -1,0 +1,379 @@
+//! `picoimg build`: plan, root filesystem, overlays, disk image, outputs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::board::{Board, Filesystem, Loader, PartType, Placed};
+use crate::disk::{DiskIds, FatFile};
+use crate::plan::BuildPlan;
+use crate::progress::{log, Step};
+use crate::rootfs::RootfsInfo;
+use crate::size::Bytes;
+use crate::tarfs::{self, Changes, Found};
+
+/// What to build and where.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub board: String,
+    pub stack: String,
+    pub out: PathBuf,
+    pub mirror: Option<String>,
+    pub cache: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub keep_raw: bool,
+    pub xz_level: u32,
+    pub refresh: bool,
+    pub image_size: Option<Bytes>,
+}
+
+/// `<name>.manifest.json`: what is in an image and what made it.
+#[derive(Debug, Serialize)]
+pub struct Manifest {
+    pub picoimg_version: String,
+    pub name: String,
+    pub board: Board,
+    pub stack: String,
+    pub components: Vec<String>,
+    pub inputs_hash: String,
+    pub rootfs: RootfsInfo,
+    pub kernel: String,
+    pub kernel_cmdline: String,
+    pub disk: DiskManifest,
+    pub packages: Vec<tarfs::Package>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DiskManifest {
+    pub size: u64,
+    pub ids: DiskIds,
+    pub partitions: Vec<PartManifest>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PartManifest {
+    pub number: usize,
+    pub name: String,
+    pub start: u64,
+    pub size: u64,
+    pub type_guid: String,
+    pub uuid: String,
+}
+
+/// Paths of a finished build.
+#[derive(Debug)]
+pub struct Outputs {
+    pub image_xz: PathBuf,
+    pub bmap: PathBuf,
+    pub manifest: PathBuf,
+    pub raw: Option<PathBuf>,
+}
+
+/// Resolves board, stack and options into a plan (no side effects but reading files).
+pub fn plan(opts: &BuildOptions) -> Result<BuildPlan> {
+    let data = crate::data::find(opts.data_dir.as_deref())?;
+    let mut board = crate::data::board(&data, &opts.board)?;
+    if let Some(size) = opts.image_size {
+        board.disk.size = size;
+        board
+            .layout()
+            .with_context(|| format!("--image-size {size} does not fit board `{}`", board.name))?;
+    }
+    let components = crate::component::resolve(&data, &opts.stack, &board)?;
+    BuildPlan::new(board, &opts.stack, &components, opts.mirror.as_deref())
+}
+
+pub fn build(opts: &BuildOptions) -> Result<Outputs> {
+    let data = crate::data::find(opts.data_dir.as_deref())?;
+    let plan = plan(opts)?;
+    crate::doctor::preflight_build().context("checking host tools")?;
+    let components = crate::component::resolve(&data, &opts.stack, &plan.board)?;
+    let staging = crate::output::staging_dir(&opts.out, &plan.name)?;
+    let cache = crate::cache::Cache::open(opts.cache.as_deref())?;
+    let inputs_hash = plan.inputs_hash();
+    log(format!(
+        "building {} (board {}, stack {}, inputs {})",
+        plan.name,
+        plan.board.name,
+        plan.stack,
+        &inputs_hash[..12]
+    ));
+    let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan.rootfs, &cache, opts.refresh)?;
+
+    let board = &plan.board;
+    let layout = board.layout()?;
+    let ids = DiskIds::derive(&inputs_hash, board);
+    let root_guid = ids.part_guids[board.root_partition().0];
+    let cmdline = format!("root=PARTUUID={root_guid} {}", board.boot.cmdline);
+
+    // Root filesystem: base + overlays + generated files.
+    let step = Step::start("applying overlays");
+    let mut changes = Changes::default();
+    let mut enable = Vec::new();
+    for c in &components {
+        if let Some(dir) = &c.rootfs {
+            changes
+                .add_tree(dir)
+                .with_context(|| format!("component `{}`", c.name))?;
+        }
+        enable.extend(c.file.enable.iter().cloned());
+    }
+    generated_files(&mut changes, &plan, &layout, &ids, &inputs_hash)?;
+    tarfs::enable_units(&base_tar, &mut changes, &enable).context("enabling units")?;
+    let root_tar = staging.path().join("root.tar");
+    tarfs::apply(&base_tar, &changes, &root_tar, mtime())?;
+    step.done();
+
+    let found = tarfs::read_paths(&root_tar, &["vmlinuz", "var/lib/dpkg/status"])?;
+    let kernel_path = match found.get("vmlinuz") {
+        Some(Found::Symlink(t)) => tarfs::norm(t),
+        _ => bail!(
+            "the root filesystem has no /vmlinuz link: is a kernel package ({}) installed?",
+            board.packages.kernel.join(", ")
+        ),
+    };
+    let kver = kernel_path
+        .rsplit_once("vmlinuz-")
+        .map(|x| x.1.to_owned())
+        .with_context(|| format!("cannot read a kernel version from {kernel_path}"))?;
+    let packages = match found.get("var/lib/dpkg/status") {
+        Some(Found::File(d)) => tarfs::parse_dpkg_status(&String::from_utf8_lossy(d)),
+        _ => bail!("the root filesystem has no dpkg status file"),
+    };
+
+    // Disk image.
+    let raw = staging.path().join(format!("{}.img", plan.name));
+    let step = Step::start(format!(
+        "disk image ({} {:?})",
+        board.disk.size, board.disk.table
+    ));
+    crate::disk::create(&raw, board, &layout, &ids)?;
+    write_boot(
+        &raw,
+        board,
+        &layout,
+        &ids,
+        &root_tar,
+        &kernel_path,
+        &kver,
+        &cmdline,
+        &plan.name,
+    )?;
+    let (ri, rp) = board.root_partition();
+    let root_placed = layout.iter().find(|p| p.index == ri).expect("root placed");
+    crate::disk::write_ext4(&raw, root_placed, &rp.label, ids.root_fs_uuid, &root_tar)?;
+    std::fs::remove_file(&root_tar).ok();
+    step.done();
+
+    // Outputs.
+    let step = Step::start("block map");
+    let bmap = crate::bmap::create(&raw)?;
+    step.done();
+    let xz = staging.path().join(format!("{}.img.xz", plan.name));
+    crate::output::xz_compress(&raw, &xz, opts.xz_level)?;
+    let manifest = Manifest {
+        picoimg_version: plan.picoimg_version.clone(),
+        name: plan.name.clone(),
+        board: board.clone(),
+        stack: plan.stack.clone(),
+        components: components.iter().map(|c| c.name.clone()).collect(),
+        inputs_hash: inputs_hash.clone(),
+        rootfs: rootfs_info,
+        kernel: kver,
+        kernel_cmdline: cmdline,
+        disk: DiskManifest {
+            size: board.disk.size.0,
+            partitions: layout
+                .iter()
+                .map(|p| PartManifest {
+                    number: p.index + 1,
+                    name: board.disk.partitions[p.index].name.clone(),
+                    start: p.start,
+                    size: p.size,
+                    type_guid: board.disk.partitions[p.index].kind.gpt_guid().to_owned(),
+                    uuid: ids.part_guids[p.index].to_string(),
+                })
+                .collect(),
+            ids,
+        },
+        packages,
+    };
+    let names = OutputNames::new(&plan.name);
+    std::fs::write(staging.path().join(&names.bmap), &bmap)?;
+    std::fs::write(
+        staging.path().join(&names.manifest),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
+
+    let mut sums = Vec::new();
+    let mut publish = vec![names.xz.clone(), names.bmap.clone(), names.manifest.clone()];
+    if opts.keep_raw {
+        publish.push(names.raw.clone());
+    }
+    for n in &publish {
+        sums.push((
+            n.clone(),
+            crate::output::sha256_file(&staging.path().join(n))?,
+        ));
+    }
+    for n in &publish {
+        crate::output::publish(&staging.path().join(n), &opts.out.join(n))?;
+    }
+    crate::output::update_sums(&opts.out, &sums)?;
+    log(format!("wrote {}", opts.out.join(&names.xz).display()));
+    Ok(Outputs {
+        image_xz: opts.out.join(&names.xz),
+        bmap: opts.out.join(&names.bmap),
+        manifest: opts.out.join(&names.manifest),
+        raw: opts.keep_raw.then(|| opts.out.join(&names.raw)),
+    })
+}
+
+/// File names of one image's outputs.
+pub struct OutputNames {
+    pub raw: String,
+    pub xz: String,
+    pub bmap: String,
+    pub manifest: String,
+}
+
+impl OutputNames {
+    pub fn new(name: &str) -> Self {
+        OutputNames {
+            raw: format!("{name}.img"),
+            xz: format!("{name}.img.xz"),
+            bmap: format!("{name}.img.bmap"),
+            manifest: format!("{name}.manifest.json"),
+        }
+    }
+}
+
+fn mtime() -> u64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        })
+}
+
+/// Files every image gets from its plan: hostname, fstab, machine-id, build info.
+fn generated_files(
+    changes: &mut Changes,
+    plan: &BuildPlan,
+    layout: &[Placed],
+    ids: &DiskIds,
+    inputs_hash: &str,
+) -> Result<()> {
+    let board = &plan.board;
+    changes.file("etc/hostname", format!("{}\n", board.name), 0o644);
+    changes.file(
+        "etc/hosts",
+        format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            board.name
+        ),
+        0o644,
+    );
+    // Each node makes its own machine id on first boot (and systemd applies presets then).
+    changes.file("etc/machine-id", "uninitialized\n", 0o444);
+    changes.remove.push("var/lib/dbus/machine-id".into());
+    changes.remove.push("var/lib/systemd/random-seed".into());
+    // Host keys are made per node on first boot (picoimg-ssh-keygen.service).
+    changes.remove.push("etc/ssh/ssh_host_*".into());
+    let mut fstab = String::from("# <file system> <mount point> <type> <options> <dump> <pass>\n");
+    for p in layout {
+        let part = &board.disk.partitions[p.index];
+        let (fs, opts, pass) = match part.fs {
+            Filesystem::Ext4 if part.mount == "/" => ("ext4", "rw,errors=remount-ro", 1),
+            Filesystem::Ext4 => ("ext4", "rw,nofail", 2),
+            Filesystem::Vfat => ("vfat", "umask=0077,nofail", 2),
+        };
+        fstab.push_str(&format!(
+            "PARTUUID={}\t{}\t{fs}\t{opts}\t0\t{pass}\n",
+            ids.part_guids[p.index], part.mount
+        ));
+    }
+    changes.file("etc/fstab", fstab, 0o644);
+    let info = serde_json::json!({
+        "name": plan.name,
+        "board": board.name,
+        "stack": plan.stack,
+        "picoimg_version": plan.picoimg_version,
+        "inputs_hash": inputs_hash,
+    });
+    changes.file(
+        "etc/picoimg/build.json",
+        serde_json::to_vec_pretty(&info)?,
+        0o644,
+    );
+    Ok(())
+}
+
+/// Writes the boot partition for the board's loader.
+#[allow(clippy::too_many_arguments)]
+fn write_boot(
+    raw: &Path,
+    board: &Board,
+    layout: &[Placed],
+    ids: &DiskIds,
+    root_tar: &Path,
+    kernel_path: &str,
+    kver: &str,
+    cmdline: &str,
+    name: &str,
+) -> Result<()> {
+    match board.boot.loader {
+        Loader::SystemdBoot => {
+            let efi = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+            let initrd = format!("boot/initrd.img-{kver}");
+            let files = tarfs::read_paths(root_tar, &[efi, kernel_path, &initrd])?;
+            let get = |p: &str, pkg: &str| match files.get(p) {
+                Some(Found::File(d)) => Ok(d.as_slice()),
+                _ => bail!("/{p} is missing from the root filesystem (package {pkg})"),
+            };
+            let loader_conf = "default picoimg.conf\ntimeout 0\nconsole-mode keep\n";
+            let entry = format!(
+                "title   picoimg {name} (Linux {kver})\nlinux   /picoimg/vmlinuz\ninitrd  /picoimg/initrd.img\noptions {cmdline}\n"
+            );
+            let esp = layout
+                .iter()
+                .find(|p| board.disk.partitions[p.index].kind == PartType::Esp)
+                .expect("validated: ESP present");
+            let part = &board.disk.partitions[esp.index];
+            crate::disk::write_fat(
+                raw,
+                esp,
+                &part.label,
+                ids.fat_volume_id,
+                &[
+                    FatFile {
+                        path: "EFI/BOOT/BOOTX64.EFI",
+                        data: get(efi, "systemd-boot-efi")?,
+                    },
+                    FatFile {
+                        path: "loader/loader.conf",
+                        data: loader_conf.as_bytes(),
+                    },
+                    FatFile {
+                        path: "loader/entries/picoimg.conf",
+                        data: entry.as_bytes(),
+                    },
+                    FatFile {
+                        path: "picoimg/vmlinuz",
+                        data: get(kernel_path, "the kernel")?,
+                    },
+                    FatFile {
+                        path: "picoimg/initrd.img",
+                        data: get(&initrd, "initramfs-tools")?,
+                    },
+                ],
+            )
+            .context("writing the EFI system partition")?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! Command-line interface: argument parsing and dispatch. `main` only calls [`main`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::build::BuildOptions;
+use crate::qemu::{Accel, Net, RunOptions};
+use crate::size::Bytes;
+
+/// Build bootable OS images for cluster boards (Odroid H4, Raspberry Pi 5, Odroid C5), with a
+/// cluster stack preinstalled.
+///
+/// Typical use: `picoimg build --board h4 --stack base`, then `picoimg run out/h4-base.img.xz`
+/// to boot it in QEMU, then flash out/h4-base.img.xz with its .bmap.
+#[derive(Debug, Parser)]
+#[command(name = "picoimg", version, propagate_version = true)]
+pub struct Cli {
+    /// Directory holding boards/ and overlays/ (default: $PICOIMG_DATA_DIR, the installed
+    /// share/picoimg, or the source tree).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build an image: <out>/<board>-<stack>.img.xz with .img.bmap, .manifest.json and
+    /// SHA256SUMS.
+    Build(BuildArgs),
+    /// Show what `build` would do: the resolved plan and its hashes, as JSON.
+    Plan(PlanArgs),
+    /// Boot an image in QEMU with its board's profile; the serial console is on stdout.
+    Run(RunArgs),
+    /// List the boards, one line each.
+    Boards,
+    /// List the stacks and their components.
+    Stacks,
+    /// Check the host tools and print the install line for anything missing.
+    Doctor,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// Board to build for (see `picoimg boards`).
+    #[arg(long)]
+    pub board: String,
+    /// Stack of components to install (see `picoimg stacks`).
+    #[arg(long, default_value = "base")]
+    pub stack: String,
+    /// Apt mirror URL for the board's default source, instead of the distribution's default
+    /// (which mmdebstrap picks, adding the -updates and -security suites).
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<String>,
+    /// Image size instead of the board's (the root partition fills it; it grows again to the
+    /// whole disk on first boot).
+    #[arg(long, value_name = "SIZE")]
+    pub image_size: Option<Bytes>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Output directory.
+    #[arg(long, default_value = "out", value_name = "DIR")]
+    pub out: PathBuf,
+    /// Cache for downloaded packages and root filesystems (default: $PICOIMG_CACHE_DIR,
+    /// /var/cache/picoimg as root, else ~/.cache/picoimg).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Also keep the uncompressed image (<board>-<stack>.img).
+    #[arg(long)]
+    pub keep_raw: bool,
+    /// xz compression level, 0 (fast) to 9 (small).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub xz_level: u32,
+    /// Rebuild the root filesystem even if the cache has it (to pick up archive updates).
+    #[arg(long)]
+    pub refresh: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Image to boot: .img or .img.xz. It is not modified unless --writable.
+    pub image: PathBuf,
+    /// Board profile to use (default: from the manifest beside the image).
+    #[arg(long)]
+    pub board: Option<String>,
+    /// Exit 0 once the image prints its ready marker on the console; non-zero, with the last
+    /// 50 console lines, on timeout or when it reports failed units.
+    #[arg(long)]
+    pub expect_ready: bool,
+    /// Seconds to wait for the ready marker (TCG emulation is slow: allow minutes).
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Guest network.
+    #[arg(long, value_enum, default_value_t = Net::User)]
+    pub net: Net,
+    /// Make the emulated disk this big (exercises growing the root partition).
+    #[arg(long, value_name = "SIZE")]
+    pub disk_size: Option<Bytes>,
+    /// Boot the raw image itself, keeping changes (default: a throw-away overlay).
+    #[arg(long)]
+    pub writable: bool,
+    /// Forward this port on 127.0.0.1 to the guest's SSH port.
+    #[arg(long, value_name = "PORT")]
+    pub ssh_port: Option<u16>,
+    /// CPU emulation.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+}
+
+impl Target {
+    fn options(self, data_dir: Option<PathBuf>) -> BuildOptions {
+        BuildOptions {
+            board: self.board,
+            stack: self.stack,
+            out: PathBuf::from("out"),
+            mirror: self.mirror,
+            cache: None,
+            data_dir,
+            keep_raw: false,
+            xz_level: 6,
+            refresh: false,
+            image_size: self.image_size,
+        }
+    }
+}
+
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    crate::interrupt::install()?;
+    let data_dir = cli.data_dir;
+    match cli.command {
+        Command::Build(a) => {
+            let mut o = a.target.options(data_dir);
+            o.out = a.out;
+            o.cache = a.cache;
+            o.keep_raw = a.keep_raw;
+            o.xz_level = a.xz_level;
+            o.refresh = a.refresh;
+            let out = crate::build::build(&o)?;
+            println!("{}", out.image_xz.display());
+            println!("{}", out.bmap.display());
+            println!("{}", out.manifest.display());
+            if let Some(r) = out.raw {
+                println!("{}", r.display());
+            }
+        }
+        Command::Plan(a) => {
+            let plan = crate::build::plan(&a.target.options(data_dir))?;
+            let mut v = serde_json::to_value(&plan)?;
+            v["inputs_hash"] = plan.inputs_hash().into();
+            v["rootfs_key"] = plan.rootfs_key().into();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Command::Run(a) => crate::qemu::run(&RunOptions {
+            image: a.image,
+            board: a.board,
+            data_dir,
+            expect_ready: a.expect_ready,
+            timeout: Duration::from_secs(a.timeout),
+            net: a.net,
+            disk_size: a.disk_size,
+            writable: a.writable,
+            ssh_port: a.ssh_port,
+            accel: a.accel,
+        })?,
+        Command::Boards => {
+            let data = crate::data::find(data_dir.as_deref())?;
+            for name in crate::data::board_names(&data) {
+                match crate::data::board(&data, &name) {
+                    Ok(b) => println!("{:16} {:6} {}", b.name, b.arch.as_str(), b.description),
+                    Err(e) => println!("{name:16} ?      (invalid: {e:#})"),
+                }
+            }
+        }
+        Command::Stacks => {
+            let data = crate::data::find(data_dir.as_deref())?;
+            for (name, (desc, comps)) in crate::component::stacks(&data)? {
+                println!("{name:12} {desc} [{}]", comps.join(", "));
+            }
+        }
+        Command::Doctor => crate::doctor::run()?,
+    }
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! The one way picoimg runs external programs.
+//!
+//! Every failure names the full argv and the tail of the program's stderr, so a user sees what
+//! ran and why it failed without rerunning anything. Running children are registered so an
+//! interrupt can stop them before temporary files are removed.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+
+/// How many lines of stderr an error shows.
+const TAIL_LINES: usize = 20;
+
+/// A program failed to start or exited unsuccessfully.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The program is not installed (or not on PATH).
+    #[error("`{program}` not found: {hint}")]
+    NotFound { program: String, hint: String },
+    /// The program ran and failed.
+    #[error("`{argv}` failed ({status})\n{tail}")]
+    Failed {
+        argv: String,
+        status: String,
+        tail: String,
+    },
+}
+
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Process ids of the children running now (for the interrupt handler).
+pub fn running_children() -> Vec<u32> {
+    CHILDREN.lock().map(|c| c.clone()).unwrap_or_default()
+}
+
+struct Registered(Vec<u32>);
+
+impl Registered {
+    fn new(pids: Vec<u32>) -> Self {
+        if let Ok(mut c) = CHILDREN.lock() {
+            c.extend(&pids);
+        }
+        Registered(pids)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut c) = CHILDREN.lock() {
+            c.retain(|p| !self.0.contains(p));
+        }
+    }
+}
+
+/// A command line to run: program, arguments and extra environment.
+#[derive(Debug, Clone)]
+pub struct Cmd {
+    program: OsString,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl Cmd {
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        Cmd {
+            program: program.as_ref().to_owned(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// The command line as a user would type it (for errors and logs).
+    pub fn display(&self) -> String {
+        std::iter::once(&self.program)
+            .chain(&self.args)
+            .map(|a| shell_quote(&a.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn expression(&self) -> duct::Expression {
+        let mut e = duct::cmd(&self.program, &self.args);
+        for (k, v) in &self.env {
+            e = e.env(k, v);
+        }
+        e.unchecked()
+    }
+
+    fn not_found(&self, err: &std::io::Error) -> Option<CommandError> {
+        (err.kind() == std::io::ErrorKind::NotFound).then(|| {
+            let program = self.program.to_string_lossy().into_owned();
+            CommandError::NotFound {
+                hint: crate::doctor::install_hint(&program),
+                program,
+            }
+        })
+    }
+
+    /// Runs to completion; returns stdout. Fails with argv and stderr tail.
+    pub fn run(&self) -> Result<Vec<u8>> {
+        let handle = self
+            .expression()
+            .stdout_capture()
+            .stderr_capture()
+            .start()
+            .map_err(|e| self.spawn_error(e))?;
+        let _reg = Registered::new(handle.pids());
+        let out = handle
+            .wait()
+            .with_context(|| format!("waiting for `{}`", self.display()))?;
+        if !out.status.success() {
+            return Err(self.failed(out.status, &String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(out.stdout.clone())
+    }
+
+    /// Runs to completion; returns stdout as text.
+    pub fn read(&self) -> Result<String> {
+        let out = self.run()?;
+        String::from_utf8(out).with_context(|| format!("`{}` printed non-UTF-8", self.display()))
+    }
+
+    /// Runs to completion, handing each line of combined stdout and stderr to `on_line` as it
+    /// arrives (for progress); the error still carries the tail of that output.
+    pub fn run_lines(&self, mut on_line: impl FnMut(&str)) -> Result<()> {
+        let reader = self
+            .expression()
+            .stderr_to_stdout()
+            .reader()
+            .map_err(|e| self.spawn_error(e))?;
+        let _reg = Registered::new(reader.pids());
+        let mut tail = std::collections::VecDeque::with_capacity(TAIL_LINES);
+        let mut buf = BufReader::new(&reader);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = buf
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("reading output of `{}`", self.display()))?;
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end();
+            on_line(text);
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(text.to_owned());
+        }
+        let status = reader
+            .try_wait()
+            .with_context(|| format!("waiting for `{}`", self.display()))?
+            .map(|o| o.status);
+        match status {
+            Some(s) if s.success() => Ok(()),
+            Some(s) => Err(self.failed(s, &Vec::from(tail).join("\n"))),
+            None => anyhow::bail!("`{}` closed its output but did not exit", self.display()),
+        }
+    }
+
+    /// Runs with the terminal's stdin, stdout and stderr (an interactive VM console).
+    pub fn run_interactive(&self) -> Result<()> {
+        let handle = self.expression().start().map_err(|e| self.spawn_error(e))?;
+        let _reg = Registered::new(handle.pids());
+        let out = handle
+            .wait()
+            .with_context(|| format!("waiting for `{}`", self.display()))?;
+        if !out.status.success() {
+            return Err(self.failed(out.status, ""));
+        }
+        Ok(())
+    }
+
+    /// Starts the program with stdout and stderr combined into a reader; the caller reads it
+    /// (from any thread) and stops the program with [`Running::kill`].
+    pub fn spawn_reader(&self) -> Result<Running> {
+        let reader = self
+            .expression()
+            .stderr_to_stdout()
+            .reader()
+            .map_err(|e| self.spawn_error(e))?;
+        let reg = Registered::new(reader.pids());
+        Ok(Running {
+            reader: std::sync::Arc::new(reader),
+            _reg: reg,
+        })
+    }
+
+    fn spawn_error(&self, e: std::io::Error) -> anyhow::Error {
+        match self.not_found(&e) {
+            Some(nf) => nf.into(),
+            None => anyhow::Error::new(e).context(format!("starting `{}`", self.display())),
+        }
+    }
+
+    fn failed(&self, status: std::process::ExitStatus, stderr: &str) -> anyhow::Error {
+        let lines: Vec<&str> = stderr.lines().collect();
+        let start = lines.len().saturating_sub(TAIL_LINES);
+        let tail = lines[start..]
+            .iter()
+            .map(|l| format!("  | {l}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let status = if crate::interrupt::requested() {
+            "interrupted".to_owned()
+        } else {
+            status.to_string()
+        };
+        CommandError::Failed {
+            argv: self.display(),
+            status,
+            tail,
+        }
+        .into()
+    }
+}
+
+/// A program started by [`Cmd::spawn_reader`]; killed on drop.
+pub struct Running {
+    reader: std::sync::Arc<duct::ReaderHandle>,
+    _reg: Registered,
+}
+
+impl Running {
+    /// The combined output, shareable with a reading thread.
+    pub fn reader(&self) -> std::sync::Arc<duct::ReaderHandle> {
+        self.reader.clone()
+    }
+
+    /// Stops the program and reaps it.
+    pub fn kill(&self) {
+        let _ = self.reader.kill();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Quotes a word for display the way a POSIX shell would need it.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Whether `program` is on PATH (or is an existing path).
+pub fn have(program: &str) -> bool {
+    find_program(program).is_some()
+}
+
+/// Finds `program` on PATH, also searching the sbin directories a non-root PATH may lack.
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    if program.contains('/') {
+        return Path::new(program).exists().then(|| program.into());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(Into::into))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_names_argv_and_stderr_tail() {
+        let err = Cmd::new("sh")
+            .args(["-c", "echo first >&2; echo 'last words' >&2; exit 3"])
+            .run()
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("sh -c 'echo first"), "{msg}");
+        assert!(msg.contains("last words"), "{msg}");
+        assert!(msg.contains("exit status: 3"), "{msg}");
+    }
+
+    #[test]
+    fn missing_program_is_not_found_with_hint() {
+        let err = Cmd::new("mmdebstrap-not-here").run().unwrap_err();
+        assert!(matches!(
+            err.downcast_ref::<CommandError>(),
+            Some(CommandError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn run_lines_streams_and_keeps_tail() {
+        let mut seen = Vec::new();
+        let err = Cmd::new("sh")
+            .args(["-c", "echo one; echo two >&2; exit 1"])
+            .run_lines(|l| seen.push(l.to_owned()))
+            .unwrap_err();
+        assert_eq!(seen, ["one", "two"]);
+        assert!(format!("{err}").contains("two"));
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("--x=1"), "--x=1");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}

@@ -1,0 +1,170 @@
+//! Components (`overlays/<name>/component.toml` + `rootfs/`) and stacks (`overlays/stacks.toml`):
+//! a stack is a named list of components; resolving it gives the dependency closure, in order,
+//! with the platform matrix (which architectures a component supports) enforced.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::board::{Arch, Board};
+
+/// A component file, as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentFile {
+    pub description: String,
+    /// Components this one needs (installed first).
+    #[serde(default)]
+    pub requires: Vec<String>,
+    /// Architectures it supports; empty means every one.
+    #[serde(default)]
+    pub arch: Vec<Arch>,
+    /// Debian packages it installs.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// Units enabled in the image (from packages or from `rootfs/`), as `systemctl enable`
+    /// would, following their `[Install]` sections.
+    #[serde(default)]
+    pub enable: Vec<String>,
+}
+
+/// A resolved component: its file plus where its overlay tree is.
+#[derive(Debug, Clone, Serialize)]
+pub struct Component {
+    pub name: String,
+    #[serde(flatten)]
+    pub file: ComponentFile,
+    #[serde(skip)]
+    pub rootfs: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StackEntry {
+    description: String,
+    components: Vec<String>,
+}
+
+/// The stacks a user can pick, with their descriptions.
+pub fn stacks(data: &Path) -> Result<BTreeMap<String, (String, Vec<String>)>> {
+    let path = data.join("overlays/stacks.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let raw: BTreeMap<String, StackEntry> =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| (k, (v.description, v.components)))
+        .collect())
+}
+
+/// Loads one component by name.
+pub fn load(data: &Path, name: &str) -> Result<Component> {
+    let dir = data.join("overlays").join(name);
+    let path = dir.join("component.toml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading component file {}", path.display()))?;
+    let file: ComponentFile = toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {}\nhint: see overlays/base/component.toml for the keys a component takes",
+            path.display(),
+            e.to_string().trim_end()
+        )
+    })?;
+    let rootfs = dir.join("rootfs");
+    Ok(Component {
+        name: name.to_owned(),
+        file,
+        rootfs: rootfs.is_dir().then_some(rootfs),
+    })
+}
+
+/// Resolves a stack for a board: the components in dependency order (each once).
+pub fn resolve(data: &Path, stack: &str, board: &Board) -> Result<Vec<Component>> {
+    let all = stacks(data)?;
+    let Some((_, wanted)) = all.get(stack) else {
+        bail!(
+            "unknown stack `{stack}`; valid stacks: {}",
+            all.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    };
+    let mut out: Vec<Component> = Vec::new();
+    let mut visiting = Vec::new();
+    for name in wanted {
+        visit(data, name, board, &mut out, &mut visiting)
+            .with_context(|| format!("resolving stack `{stack}`"))?;
+    }
+    Ok(out)
+}
+
+fn visit(
+    data: &Path,
+    name: &str,
+    board: &Board,
+    out: &mut Vec<Component>,
+    visiting: &mut Vec<String>,
+) -> Result<()> {
+    if out.iter().any(|c| c.name == name) {
+        return Ok(());
+    }
+    if visiting.iter().any(|v| v == name) {
+        bail!(
+            "component dependency cycle: {} -> {name}",
+            visiting.join(" -> ")
+        );
+    }
+    let c = load(data, name)?;
+    if !c.file.arch.is_empty() && !c.file.arch.contains(&board.arch) {
+        bail!(
+            "component `{name}` is not available on {} boards like `{}` (it supports: {})",
+            board.arch.as_str(),
+            board.name,
+            c.file
+                .arch
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    visiting.push(name.to_owned());
+    for dep in &c.file.requires {
+        visit(data, dep, board, out, visiting)
+            .with_context(|| format!("component `{name}` requires `{dep}`"))?;
+    }
+    visiting.pop();
+    out.push(c);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    }
+
+    fn h4() -> Board {
+        Board::load(&data().join("boards/h4.toml")).expect("h4")
+    }
+
+    #[test]
+    fn base_stack_resolves() {
+        let c = resolve(&data(), "base", &h4()).expect("resolves");
+        assert_eq!(c[0].name, "base");
+        assert!(c[0].rootfs.is_some());
+    }
+
+    #[test]
+    fn unknown_stack_lists_valid_ones() {
+        let e = format!(
+            "{:#}",
+            resolve(&data(), "kubernetes-9000", &h4()).unwrap_err()
+        );
+        assert!(e.contains("unknown stack `kubernetes-9000`"), "{e}");
+        assert!(e.contains("base"), "{e}");
+    }
+}

@@ -1,0 +1,350 @@
+//! The disk image, as a plain file, with no loop device and no mount: the partition table from
+//! the `gpt` crate, FAT written in place with `fatfs`, ext4 made in place by `mke2fs -E offset`.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use uuid::Uuid;
+
+use crate::board::{Board, Placed};
+use crate::cmd::Cmd;
+
+/// Identifiers written into the image, derived from the inputs hash so that the same plan
+/// always yields the same table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskIds {
+    pub disk_guid: Uuid,
+    /// Per partition, in board order.
+    pub part_guids: Vec<Uuid>,
+    /// Filesystem UUID of the root filesystem.
+    pub root_fs_uuid: Uuid,
+    /// FAT volume id (serial) of FAT partitions.
+    pub fat_volume_id: u32,
+}
+
+impl DiskIds {
+    pub fn derive(inputs_hash: &str, board: &Board) -> DiskIds {
+        let ns = Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("picoimg:{inputs_hash}").as_bytes(),
+        );
+        let id = |what: &str| Uuid::new_v5(&ns, what.as_bytes());
+        let vol = id("fat-volume-id");
+        DiskIds {
+            disk_guid: id("disk"),
+            part_guids: board
+                .disk
+                .partitions
+                .iter()
+                .map(|p| id(&format!("partition:{}", p.name)))
+                .collect(),
+            root_fs_uuid: id("root-fs"),
+            fat_volume_id: u32::from_le_bytes(vol.as_bytes()[..4].try_into().expect("4 bytes")),
+        }
+    }
+}
+
+/// Creates a sparse image file of the board's size with its GPT written.
+pub fn create(path: &Path, board: &Board, layout: &[Placed], ids: &DiskIds) -> Result<()> {
+    let size = board.disk.size.0;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating image {}", path.display()))?;
+    file.set_len(size)
+        .with_context(|| format!("sizing image {} to {size} bytes", path.display()))?;
+    write_gpt(file, board, layout, ids).context("writing the GPT")?;
+    Ok(())
+}
+
+fn write_gpt(mut file: File, board: &Board, layout: &[Placed], ids: &DiskIds) -> Result<()> {
+    const SECTOR: u64 = 512;
+    let sectors = board.disk.size.0 / SECTOR;
+    let mbr =
+        gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(0xFFFF_FFFF));
+    mbr.overwrite_lba0(&mut file)
+        .context("writing protective MBR")?;
+    let mut disk = gpt::GptConfig::new()
+        .writable(true)
+        .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
+        .change_partition_count(true)
+        .create_from_device(file, Some(ids.disk_guid))
+        .context("creating GPT header")?;
+    let mut parts = BTreeMap::new();
+    for (placed, guid) in layout.iter().zip(&ids.part_guids) {
+        let p = &board.disk.partitions[placed.index];
+        let kind = gpt::partition_types::Type {
+            guid: p.kind.gpt_guid().parse().expect("static GUID"),
+            os: gpt::partition_types::OperatingSystem::None,
+        };
+        parts.insert(
+            placed.index as u32 + 1,
+            gpt::partition::Partition {
+                part_type_guid: kind,
+                part_guid: *guid,
+                first_lba: placed.start / SECTOR,
+                last_lba: (placed.start + placed.size) / SECTOR - 1,
+                flags: 0,
+                name: p.name.clone(),
+            },
+        );
+    }
+    // A standard 128-entry partition array, as every other tool writes.
+    for i in parts.len() as u32 + 1..=128 {
+        parts.insert(i, gpt::partition::Partition::zero());
+    }
+    disk.update_partitions(parts)
+        .context("setting partitions")?;
+    let mut file = disk.write().context("writing GPT")?;
+    file.flush()?;
+    Ok(())
+}
+
+/// A file to put on a FAT partition.
+pub struct FatFile<'a> {
+    pub path: &'a str,
+    pub data: &'a [u8],
+}
+
+/// Formats a FAT32 filesystem in place in the image and writes `files` into it.
+pub fn write_fat(
+    image: &Path,
+    placed: &Placed,
+    label: &str,
+    volume_id: u32,
+    files: &[FatFile<'_>],
+) -> Result<()> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .with_context(|| format!("opening {}", image.display()))?;
+    let slice = fscommon::StreamSlice::new(file, placed.start, placed.start + placed.size)?;
+    let mut slice = fscommon::BufStream::new(slice);
+    let mut label_bytes = [b' '; 11];
+    for (d, s) in label_bytes
+        .iter_mut()
+        .zip(label.to_ascii_uppercase().bytes())
+    {
+        *d = s;
+    }
+    fatfs::format_volume(
+        &mut slice,
+        fatfs::FormatVolumeOptions::new()
+            .fat_type(fatfs::FatType::Fat32)
+            .volume_id(volume_id)
+            .volume_label(label_bytes),
+    )
+    .context("formatting FAT32")?;
+    slice.seek(SeekFrom::Start(0))?;
+    {
+        let fs = fatfs::FileSystem::new(&mut slice, fatfs::FsOptions::new())
+            .context("opening the new FAT filesystem")?;
+        {
+            let root = fs.root_dir();
+            for f in files {
+                let parts: Vec<&str> = f.path.trim_start_matches('/').split('/').collect();
+                let (name, dirs) = parts.split_last().expect("non-empty path");
+                let mut dir = root.clone();
+                for d in dirs {
+                    dir = match dir.open_dir(d) {
+                        Ok(x) => x,
+                        Err(_) => dir.create_dir(d).with_context(|| {
+                            format!("creating FAT directory {d} for {}", f.path)
+                        })?,
+                    };
+                }
+                let mut out = dir
+                    .create_file(name)
+                    .with_context(|| format!("creating FAT file {}", f.path))?;
+                out.truncate()?;
+                out.write_all(f.data).with_context(|| {
+                    format!("writing FAT file {} ({} bytes)", f.path, f.data.len())
+                })?;
+            }
+        }
+        // Counting free clusters also records the count in the FSInfo sector.
+        fs.stats().context("counting free FAT clusters")?;
+        fs.unmount().context("closing the FAT filesystem")?;
+    }
+    slice.flush()?;
+    fix_dot_entries(&mut slice).context("repairing FAT directory entries")?;
+    slice.flush()?;
+    Ok(())
+}
+
+/// fatfs 0.3.6 writes a long-name entry in front of the `.` and `..` entries of every new
+/// directory, which the FAT specification (and `fsck.fat`) does not allow: `.` must be the
+/// first entry and `..` the second. This walks the directory tree from the FAT32 root and
+/// drops those long-name entries, keeping everything else in order.
+fn fix_dot_entries<S: std::io::Read + Write + Seek>(disk: &mut S) -> Result<()> {
+    let mut bs = [0u8; 512];
+    disk.seek(SeekFrom::Start(0))?;
+    disk.read_exact(&mut bs)?;
+    let u16_at = |o: usize| u16::from_le_bytes([bs[o], bs[o + 1]]) as u64;
+    let u32_at = |o: usize| u32::from_le_bytes([bs[o], bs[o + 1], bs[o + 2], bs[o + 3]]) as u64;
+    let bps = u16_at(11);
+    let spc = bs[13] as u64;
+    let data_start = (u16_at(14) + bs[16] as u64 * u32_at(36)) * bps;
+    let cluster_bytes = (bps * spc) as usize;
+    let offset = |c: u64| data_start + (c - 2) * cluster_bytes as u64;
+    // (directory cluster, is the root, parent is the root)
+    let mut todo = vec![(u32_at(44), true, false)];
+    let mut visited = 0;
+    while let Some((cluster, is_root, parent_is_root)) = todo.pop() {
+        visited += 1;
+        if visited > 4096 {
+            anyhow::bail!("FAT directory walk did not end");
+        }
+        let mut buf = vec![0u8; cluster_bytes];
+        disk.seek(SeekFrom::Start(offset(cluster)))?;
+        disk.read_exact(&mut buf)?;
+        let entries: Vec<[u8; 32]> = buf
+            .chunks_exact(32)
+            .take_while(|e| e[0] != 0)
+            .map(|e| e.try_into().expect("32 bytes"))
+            .collect();
+        let is_lfn = |e: &[u8; 32]| e[11] & 0x3f == 0x0f && e[0] != 0xe5;
+        let is_dot = |e: &[u8; 32]| &e[..11] == b".          " || &e[..11] == b"..         ";
+        for e in &entries {
+            let dir = e[11] & 0x10 != 0 && !is_lfn(e) && e[0] != 0xe5 && !is_dot(e);
+            if dir {
+                let c = (u16::from_le_bytes([e[20], e[21]]) as u64) << 16
+                    | u16::from_le_bytes([e[26], e[27]]) as u64;
+                if c >= 2 {
+                    todo.push((c, false, is_root));
+                }
+            }
+        }
+        if is_root {
+            continue;
+        }
+        // Drop long-name entries that belong to `.` or `..`, then put those two first.
+        let mut kept: Vec<[u8; 32]> = Vec::new();
+        let mut pending: Vec<[u8; 32]> = Vec::new();
+        for e in &entries {
+            if is_lfn(e) {
+                pending.push(*e);
+                continue;
+            }
+            if !is_dot(e) {
+                kept.append(&mut pending);
+            }
+            pending.clear();
+            kept.push(*e);
+        }
+        kept.sort_by_key(|e| match &e[..11] {
+            b".          " => 0,
+            b"..         " => 1,
+            _ => 2,
+        });
+        // `..` of a top-level directory points at cluster 0, whatever the root's cluster.
+        if parent_is_root {
+            for e in kept.iter_mut().filter(|e| &e[..11] == b"..         ") {
+                e[20..22].fill(0);
+                e[26..28].fill(0);
+            }
+        }
+        let mut out = vec![0u8; entries.len() * 32];
+        for (i, e) in kept.iter().enumerate() {
+            out[i * 32..i * 32 + 32].copy_from_slice(e);
+        }
+        disk.seek(SeekFrom::Start(offset(cluster)))?;
+        disk.write_all(&out)?;
+    }
+    Ok(())
+}
+
+/// Makes the ext4 filesystem in place in the image, populated from the root tarball.
+pub fn write_ext4(
+    image: &Path,
+    placed: &Placed,
+    label: &str,
+    uuid: Uuid,
+    root_tar: &Path,
+) -> Result<()> {
+    Cmd::new(crate::cmd::find_program("mke2fs").unwrap_or_else(|| "mke2fs".into()))
+        .args(["-q", "-F", "-t", "ext4", "-L", label])
+        .arg("-U")
+        .arg(uuid.to_string())
+        .arg("-E")
+        .arg(format!("offset={},hash_seed={uuid}", placed.start))
+        .arg("-d")
+        .arg(root_tar)
+        .arg(image)
+        .arg(format!("{}k", placed.size / 1024))
+        .run()
+        .context("making the ext4 root filesystem")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The FAT writer's output passes `fsck.fat -n` (dosfstools), nested directories included.
+    #[test]
+    fn fat_partition_is_clean_for_fsck() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let img = dir.path().join("disk.img");
+        let placed = Placed {
+            index: 0,
+            start: 1 << 20,
+            size: 64 << 20,
+        };
+        File::create(&img)?.set_len(placed.start + placed.size)?;
+        let files = [
+            FatFile {
+                path: "EFI/BOOT/BOOTX64.EFI",
+                data: &[7u8; 5000],
+            },
+            FatFile {
+                path: "loader/loader.conf",
+                data: b"timeout 0\n",
+            },
+            FatFile {
+                path: "loader/entries/picoimg.conf",
+                data: b"title x\n",
+            },
+            FatFile {
+                path: "picoimg/vmlinuz",
+                data: &[1u8; 100_000],
+            },
+        ];
+        write_fat(&img, &placed, "ESP", 0x1234_5678, &files)?;
+        let part = dir.path().join("part.img");
+        let mut src = File::open(&img)?;
+        src.seek(SeekFrom::Start(placed.start))?;
+        std::io::copy(
+            &mut std::io::Read::take(src, placed.size),
+            &mut File::create(&part)?,
+        )?;
+        let out =
+            Cmd::new(crate::cmd::find_program("fsck.fat").unwrap_or_else(|| "fsck.fat".into()))
+                .arg("-n")
+                .arg(&part)
+                .read()
+                .context("fsck.fat (package dosfstools) must accept the filesystem")?;
+        assert!(
+            !out.contains("Expected a valid") && !out.contains("Fixing"),
+            "{out}"
+        );
+        assert!(!out.contains("uninitialized"), "{out}");
+        let listing = Cmd::new("mdir")
+            .args(["-i"])
+            .arg(&part)
+            .args(["-b", "-/", "::"])
+            .read()?;
+        assert!(listing.contains("::/loader/loader.conf"), "{listing}");
+        assert!(
+            listing.contains("::/loader/entries/picoimg.conf"),
+            "{listing}"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,174 @@
+//! `picoimg doctor`: which host tools are there, and the exact line that installs the rest.
+
+use anyhow::{bail, Result};
+
+use crate::cmd::{find_program, Cmd};
+
+/// A host requirement.
+pub struct Tool {
+    pub program: &'static str,
+    pub package: &'static str,
+    pub needed_for: &'static str,
+}
+
+pub const TOOLS: &[Tool] = &[
+    Tool {
+        program: "mmdebstrap",
+        package: "mmdebstrap",
+        needed_for: "build: root filesystem",
+    },
+    Tool {
+        program: "mke2fs",
+        package: "e2fsprogs",
+        needed_for: "build: ext4 root (1.47.1+ with libarchive13)",
+    },
+    Tool {
+        program: "qemu-system-x86_64",
+        package: "qemu-system-x86",
+        needed_for: "run: x86-64 boards",
+    },
+    Tool {
+        program: "qemu-img",
+        package: "qemu-utils",
+        needed_for: "run: disk overlays",
+    },
+    Tool {
+        program: "sfdisk",
+        package: "fdisk",
+        needed_for: "tests: partition table check",
+    },
+    Tool {
+        program: "fsck.vfat",
+        package: "dosfstools",
+        needed_for: "tests: FAT check",
+    },
+    Tool {
+        program: "mdir",
+        package: "mtools",
+        needed_for: "tests: FAT contents",
+    },
+    Tool {
+        program: "bmaptool",
+        package: "bmap-tools",
+        needed_for: "tests, flashing: bmap copy",
+    },
+];
+
+/// Firmware files `picoimg run` needs, with their packages.
+pub const FIRMWARE: &[(&str, &str, &str)] = &[(
+    "/usr/share/OVMF/OVMF_CODE_4M.fd",
+    "ovmf",
+    "run: x86-64 UEFI",
+)];
+
+/// How to install the package that provides `program`.
+pub fn install_hint(program: &str) -> String {
+    let base = program.rsplit('/').next().unwrap_or(program);
+    match TOOLS.iter().find(|t| t.program == base) {
+        Some(t) => format!(
+            "install it with `sudo apt-get install {}` (or run ci/setup-host.sh)",
+            t.package
+        ),
+        None => "install it, or run ci/setup-host.sh".to_owned(),
+    }
+}
+
+/// Whether mke2fs can populate a filesystem from a tarball (e2fsprogs 1.47.1 + libarchive).
+pub fn mke2fs_reads_tar() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tar_path = dir.path().join("t.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&tar_path)?);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "./probe", &b"ok"[..])?;
+        b.finish()?;
+    }
+    let img = dir.path().join("probe.img");
+    let mke2fs = find_program("mke2fs").unwrap_or_else(|| "mke2fs".into());
+    Cmd::new(mke2fs)
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tar_path)
+        .arg(&img)
+        .arg("8M")
+        .run()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "mke2fs cannot read a tarball with -d ({e:#})\nhint: needs e2fsprogs 1.47.1 or newer \
+                 and libarchive13: `sudo apt-get install e2fsprogs libarchive13` (bookworm: \
+                 `-t bookworm-backports e2fsprogs`), or run ci/setup-host.sh"
+            )
+        })?;
+    Ok(())
+}
+
+/// Checks what `build` needs before any work starts.
+pub fn preflight_build() -> Result<()> {
+    for p in ["mmdebstrap", "mke2fs"] {
+        if find_program(p).is_none() {
+            bail!("`{p}` not found: {}", install_hint(p));
+        }
+    }
+    mke2fs_reads_tar()
+}
+
+/// Prints every check; fails if anything is missing.
+pub fn run() -> Result<()> {
+    let mut missing: Vec<&str> = Vec::new();
+    for t in TOOLS {
+        let found = find_program(t.program);
+        println!(
+            "{:4} {:20} {:18} {}",
+            if found.is_some() { "ok" } else { "MISS" },
+            t.program,
+            t.package,
+            t.needed_for
+        );
+        if found.is_none() && !missing.contains(&t.package) {
+            missing.push(t.package);
+        }
+    }
+    for (path, pkg, why) in FIRMWARE {
+        let ok = std::path::Path::new(path).exists();
+        println!(
+            "{:4} {:20} {:18} {}",
+            if ok { "ok" } else { "MISS" },
+            path,
+            pkg,
+            why
+        );
+        if !ok {
+            missing.push(pkg);
+        }
+    }
+    if find_program("mke2fs").is_some() {
+        match mke2fs_reads_tar() {
+            Ok(()) => println!(
+                "ok   mke2fs -d TARBALL      e2fsprogs          build: ext4 root from a tarball"
+            ),
+            Err(_) => {
+                println!("MISS mke2fs -d TARBALL      e2fsprogs          needs e2fsprogs >= 1.47.1 and libarchive13");
+                missing.push("libarchive13");
+            }
+        }
+    }
+    let binfmt = std::path::Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists();
+    println!(
+        "{:4} {:20} {:18} build: arm64 boards on x86-64 (ci/setup-host.sh registers it)",
+        if binfmt { "ok" } else { "info" },
+        "binfmt qemu-aarch64",
+        "qemu-user-static"
+    );
+    if missing.is_empty() {
+        println!("\nall host tools are present");
+        Ok(())
+    } else {
+        println!(
+            "\nto install what is missing:\n  sudo apt-get install -y {}",
+            missing.join(" ")
+        );
+        println!("or set up everything (also binfmt and backports): sudo ci/setup-host.sh");
+        bail!("missing: {}", missing.join(", "))
+    }
+}

@@ -1,0 +1,24 @@
+//! picoimg: build bootable OS images for cluster boards.
+//!
+//! The data flow of `picoimg build` is plan ([`plan`]) -> root filesystem ([`rootfs`], cached
+//! by [`cache`]) -> overlays ([`tarfs`]) -> disk image ([`disk`]) -> outputs ([`bmap`],
+//! [`output`]); [`build`] drives it. See ARCHITECTURE.md.
+
+pub mod bmap;
+pub mod board;
+pub mod build;
+pub mod cache;
+pub mod cli;
+pub mod cmd;
+pub mod component;
+pub mod data;
+pub mod disk;
+pub mod doctor;
+pub mod interrupt;
+pub mod output;
+pub mod plan;
+pub mod progress;
+pub mod qemu;
+pub mod rootfs;
+pub mod size;
+pub mod tarfs;

@@ -1,0 +1,173 @@
+//! The build plan: board + resolved stack + options, fully resolved and serialisable. Its hashes
+//! key the caches: the root filesystem stage by what goes into mmdebstrap, the whole image by
+//! everything.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::board::{Arch, Board};
+use crate::component::Component;
+
+/// Bumped when the way picoimg drives mmdebstrap changes (invalidates cached root filesystems).
+const ROOTFS_RECIPE: u32 = 1;
+
+/// What mmdebstrap is asked for. Two boards with equal specs share one cached root filesystem.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootfsSpec {
+    pub recipe: u32,
+    pub arch: Arch,
+    pub distro: String,
+    pub suite: String,
+    pub variant: String,
+    pub sources: Vec<SourceSpec>,
+    /// Sorted, de-duplicated.
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceSpec {
+    pub name: String,
+    /// `None`: the distribution's default mirror as mmdebstrap picks it.
+    pub uri: Option<String>,
+    pub components: Vec<String>,
+    pub keyring: std::path::PathBuf,
+    pub keyring_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ComponentSpec {
+    pub name: String,
+    pub enable: Vec<String>,
+    /// sha256 over the overlay tree (paths, modes, contents, link targets).
+    pub overlay_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildPlan {
+    pub picoimg_version: String,
+    pub name: String,
+    pub board: Board,
+    pub stack: String,
+    pub components: Vec<ComponentSpec>,
+    pub rootfs: RootfsSpec,
+}
+
+impl BuildPlan {
+    pub fn new(
+        board: Board,
+        stack: &str,
+        components: &[Component],
+        mirror: Option<&str>,
+    ) -> Result<BuildPlan> {
+        let mut packages: BTreeSet<String> = board.packages.all().cloned().collect();
+        for c in components {
+            packages.extend(c.file.packages.iter().cloned());
+        }
+        let sources = board
+            .sources
+            .iter()
+            .map(|s| {
+                let bytes = std::fs::read(&s.keyring).with_context(|| {
+                    format!(
+                        "board `{}` source `{}`: reading keyring {} (install debian-archive-keyring, \
+                         or fix `keyring` in the board file)",
+                        board.name,
+                        s.name,
+                        s.keyring.display()
+                    )
+                })?;
+                let uri = match (s.uri.as_str(), mirror) {
+                    ("default", Some(m)) => Some(m.to_owned()),
+                    ("default", None) => None,
+                    (u, _) => Some(u.to_owned()),
+                };
+                Ok(SourceSpec {
+                    name: s.name.clone(),
+                    uri,
+                    components: s.components.clone(),
+                    keyring: s.keyring.clone(),
+                    keyring_sha256: hex::encode(Sha256::digest(&bytes)),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let comps = components
+            .iter()
+            .map(|c| {
+                Ok(ComponentSpec {
+                    name: c.name.clone(),
+                    enable: c.file.enable.clone(),
+                    overlay_sha256: c.rootfs.as_deref().map(tree_hash).transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BuildPlan {
+            picoimg_version: env!("CARGO_PKG_VERSION").to_owned(),
+            name: format!("{}-{}", board.name, stack),
+            rootfs: RootfsSpec {
+                recipe: ROOTFS_RECIPE,
+                arch: board.arch,
+                distro: board.distro.name.clone(),
+                suite: board.distro.suite.clone(),
+                variant: board.distro.variant.clone(),
+                sources,
+                packages: packages.into_iter().collect(),
+            },
+            board,
+            stack: stack.to_owned(),
+            components: comps,
+        })
+    }
+
+    /// Key of the cached root filesystem stage.
+    pub fn rootfs_key(&self) -> String {
+        json_key(&self.rootfs)
+    }
+
+    /// Hash of every input of the image.
+    pub fn inputs_hash(&self) -> String {
+        json_key(self)
+    }
+}
+
+pub fn json_key<T: Serialize>(v: &T) -> String {
+    let json = serde_json::to_vec(v).expect("plan serialises");
+    hex::encode(Sha256::digest(json))
+}
+
+/// sha256 over a directory tree: relative paths, file modes, contents and link targets, in
+/// sorted order, so any change to an overlay changes the image's inputs hash.
+pub fn tree_hash(root: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut stack = vec![root.to_owned()];
+    let mut files = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            }
+            files.push(e.path());
+        }
+    }
+    files.sort();
+    for p in files {
+        use std::os::unix::fs::PermissionsExt;
+        let rel = p.strip_prefix(root).expect("under root");
+        let meta = std::fs::symlink_metadata(&p)?;
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update([0]);
+        h.update(meta.permissions().mode().to_le_bytes());
+        if meta.file_type().is_symlink() {
+            h.update(std::fs::read_link(&p)?.to_string_lossy().as_bytes());
+        } else if meta.is_file() {
+            h.update(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?);
+        }
+        h.update([0]);
+    }
+    Ok(hex::encode(h.finalize()))
+}

@@ -1,0 +1,329 @@
+//! `picoimg run`: boot an image in QEMU with its board's profile, serial console on stdout.
+//!
+//! The image itself is never modified unless `--writable`: QEMU writes to a qcow2 overlay in
+//! a temporary directory (which can also make the disk bigger, to exercise root growth).
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::board::{Board, QemuDisk, QemuFirmware};
+use crate::cmd::Cmd;
+use crate::progress::log;
+use crate::size::Bytes;
+
+/// Printed on the serial console by the image's `picoimg-boot-report.service`.
+pub const READY_MARKER: &str = "picoimg-boot: ready";
+pub const FAILED_MARKER: &str = "picoimg-boot: failed";
+
+/// Guest networking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Net {
+    /// QEMU user networking: the guest reaches what the host reaches.
+    User,
+    /// User networking with `restrict=on`: DHCP works, nothing leaves the VM.
+    Restricted,
+    /// No network card.
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub image: PathBuf,
+    pub board: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub expect_ready: bool,
+    pub timeout: Duration,
+    pub net: Net,
+    pub disk_size: Option<Bytes>,
+    pub writable: bool,
+    pub ssh_port: Option<u16>,
+    pub accel: Accel,
+}
+
+/// The board an image was built for: `--board`, else the manifest beside the image.
+fn board_for(opts: &RunOptions) -> Result<Board> {
+    if let Some(name) = &opts.board {
+        let data = crate::data::find(opts.data_dir.as_deref())?;
+        return crate::data::board(&data, name);
+    }
+    let name = opts
+        .image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.trim_end_matches(".xz").trim_end_matches(".img");
+    let manifest = opts.image.with_file_name(format!("{stem}.manifest.json"));
+    let text = std::fs::read_to_string(&manifest).with_context(|| {
+        format!(
+            "reading {} to learn the image's board (or pass --board NAME)",
+            manifest.display()
+        )
+    })?;
+    #[derive(serde::Deserialize)]
+    struct M {
+        board: Board,
+    }
+    let m: M =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest.display()))?;
+    Ok(m.board)
+}
+
+pub fn run(opts: &RunOptions) -> Result<()> {
+    if !opts.image.is_file() {
+        bail!("image {} does not exist", opts.image.display());
+    }
+    let board = board_for(opts)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("picoimg-run-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let raw = if opts.image.extension().is_some_and(|e| e == "xz") {
+        if opts.writable {
+            bail!("--writable needs a raw .img, not {}", opts.image.display());
+        }
+        let raw = tmp.path().join("disk.img");
+        decompress(&opts.image, &raw)?;
+        raw
+    } else {
+        opts.image.canonicalize()?
+    };
+    let disk = if opts.writable {
+        raw
+    } else {
+        let overlay = tmp.path().join("overlay.qcow2");
+        let mut c = Cmd::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&raw)
+            .arg(&overlay);
+        if let Some(s) = opts.disk_size {
+            c = c.arg(s.0.to_string());
+        }
+        c.run().context("creating the disk overlay")?;
+        overlay
+    };
+    let format = if opts.writable { "raw" } else { "qcow2" };
+    let cmd = qemu_cmd(&board, &disk, format, tmp.path(), opts)?;
+    log(format!("starting: {}", cmd.display()));
+    if !opts.expect_ready {
+        return cmd.run_interactive().context("running QEMU");
+    }
+    expect_ready(&cmd, opts.timeout)
+}
+
+fn decompress(src: &Path, dst: &Path) -> Result<()> {
+    let input = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let mut dec = xz2::read::XzDecoder::new_multi_decoder(BufReader::with_capacity(1 << 20, input));
+    let mut out = std::fs::File::create(dst)?;
+    crate::output::copy_sparse(&mut dec, &mut out)
+        .with_context(|| format!("decompressing {}", src.display()))?;
+    Ok(())
+}
+
+/// CPU emulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM when it works here (checked by a short trial run), else TCG.
+    Auto,
+    Kvm,
+    /// Software emulation: slow, works everywhere.
+    Tcg,
+}
+
+/// Whether KVM can run a vCPU of `program`'s machine: `/dev/kvm` may open yet fail at vCPU set
+/// up (nested virtualisation), so a paused QEMU must survive a second.
+fn kvm_works(program: &str, machine: &str) -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return false;
+    }
+    let probe = Cmd::new("timeout")
+        .args([
+            "1", program, "-accel", "kvm", "-cpu", "host", "-machine", machine,
+        ])
+        .args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-S",
+            "-monitor",
+            "none",
+            "-serial",
+            "none",
+        ])
+        .run();
+    match probe {
+        Ok(_) => true,
+        Err(e) => format!("{e}").contains("exit status: 124"),
+    }
+}
+
+fn qemu_cmd(
+    board: &Board,
+    disk: &Path,
+    format: &str,
+    tmp: &Path,
+    opts: &RunOptions,
+) -> Result<Cmd> {
+    let q = &board.qemu;
+    let (program, fw) = match q.firmware {
+        QemuFirmware::Ovmf => {
+            let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+            let vars = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
+            if !code.exists() || !vars.exists() {
+                bail!(
+                    "OVMF firmware not found at {}: `sudo apt-get install ovmf`",
+                    code.display()
+                );
+            }
+            let my_vars = tmp.join("OVMF_VARS.fd");
+            std::fs::copy(vars, &my_vars).context("copying OVMF variables")?;
+            (
+                "qemu-system-x86_64",
+                vec![
+                    format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        code.display()
+                    ),
+                    format!("if=pflash,format=raw,unit=1,file={}", my_vars.display()),
+                ],
+            )
+        }
+    };
+    let kvm = match opts.accel {
+        Accel::Kvm => true,
+        Accel::Tcg => false,
+        Accel::Auto => kvm_works(program, &q.machine),
+    };
+    if !kvm {
+        log("using TCG (software emulation): expect a slow boot");
+    }
+    let mut c = Cmd::new(program)
+        .args(["-machine", &q.machine])
+        .args(["-accel", if kvm { "kvm" } else { "tcg" }])
+        .args([
+            "-cpu",
+            q.cpu.as_deref().unwrap_or(if kvm { "host" } else { "max" }),
+        ])
+        .args(["-m", &q.memory])
+        .args(["-smp", &q.cpus.to_string()])
+        .arg("-no-reboot");
+    for d in fw {
+        c = c.arg("-drive").arg(d);
+    }
+    let file = format!("file={},format={format}", disk.display());
+    c = match q.disk {
+        QemuDisk::Virtio => c.arg("-drive").arg(format!("{file},if=virtio")),
+        QemuDisk::Nvme => c
+            .arg("-drive")
+            .arg(format!("{file},if=none,id=disk0"))
+            .args(["-device", "nvme,drive=disk0,serial=picoimg0"]),
+    };
+    let fwd = opts
+        .ssh_port
+        .map(|p| format!(",hostfwd=tcp:127.0.0.1:{p}-:22"))
+        .unwrap_or_default();
+    c = match opts.net {
+        Net::User => c.args(["-nic", &format!("user,model=virtio-net-pci{fwd}")]),
+        Net::Restricted => c.args([
+            "-nic",
+            &format!("user,model=virtio-net-pci,restrict=on{fwd}"),
+        ]),
+        Net::None => c.args(["-nic", "none"]),
+    };
+    c = if opts.expect_ready {
+        c.args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+    } else {
+        c.args(["-nographic", "-serial", "mon:stdio"])
+    };
+    Ok(c)
+}
+
+/// Streams the console to stdout until the ready marker (Ok), the failed marker or the timeout
+/// (Err with the last 50 console lines).
+fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<()> {
+    let child = cmd.spawn_reader().context("starting QEMU")?;
+    let (tx, rx) = mpsc::channel::<Option<String>>();
+    let reader = child.reader();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(&*reader);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&line).replace('\r', "");
+                    if tx.send(Some(text.trim_end().to_owned())).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(None);
+    });
+    let started = Instant::now();
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(50);
+    let stdout = std::io::stdout();
+    let outcome: Result<()> = loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        if crate::interrupt::requested() {
+            break Err(anyhow::anyhow!("interrupted"));
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(500))) {
+            Ok(Some(line)) => {
+                let _ = writeln!(stdout.lock(), "{line}");
+                if tail.len() == 50 {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+                if line.contains(READY_MARKER) {
+                    log(format!(
+                        "ready marker after {:.1}s",
+                        started.elapsed().as_secs_f64()
+                    ));
+                    break Ok(());
+                }
+                if line.contains(FAILED_MARKER) {
+                    // The report lists failed units after the marker; give it a moment.
+                    let until = Instant::now() + Duration::from_secs(3);
+                    while let Ok(Some(l)) =
+                        rx.recv_timeout(until.saturating_duration_since(Instant::now()))
+                    {
+                        let _ = writeln!(stdout.lock(), "{l}");
+                        tail.push_back(l);
+                    }
+                    break Err(anyhow::anyhow!("the image reported failed units"));
+                }
+            }
+            Ok(None) => break Err(anyhow::anyhow!("QEMU exited before the ready marker")),
+            Err(mpsc::RecvTimeoutError::Timeout) if started.elapsed() >= timeout => {
+                break Err(anyhow::anyhow!(
+                    "no ready marker within {}s",
+                    timeout.as_secs()
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(anyhow::anyhow!("QEMU exited before the ready marker"))
+            }
+        }
+    };
+    child.kill();
+    outcome.map_err(|e| {
+        let lines: Vec<String> = tail.into_iter().collect();
+        anyhow::anyhow!(
+            "{e:#}\nlast {} console lines:\n{}",
+            lines.len(),
+            lines.join("\n")
+        )
+    })
+}

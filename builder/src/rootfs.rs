@@ -1,0 +1,187 @@
+//! The root filesystem stage: mmdebstrap into a tarball, cached by the plan's rootfs key.
+//!
+//! A tarball keeps ownership and modes without needing root to read it back, and `mke2fs -d`
+//! takes it directly, so no later step needs privileges or a mount. mmdebstrap's own mode
+//! selection is used: `root` when run as root, `unshare` otherwise.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::Cache;
+use crate::cmd::Cmd;
+use crate::plan::RootfsSpec;
+use crate::progress::Step;
+
+/// Facts about how a cached root filesystem was made (stored beside it, copied to manifests).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootfsInfo {
+    pub key: String,
+    pub seconds: f64,
+    /// How many times an initramfs was generated (should be one per kernel).
+    pub initramfs_generations: u32,
+    pub mmdebstrap_version: String,
+}
+
+/// Divert update-initramfs while packages install, so kernel, firmware and microcode packages
+/// do not each regenerate it (slow under emulation); it runs once in the customize hook.
+const DIVERT_INITRAMFS: &str = r#"chroot "$1" dpkg-divert --quiet --local --rename --divert /usr/sbin/update-initramfs.picoimg --add /usr/sbin/update-initramfs && printf '#!/bin/sh\n# picoimg: initramfs is generated once, at the end of the build\nexit 0\n' > "$1/usr/sbin/update-initramfs" && chmod 755 "$1/usr/sbin/update-initramfs""#;
+
+const RESTORE_INITRAMFS: &str = r#"rm -f "$1/usr/sbin/update-initramfs" && chroot "$1" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs && if [ -x "$1/usr/sbin/update-initramfs" ] && ls "$1"/boot/vmlinu[xz]-* >/dev/null 2>&1; then chroot "$1" update-initramfs -c -k all; fi"#;
+
+/// Returns the cached tarball for `spec`, building it first if needed.
+pub fn ensure(spec: &RootfsSpec, cache: &Cache, refresh: bool) -> Result<(PathBuf, RootfsInfo)> {
+    let key = crate::plan::json_key(spec);
+    let tar = cache.rootfs(&key);
+    let info_path = tar.with_extension("json");
+    let _lock = cache.lock(&key)?;
+    if !refresh && tar.is_file() {
+        if let Some(info) = std::fs::read(&info_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<RootfsInfo>(&b).ok())
+        {
+            crate::progress::log(format!("root filesystem: cached ({})", tar.display()));
+            return Ok((tar, info));
+        }
+    }
+    let info = build(spec, cache, &key, &tar)?;
+    let json = serde_json::to_vec_pretty(&info)?;
+    crate::output::write_atomic(&info_path, &json)?;
+    Ok((tar, info))
+}
+
+fn build(spec: &RootfsSpec, cache: &Cache, key: &str, tar: &Path) -> Result<RootfsInfo> {
+    let started = std::time::Instant::now();
+    let apt = cache.apt_dir(spec.arch)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".building-")
+        .suffix(".tar")
+        .tempfile_in(tar.parent().expect("cache dir"))
+        .context("creating temporary root filesystem file")?;
+    let cmd = mmdebstrap_cmd(spec, &apt, tmp.path());
+    let step = Step::start(format!(
+        "root filesystem: mmdebstrap {} {}",
+        spec.suite,
+        spec.arch.as_str()
+    ));
+    let mut initramfs = 0;
+    cmd.run_lines(|line| {
+        if line.contains("update-initramfs: Generating") {
+            initramfs += 1;
+        }
+        let important =
+            line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ");
+        step.detail(line, important);
+    })
+    .context("building the root filesystem with mmdebstrap")?;
+    step.done();
+    tmp.persist(tar)
+        .with_context(|| format!("storing root filesystem in {}", tar.display()))?;
+    let version = Cmd::new("mmdebstrap")
+        .arg("--version")
+        .read()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    Ok(RootfsInfo {
+        key: key.to_owned(),
+        seconds: started.elapsed().as_secs_f64(),
+        initramfs_generations: initramfs,
+        mmdebstrap_version: version,
+    })
+}
+
+/// The mmdebstrap command line for a spec.
+pub fn mmdebstrap_cmd(spec: &RootfsSpec, apt_cache: &Path, target: &Path) -> Cmd {
+    let mut cmd = Cmd::new("mmdebstrap")
+        .arg(format!("--variant={}", spec.variant))
+        .arg(format!("--architectures={}", spec.arch.as_str()))
+        .arg("--aptopt=Acquire::Retries \"3\"")
+        // Documentation stays out of small-board images; copyright files stay in.
+        .arg("--dpkgopt=path-exclude=/usr/share/man/*")
+        .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
+        .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+        .arg("--dpkgopt=path-exclude=/usr/share/info/*")
+        .arg(format!("--include={}", spec.packages.join(",")))
+        .arg(format!("--essential-hook={DIVERT_INITRAMFS}"))
+        .arg(format!("--customize-hook={RESTORE_INITRAMFS}"))
+        // The package cache: copied in before apt runs, new downloads copied back out.
+        .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
+        .arg(format!(
+            "--setup-hook=sync-in {} /var/cache/apt/archives/",
+            apt_cache.display()
+        ))
+        .arg(format!(
+            "--customize-hook=sync-out /var/cache/apt/archives {}",
+            apt_cache.display()
+        ));
+    let defaults: Vec<_> = spec.sources.iter().filter(|s| s.uri.is_none()).collect();
+    if let Some(d) = defaults.first() {
+        cmd = cmd.arg(format!("--components={}", d.components.join(",")));
+    }
+    cmd = cmd.arg(&spec.suite).arg(target);
+    let explicit: Vec<_> = spec.sources.iter().filter(|s| s.uri.is_some()).collect();
+    if !explicit.is_empty() {
+        // An explicit mirror replaces mmdebstrap's default, so every source is spelled out.
+        for s in &explicit {
+            let uri = s.uri.as_deref().expect("filtered");
+            for suite in [spec.suite.clone(), format!("{}-updates", spec.suite)] {
+                cmd = cmd.arg(format!(
+                    "deb [signed-by={}] {uri} {suite} {}",
+                    s.keyring.display(),
+                    s.components.join(" ")
+                ));
+            }
+        }
+    }
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::board::Arch;
+    use crate::plan::SourceSpec;
+
+    fn spec(uri: Option<&str>) -> RootfsSpec {
+        RootfsSpec {
+            recipe: 1,
+            arch: Arch::Amd64,
+            distro: "debian".into(),
+            suite: "trixie".into(),
+            variant: "apt".into(),
+            sources: vec![SourceSpec {
+                name: "debian".into(),
+                uri: uri.map(Into::into),
+                components: vec!["main".into(), "non-free-firmware".into()],
+                keyring: "/k.gpg".into(),
+                keyring_sha256: String::new(),
+            }],
+            packages: vec!["linux-image-amd64".into(), "systemd-sysv".into()],
+        }
+    }
+
+    #[test]
+    fn default_mirror_is_left_to_mmdebstrap() {
+        let c = mmdebstrap_cmd(&spec(None), Path::new("/c"), Path::new("/t.tar")).display();
+        assert!(c.contains("--components=main,non-free-firmware"), "{c}");
+        assert!(c.ends_with("trixie /t.tar"), "{c}");
+        assert!(
+            c.contains("--include=linux-image-amd64,systemd-sysv"),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn explicit_mirror_gets_suite_and_updates() {
+        let c = mmdebstrap_cmd(
+            &spec(Some("http://127.0.0.1:3142/debian")),
+            Path::new("/c"),
+            Path::new("/t.tar"),
+        )
+        .display();
+        assert!(c.contains("'deb [signed-by=/k.gpg] http://127.0.0.1:3142/debian trixie main non-free-firmware'"), "{c}");
+        assert!(c.contains("trixie-updates"), "{c}");
+    }
+}
