@@ -1,0 +1,202 @@
+//! Tier 2: the real binary, bad input. Each case checks the message names the file, field or
+//! fix, and that nothing is left in the output directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn picoimg() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_picoimg"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The output directory holds nothing (or does not exist).
+fn assert_no_output(out: &Path) {
+    if let Ok(entries) = std::fs::read_dir(out) {
+        let names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+        assert!(names.is_empty(), "left behind in {}: {names:?}", out.display());
+    }
+}
+
+/// A copy of boards/ and overlays/ whose h4 board file is edited by `edit`.
+fn data_with_board(edit: impl Fn(&str) -> String) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(repo().join("boards"))
+        .arg(repo().join("overlays"))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let p = dir.path().join("boards/h4.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, edit(&text)).unwrap();
+    dir
+}
+
+fn build(args: &[&str], data: Option<&Path>, out: &Path) -> Output {
+    let mut c = picoimg();
+    if let Some(d) = data {
+        c.arg("--data-dir").arg(d);
+    }
+    c.arg("build").args(args).arg("--out").arg(out);
+    c.output().unwrap()
+}
+
+#[test]
+fn boards_lists_one_line_each() {
+    let o = picoimg().arg("boards").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let h4: Vec<_> = text.lines().filter(|l| l.starts_with("h4 ")).collect();
+    assert_eq!(h4.len(), 1, "{text}");
+    assert!(h4[0].contains("amd64") && h4[0].contains("Odroid H4"), "{text}");
+}
+
+#[test]
+fn help_describes_build() {
+    let o = picoimg().args(["build", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    for flag in ["--board", "--stack", "--out", "--mirror", "--cache", "--keep-raw"] {
+        assert!(text.contains(flag), "{flag} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn unknown_board_lists_valid_names() {
+    let out = tempfile::tempdir().unwrap();
+    let o = build(&["--board", "h5", "--stack", "base"], None, out.path());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("unknown board `h5`") && e.contains("valid boards: ") && e.contains("h4"), "{e}");
+    assert_no_output(out.path());
+}
+
+#[test]
+fn unknown_stack_lists_valid_names() {
+    let out = tempfile::tempdir().unwrap();
+    let o = build(&["--board", "h4", "--stack", "openstack"], None, out.path());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("unknown stack `openstack`") && e.contains("valid stacks: base"), "{e}");
+    assert_no_output(out.path());
+}
+
+#[test]
+fn board_with_unknown_key_names_file_key_and_hint() {
+    let data = data_with_board(|t| t.replace("[qemu]", "[qemu]\nbios = \"seabios\""));
+    let out = tempfile::tempdir().unwrap();
+    let o = build(&["--board", "h4"], Some(data.path()), out.path());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("boards/h4.toml"), "{e}");
+    assert!(e.contains("unknown field `bios`"), "{e}");
+    assert!(e.contains("hint:"), "{e}");
+    assert_no_output(out.path());
+}
+
+#[test]
+fn board_with_wrong_type_names_the_key() {
+    let data = data_with_board(|t| t.replace("cpus = 2", "cpus = \"two\""));
+    let out = tempfile::tempdir().unwrap();
+    let o = build(&["--board", "h4"], Some(data.path()), out.path());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("boards/h4.toml") && e.contains("cpus"), "{e}");
+    assert_no_output(out.path());
+}
+
+#[test]
+fn board_with_overlapping_partitions_is_refused() {
+    let data = data_with_board(|t| t.replace("name = \"root\"", "name = \"root\"\nstart = \"64MiB\""));
+    let out = tempfile::tempdir().unwrap();
+    let o = build(&["--board", "h4"], Some(data.path()), out.path());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("`root`") && e.contains("overlaps `esp`"), "{e}");
+    assert_no_output(out.path());
+}
+
+#[test]
+fn board_with_partition_larger_than_image_is_refused() {
+    let data = data_with_board(|t| t.replace("size = \"256MiB\"", "size = \"4GiB\""));
+    let out = tempfile::tempdir().unwrap();
+    let o = build(&["--board", "h4"], Some(data.path()), out.path());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("`esp`") && e.contains("raise disk.size"), "{e}");
+    assert_no_output(out.path());
+}
+
+#[test]
+fn missing_host_tool_names_the_package() {
+    let bin = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = picoimg()
+        .env("PATH", bin.path())
+        .args(["build", "--board", "h4", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("`mmdebstrap` not found"), "{e}");
+    assert!(e.contains("apt-get install mmdebstrap"), "{e}");
+    assert_no_output(out.path());
+}
+
+#[test]
+fn unwritable_out_is_refused_with_the_flag_to_fix_it() {
+    let o = build(&["--board", "h4"], None, Path::new("/proc/version/out"));
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("/proc/version/out") && e.contains("--out"), "{e}");
+}
+
+/// mmdebstrap against a mirror that refuses connections: the error shows its argv and the
+/// tail of its output, and neither the output directory nor the cache keeps partial files.
+#[test]
+fn mmdebstrap_failure_shows_argv_and_output_tail() {
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let o = picoimg()
+        .args(["build", "--board", "h4", "--mirror", "http://127.0.0.1:9/debian", "--cache"])
+        .arg(cache.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("building the root filesystem with mmdebstrap"), "{e}");
+    assert!(e.contains("`mmdebstrap --variant=apt"), "{e}");
+    assert!(e.contains("127.0.0.1:9"), "{e}");
+    assert!(e.contains("  | "), "no output tail in: {e}");
+    assert_no_output(out.path());
+    let leftovers: Vec<_> = std::fs::read_dir(cache.path().join("rootfs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tar"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn plan_is_json_with_hashes() {
+    let o = picoimg().args(["plan", "--board", "h4", "--stack", "base"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["name"], "h4-base");
+    assert_eq!(v["inputs_hash"].as_str().map(str::len), Some(64));
+    let pkgs = v["rootfs"]["packages"].as_array().unwrap();
+    assert!(pkgs.iter().any(|p| p == "linux-image-amd64"));
+    assert!(pkgs.iter().any(|p| p == "openssh-server"));
+}

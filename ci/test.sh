@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's test command (see README.md): set up the host, then format check, lints, and
+# every test tier: unit, CLI, image checks with independent tools, and the QEMU boot.
+#
+# Image tests need root (mmdebstrap) and the Debian archive; downloaded packages and root
+# filesystems are cached in $PICOIMG_CACHE_DIR (default /var/cache/picoimg), so later runs
+# only assemble and boot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -eq 0 ]; then
+  ci/setup-host.sh
+else
+  sudo ci/setup-host.sh
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+step "cargo test (unit, CLI, image and QEMU boot tests)"
+# Two test threads: the image build, the boot and the checks share one built image.
+cargo test --workspace --all-features -- --test-threads=2
