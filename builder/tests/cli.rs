@@ -1,6 +1,8 @@
 //! Tier 2: the real binary, bad input. Each case checks the message names the file, field or
 //! fix, and that nothing is left in the output directory.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -20,7 +22,11 @@ fn stderr(o: &Output) -> String {
 fn assert_no_output(out: &Path) {
     if let Ok(entries) = std::fs::read_dir(out) {
         let names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
-        assert!(names.is_empty(), "left behind in {}: {names:?}", out.display());
+        assert!(
+            names.is_empty(),
+            "left behind in {}: {names:?}",
+            out.display()
+        );
     }
 }
 
@@ -57,14 +63,24 @@ fn boards_lists_one_line_each() {
     let text = String::from_utf8_lossy(&o.stdout);
     let h4: Vec<_> = text.lines().filter(|l| l.starts_with("h4 ")).collect();
     assert_eq!(h4.len(), 1, "{text}");
-    assert!(h4[0].contains("amd64") && h4[0].contains("Odroid H4"), "{text}");
+    assert!(
+        h4[0].contains("amd64") && h4[0].contains("Odroid H4"),
+        "{text}"
+    );
 }
 
 #[test]
 fn help_describes_build() {
     let o = picoimg().args(["build", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
-    for flag in ["--board", "--stack", "--out", "--mirror", "--cache", "--keep-raw"] {
+    for flag in [
+        "--board",
+        "--stack",
+        "--out",
+        "--mirror",
+        "--cache",
+        "--keep-raw",
+    ] {
         assert!(text.contains(flag), "{flag} missing from:\n{text}");
     }
 }
@@ -75,7 +91,10 @@ fn unknown_board_lists_valid_names() {
     let o = build(&["--board", "h5", "--stack", "base"], None, out.path());
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("unknown board `h5`") && e.contains("valid boards: ") && e.contains("h4"), "{e}");
+    assert!(
+        e.contains("unknown board `h5`") && e.contains("valid boards: ") && e.contains("h4"),
+        "{e}"
+    );
     assert_no_output(out.path());
 }
 
@@ -85,7 +104,10 @@ fn unknown_stack_lists_valid_names() {
     let o = build(&["--board", "h4", "--stack", "openstack"], None, out.path());
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("unknown stack `openstack`") && e.contains("valid stacks: base"), "{e}");
+    assert!(
+        e.contains("unknown stack `openstack`") && e.contains("valid stacks: base"),
+        "{e}"
+    );
     assert_no_output(out.path());
 }
 
@@ -115,7 +137,8 @@ fn board_with_wrong_type_names_the_key() {
 
 #[test]
 fn board_with_overlapping_partitions_is_refused() {
-    let data = data_with_board(|t| t.replace("name = \"root\"", "name = \"root\"\nstart = \"64MiB\""));
+    let data =
+        data_with_board(|t| t.replace("name = \"root\"", "name = \"root\"\nstart = \"64MiB\""));
     let out = tempfile::tempdir().unwrap();
     let o = build(&["--board", "h4"], Some(data.path()), out.path());
     assert!(!o.status.success());
@@ -157,7 +180,10 @@ fn unwritable_out_is_refused_with_the_flag_to_fix_it() {
     let o = build(&["--board", "h4"], None, Path::new("/proc/version/out"));
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("/proc/version/out") && e.contains("--out"), "{e}");
+    assert!(
+        e.contains("/proc/version/out") && e.contains("--out"),
+        "{e}"
+    );
 }
 
 /// mmdebstrap against a mirror that refuses connections: the error shows its argv and the
@@ -167,7 +193,14 @@ fn mmdebstrap_failure_shows_argv_and_output_tail() {
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let o = picoimg()
-        .args(["build", "--board", "h4", "--mirror", "http://127.0.0.1:9/debian", "--cache"])
+        .args([
+            "build",
+            "--board",
+            "h4",
+            "--mirror",
+            "http://127.0.0.1:9/debian",
+            "--cache",
+        ])
         .arg(cache.path())
         .arg("--out")
         .arg(out.path())
@@ -175,7 +208,10 @@ fn mmdebstrap_failure_shows_argv_and_output_tail() {
         .unwrap();
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("building the root filesystem with mmdebstrap"), "{e}");
+    assert!(
+        e.contains("building the root filesystem with mmdebstrap"),
+        "{e}"
+    );
     assert!(e.contains("`mmdebstrap --variant=apt"), "{e}");
     assert!(e.contains("127.0.0.1:9"), "{e}");
     assert!(e.contains("  | "), "no output tail in: {e}");
@@ -191,7 +227,10 @@ fn mmdebstrap_failure_shows_argv_and_output_tail() {
 
 #[test]
 fn plan_is_json_with_hashes() {
-    let o = picoimg().args(["plan", "--board", "h4", "--stack", "base"]).output().unwrap();
+    let o = picoimg()
+        .args(["plan", "--board", "h4", "--stack", "base"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["name"], "h4-base");

@@ -5,6 +5,7 @@
 //! Enabled with `--features image-tests` (ci/test.sh does this). The root filesystem comes
 //! from the picoimg cache (PICOIMG_CACHE_DIR), so only the first run on a machine downloads.
 #![cfg(feature = "image-tests")]
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,7 +53,15 @@ fn h4() -> &'static Built {
         let _ = std::fs::remove_dir_all(&out);
         let started = Instant::now();
         let o = picoimg()
-            .args(["build", "--board", "h4", "--stack", "base", "--keep-raw", "--out"])
+            .args([
+                "build",
+                "--board",
+                "h4",
+                "--stack",
+                "base",
+                "--keep-raw",
+                "--out",
+            ])
             .arg(&out)
             .stderr(Stdio::inherit())
             .output()
@@ -60,7 +69,8 @@ fn h4() -> &'static Built {
         assert!(o.status.success(), "picoimg build failed: {}", o.status);
         eprintln!("h4-base built in {:.0}s", started.elapsed().as_secs_f64());
         let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("h4-base.manifest.json")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(out.join("h4-base.manifest.json")).unwrap())
+                .unwrap();
         Built {
             raw: out.join("h4-base.img"),
             xz: out.join("h4-base.img.xz"),
@@ -79,7 +89,12 @@ fn extract_partition(b: &Built, n: usize, dir: &Path) -> PathBuf {
         Command::new("dd")
             .arg(format!("if={}", b.raw.display()))
             .arg(format!("of={}", dst.display()))
-            .args(["bs=1M", "iflag=skip_bytes,count_bytes", "conv=sparse", "status=none"])
+            .args([
+                "bs=1M",
+                "iflag=skip_bytes,count_bytes",
+                "conv=sparse",
+                "status=none",
+            ])
             .arg(format!("skip={start}"))
             .arg(format!("count={size}")),
     );
@@ -104,7 +119,9 @@ fn sfdisk_shows_the_gpt_we_meant() {
     for p in parts {
         assert_eq!(p["start"].as_u64().unwrap() % 2048, 0, "1 MiB aligned: {p}");
     }
-    let root_uuid = b.manifest["disk"]["partitions"][1]["uuid"].as_str().unwrap();
+    let root_uuid = b.manifest["disk"]["partitions"][1]["uuid"]
+        .as_str()
+        .unwrap();
     assert_eq!(parts[1]["uuid"].as_str().unwrap().to_lowercase(), root_uuid);
     run_ok(tool("sfdisk").arg("--verify").arg(&b.raw));
 }
@@ -115,7 +132,10 @@ fn filesystems_are_clean() {
     let dir = tempfile::tempdir().unwrap();
     let esp = extract_partition(b, 1, dir.path());
     let fsck = run_ok(tool("fsck.vfat").arg("-n").arg(&esp));
-    assert!(!fsck.contains("Fixing") && !fsck.contains("Expected"), "{fsck}");
+    assert!(
+        !fsck.contains("Fixing") && !fsck.contains("Expected"),
+        "{fsck}"
+    );
     let root = extract_partition(b, 2, dir.path());
     run_ok(tool("e2fsck").arg("-fn").arg(&root));
 }
@@ -125,17 +145,40 @@ fn esp_boots_systemd_boot_with_the_root_partuuid() {
     let b = h4();
     let dir = tempfile::tempdir().unwrap();
     let esp = extract_partition(b, 1, dir.path());
-    let listing = run_ok(Command::new("mdir").arg("-i").arg(&esp).args(["-b", "-/", "::"]));
-    for f in ["::/EFI/BOOT/BOOTX64.EFI", "::/loader/loader.conf", "::/picoimg/vmlinuz", "::/picoimg/initrd.img"] {
+    let listing = run_ok(
+        Command::new("mdir")
+            .arg("-i")
+            .arg(&esp)
+            .args(["-b", "-/", "::"]),
+    );
+    for f in [
+        "::/EFI/BOOT/BOOTX64.EFI",
+        "::/loader/loader.conf",
+        "::/picoimg/vmlinuz",
+        "::/picoimg/initrd.img",
+    ] {
         assert!(listing.contains(f), "{f} missing:\n{listing}");
     }
-    let entry = run_ok(Command::new("mtype").arg("-i").arg(&esp).arg("::/loader/entries/picoimg.conf"));
+    let entry = run_ok(
+        Command::new("mtype")
+            .arg("-i")
+            .arg(&esp)
+            .arg("::/loader/entries/picoimg.conf"),
+    );
     let json = run_ok(tool("sfdisk").arg("--json").arg(&b.raw));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let root = v["partitiontable"]["partitions"][1]["uuid"].as_str().unwrap().to_lowercase();
+    let root = v["partitiontable"]["partitions"][1]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
     assert!(entry.contains(&format!("root=PARTUUID={root}")), "{entry}");
     assert!(entry.contains("console=ttyS0,115200"), "{entry}");
-    let efi = run_ok(Command::new("mtype").arg("-i").arg(&esp).arg("::/EFI/BOOT/BOOTX64.EFI"));
+    let efi = run_ok(
+        Command::new("mtype")
+            .arg("-i")
+            .arg(&esp)
+            .arg("::/EFI/BOOT/BOOTX64.EFI"),
+    );
     assert!(efi.starts_with("MZ"), "BOOTX64.EFI is not a PE binary");
 }
 
@@ -146,18 +189,35 @@ fn root_has_overlays_and_no_per_node_identity() {
     let root = extract_partition(b, 2, dir.path());
     let debugfs = |req: &str| run_ok(tool("debugfs").arg("-R").arg(req).arg(&root));
     let fstab = debugfs("cat /etc/fstab");
-    let root_uuid = b.manifest["disk"]["partitions"][1]["uuid"].as_str().unwrap();
-    assert!(fstab.contains(&format!("PARTUUID={root_uuid}\t/\text4")), "{fstab}");
+    let root_uuid = b.manifest["disk"]["partitions"][1]["uuid"]
+        .as_str()
+        .unwrap();
+    assert!(
+        fstab.contains(&format!("PARTUUID={root_uuid}\t/\text4")),
+        "{fstab}"
+    );
     assert_eq!(debugfs("cat /etc/machine-id").trim(), "uninitialized");
     let ssh = debugfs("ls /etc/ssh");
-    assert!(!ssh.contains("ssh_host_"), "host keys must be made per node:\n{ssh}");
-    assert!(debugfs("cat /etc/ssh/sshd_config.d/50-picoimg.conf").contains("PasswordAuthentication no"));
+    assert!(
+        !ssh.contains("ssh_host_"),
+        "host keys must be made per node:\n{ssh}"
+    );
+    assert!(
+        debugfs("cat /etc/ssh/sshd_config.d/50-picoimg.conf").contains("PasswordAuthentication no")
+    );
     let wants = debugfs("ls /etc/systemd/system/multi-user.target.wants");
-    for unit in ["picoimg-boot-report.service", "systemd-networkd.service", "ssh.service"] {
+    for unit in [
+        "picoimg-boot-report.service",
+        "systemd-networkd.service",
+        "ssh.service",
+    ] {
         assert!(wants.contains(unit), "{unit} not enabled:\n{wants}");
     }
     let stat = debugfs("stat /usr/lib/picoimg/growroot");
-    assert!(stat.contains("Mode:  0755") && stat.contains("User:     0"), "{stat}");
+    assert!(
+        stat.contains("Mode:  0755") && stat.contains("User:     0"),
+        "{stat}"
+    );
 }
 
 #[test]
@@ -179,9 +239,18 @@ fn bmaptool_copy_gives_the_raw_image() {
 #[test]
 fn sha256sums_verify() {
     let b = h4();
-    run_ok(Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(&b.out));
+    run_ok(
+        Command::new("sha256sum")
+            .arg("-c")
+            .arg("SHA256SUMS")
+            .current_dir(&b.out),
+    );
     let sums = std::fs::read_to_string(b.out.join("SHA256SUMS")).unwrap();
-    for f in ["h4-base.img.xz", "h4-base.img.bmap", "h4-base.manifest.json"] {
+    for f in [
+        "h4-base.img.xz",
+        "h4-base.img.bmap",
+        "h4-base.manifest.json",
+    ] {
         assert!(sums.contains(f), "{f} not in SHA256SUMS");
     }
 }
@@ -190,12 +259,18 @@ fn sha256sums_verify() {
 fn manifest_lists_packages_and_matches_the_plan() {
     let b = h4();
     let pkgs = b.manifest["packages"].as_array().unwrap();
-    let kernel = pkgs.iter().find(|p| p["name"] == "linux-image-amd64").expect("kernel listed");
+    let kernel = pkgs
+        .iter()
+        .find(|p| p["name"] == "linux-image-amd64")
+        .expect("kernel listed");
     assert_eq!(kernel["architecture"], "amd64");
     assert!(!kernel["version"].as_str().unwrap().is_empty());
     assert!(pkgs.len() > 100, "{} packages", pkgs.len());
     // One initramfs for one kernel: package installs do not each regenerate it.
-    assert_eq!(b.manifest["rootfs"]["initramfs_generations"].as_u64(), Some(1));
+    assert_eq!(
+        b.manifest["rootfs"]["initramfs_generations"].as_u64(),
+        Some(1)
+    );
     let plan = run_ok(picoimg().args(["plan", "--board", "h4", "--stack", "base"]));
     let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
     assert_eq!(plan["inputs_hash"], b.manifest["inputs_hash"]);
@@ -210,19 +285,38 @@ fn boots_to_ready_and_grows_root() {
     let o = picoimg()
         .arg("run")
         .arg(&b.xz)
-        .args(["--expect-ready", "--timeout", "900", "--net", "restricted", "--disk-size", "4GiB"])
+        .args([
+            "--expect-ready",
+            "--timeout",
+            "900",
+            "--net",
+            "restricted",
+            "--disk-size",
+            "4GiB",
+        ])
         .output()
         .unwrap();
     let console = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "boot failed: {}\n{}", String::from_utf8_lossy(&o.stderr), tail(&console));
-    let ready = console.lines().find(|l| l.contains("picoimg-boot: ready")).expect("marker line");
+    assert!(
+        o.status.success(),
+        "boot failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        tail(&console)
+    );
+    let ready = console
+        .lines()
+        .find(|l| l.contains("picoimg-boot: ready"))
+        .expect("marker line");
     let root_bytes: u64 = ready
         .split("root_bytes=")
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no root size in {ready}"));
-    assert!(root_bytes > 3_500_000_000, "root did not grow to the 4 GiB disk: {ready}");
+    assert!(
+        root_bytes > 3_500_000_000,
+        "root did not grow to the 4 GiB disk: {ready}"
+    );
     eprintln!("{}", String::from_utf8_lossy(&o.stderr));
 }
 
@@ -238,7 +332,10 @@ fn run_timeout_fails_with_console_tail() {
         .unwrap();
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("no ready marker within 3s") && e.contains("console lines"), "{e}");
+    assert!(
+        e.contains("no ready marker within 3s") && e.contains("console lines"),
+        "{e}"
+    );
 }
 
 /// Ctrl-C during a build removes the temporary tree: nothing is left in --out.
@@ -255,15 +352,27 @@ fn interrupt_leaves_no_partial_output() {
     // Wait until the staging directory exists, then interrupt.
     let started = Instant::now();
     while std::fs::read_dir(out.path()).unwrap().next().is_none() {
-        assert!(started.elapsed() < Duration::from_secs(300), "build never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "build never started"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(3));
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(130), "{}", String::from_utf8_lossy(&o.stderr));
-    let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
