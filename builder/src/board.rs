@@ -18,6 +18,9 @@ pub struct Board {
     pub description: String,
     /// Debian architecture of the root filesystem.
     pub arch: Arch,
+    /// Components every image for this board gets (before the stack's), e.g. its bootloader.
+    #[serde(default)]
+    pub components: Vec<String>,
     pub distro: Distro,
     /// Apt sources; at least one.
     #[serde(rename = "source")]
@@ -479,6 +482,14 @@ mod tests {
         assert!(e.contains("boards/test.toml"), "{e}");
         assert!(e.contains("colour"), "{e}");
         assert!(e.contains("hint"), "{e}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let t = h4_text().replace("arch = \"amd64\"\n", "");
+        let e = format!("{:#}", parse(&t).unwrap_err());
+        assert!(e.contains("missing field `arch`"), "{e}");
+        assert!(e.contains("boards/test.toml"), "{e}");
     }
 
     #[test]

@@ -298,6 +298,14 @@ fn generated_files(
         ));
     }
     changes.file("etc/fstab", fstab, 0o644);
+    for p in layout {
+        let mount = &board.disk.partitions[p.index].mount;
+        if mount != "/" {
+            changes
+                .entries
+                .insert(tarfs::norm(mount), tarfs::NewEntry::Dir { mode: 0o755 });
+        }
+    }
     let info = serde_json::json!({
         "name": plan.name,
         "board": board.name,

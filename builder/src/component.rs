@@ -92,6 +92,10 @@ pub fn resolve(data: &Path, stack: &str, board: &Board) -> Result<Vec<Component>
     };
     let mut out: Vec<Component> = Vec::new();
     let mut visiting = Vec::new();
+    for name in &board.components {
+        visit(data, name, board, &mut out, &mut visiting)
+            .with_context(|| format!("board `{}` component `{name}`", board.name))?;
+    }
     for name in wanted {
         visit(data, name, board, &mut out, &mut visiting)
             .with_context(|| format!("resolving stack `{stack}`"))?;
@@ -154,8 +158,31 @@ mod tests {
     #[test]
     fn base_stack_resolves() {
         let c = resolve(&data(), "base", &h4()).expect("resolves");
-        assert_eq!(c[0].name, "base");
-        assert!(c[0].rootfs.is_some());
+        let names: Vec<_> = c.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["systemd-boot", "base"]);
+        assert!(c.iter().all(|c| c.rootfs.is_some()));
+    }
+
+    /// The ESP hook copies what /vmlinuz and /initrd.img point to.
+    #[test]
+    fn esp_sync_copies_the_current_kernel() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let esp = tempfile::tempdir().expect("tempdir");
+        let r = root.path();
+        std::fs::create_dir(r.join("boot")).expect("mkdir");
+        std::fs::write(r.join("boot/vmlinuz-6.99"), "kernel").expect("write");
+        std::fs::write(r.join("boot/initrd.img-6.99"), "initrd").expect("write");
+        std::os::unix::fs::symlink("boot/vmlinuz-6.99", r.join("vmlinuz")).expect("link");
+        std::os::unix::fs::symlink("boot/initrd.img-6.99", r.join("initrd.img")).expect("link");
+        let script = data().join("overlays/systemd-boot/rootfs/usr/lib/picoimg/esp-sync");
+        crate::cmd::Cmd::new(script)
+            .env("PICOIMG_ROOT", r)
+            .env("PICOIMG_ESP", esp.path())
+            .run()
+            .expect("esp-sync runs");
+        let got = |n: &str| std::fs::read_to_string(esp.path().join("picoimg").join(n)).expect(n);
+        assert_eq!(got("vmlinuz"), "kernel");
+        assert_eq!(got("initrd.img"), "initrd");
     }
 
     #[test]

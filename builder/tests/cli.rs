@@ -239,3 +239,39 @@ fn plan_is_json_with_hashes() {
     assert!(pkgs.iter().any(|p| p == "linux-image-amd64"));
     assert!(pkgs.iter().any(|p| p == "openssh-server"));
 }
+
+#[test]
+fn doctor_prints_the_install_line_for_missing_tools() {
+    let empty = tempfile::tempdir().unwrap();
+    let o = picoimg()
+        .env("PATH", empty.path())
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("sudo apt-get install -y"))
+        .unwrap_or_else(|| panic!("no install line in:\n{text}"));
+    for pkg in ["mmdebstrap", "qemu-system-x86", "bmap-tools"] {
+        assert!(line.contains(pkg), "{pkg} missing from `{line}`");
+    }
+}
+
+#[test]
+fn image_size_too_small_for_the_layout_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let o = build(
+        &["--board", "h4", "--image-size", "200MiB"],
+        None,
+        out.path(),
+    );
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("--image-size 200MiB does not fit board `h4`"),
+        "{e}"
+    );
+    assert_no_output(out.path());
+}

@@ -213,6 +213,12 @@ fn root_has_overlays_and_no_per_node_identity() {
     ] {
         assert!(wants.contains(unit), "{unit} not enabled:\n{wants}");
     }
+    assert!(
+        debugfs("stat /boot/efi").contains("Type: directory"),
+        "ESP mount point"
+    );
+    let hook = debugfs("stat /etc/kernel/postinst.d/zz-picoimg-esp");
+    assert!(hook.contains("Mode:  0755"), "{hook}");
     let stat = debugfs("stat /usr/lib/picoimg/growroot");
     assert!(
         stat.contains("Mode:  0755") && stat.contains("User:     0"),
@@ -318,6 +324,26 @@ fn boots_to_ready_and_grows_root() {
         "root did not grow to the 4 GiB disk: {ready}"
     );
     eprintln!("{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A unit that fails makes `run --expect-ready` fail and name it: with no network card,
+/// systemd-networkd-wait-online gives up after its 90 s timeout.
+#[test]
+fn failed_unit_fails_the_boot_and_is_named() {
+    let b = h4();
+    let o = picoimg()
+        .arg("run")
+        .arg(&b.raw)
+        .args(["--expect-ready", "--timeout", "900", "--net", "none"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "booted ready without a network?");
+    assert!(e.contains("the image reported failed units"), "{e}");
+    assert!(
+        e.contains("picoimg-boot: failed unit systemd-networkd-wait-online.service"),
+        "{e}"
+    );
 }
 
 /// Without a marker in time, run fails and shows the console tail.
