@@ -11,9 +11,24 @@ set -euo pipefail
 
 log() { printf 'setup-host: %s\n' "$*" >&2; }
 
+# Rust target for the arm64 first-boot binary (static musl, linked with rust-lld), plus the
+# components the tests use; for the user who runs cargo, so not under sudo.
+rust_setup() {
+  command -v rustup >/dev/null 2>&1 || return 0
+  rustup target list --installed | grep -qx aarch64-unknown-linux-musl ||
+    rustup target add aarch64-unknown-linux-musl >/dev/null
+  for c in rustfmt clippy; do
+    rustup component list --installed | grep -q "^$c" || rustup component add "$c" >/dev/null
+  done
+}
+
 if [ "$(id -u)" -ne 0 ]; then
-  log "run as root (it installs packages): sudo $0"
-  exit 1
+  rust_setup
+  if ! command -v sudo >/dev/null 2>&1; then
+    log "installing packages needs root: run this script as root"
+    exit 1
+  fi
+  exec sudo PICOIMG_RUST_DONE=1 "$0" "$@"
 fi
 
 . /etc/os-release
@@ -96,12 +111,5 @@ for arch in aarch64; do
   fi
 done
 
-# Rust target for the arm64 first-boot binary (static musl, linked with rust-lld).
-if command -v rustup >/dev/null 2>&1; then
-  rustup target list --installed | grep -qx aarch64-unknown-linux-musl ||
-    rustup target add aarch64-unknown-linux-musl >/dev/null
-  for c in rustfmt clippy; do
-    rustup component list --installed | grep -q "^$c" || rustup component add "$c" >/dev/null
-  done
-fi
+[ -n "${PICOIMG_RUST_DONE:-}" ] || rust_setup
 log "host ready"

@@ -8,11 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" -eq 0 ]; then
-  ci/setup-host.sh
-else
-  sudo ci/setup-host.sh
-fi
+ci/setup-host.sh
 
 step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"

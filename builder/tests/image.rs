@@ -326,22 +326,68 @@ fn boots_to_ready_and_grows_root() {
     eprintln!("{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// A unit that fails makes `run --expect-ready` fail and name it: with no network card,
-/// systemd-networkd-wait-online gives up after its 90 s timeout.
+/// A unit that fails makes `run --expect-ready` fail and name it. The image is h4 with one
+/// more component, from a copy of the data directory, whose enabled unit runs /bin/false.
 #[test]
 fn failed_unit_fails_the_boot_and_is_named() {
-    let b = h4();
+    h4(); // same packages: reuses the cached root filesystem
+    let data = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    run_ok(
+        Command::new("cp")
+            .arg("-r")
+            .arg(repo.join("boards"))
+            .arg(repo.join("overlays"))
+            .arg(data.path()),
+    );
+    let comp = data.path().join("overlays/broken");
+    std::fs::create_dir_all(comp.join("rootfs/etc/systemd/system")).unwrap();
+    std::fs::write(
+        comp.join("component.toml"),
+        "description = \"a unit that fails, for tests\"\nenable = [\"picoimg-test-broken.service\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        comp.join("rootfs/etc/systemd/system/picoimg-test-broken.service"),
+        "[Service]\nType=oneshot\nExecStart=/bin/false\n[Install]\nWantedBy=multi-user.target\n",
+    )
+    .unwrap();
+    let stacks = data.path().join("overlays/stacks.toml");
+    let mut text = std::fs::read_to_string(&stacks).unwrap();
+    text.push_str("\n[broken]\ndescription = \"base + a failing unit\"\ncomponents = [\"base\", \"broken\"]\n");
+    std::fs::write(&stacks, text).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    run_ok(
+        picoimg()
+            .arg("--data-dir")
+            .arg(data.path())
+            .args([
+                "build",
+                "--board",
+                "h4",
+                "--stack",
+                "broken",
+                "--keep-raw",
+                "--xz-level",
+                "0",
+                "--out",
+            ])
+            .arg(out.path()),
+    );
     let o = picoimg()
         .arg("run")
-        .arg(&b.raw)
-        .args(["--expect-ready", "--timeout", "900", "--net", "none"])
+        .arg(out.path().join("h4-broken.img"))
+        .args(["--expect-ready", "--timeout", "900", "--net", "restricted"])
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "booted ready without a network?");
+    assert!(
+        !o.status.success(),
+        "a failing unit still gave the ready marker"
+    );
     assert!(e.contains("the image reported failed units"), "{e}");
     assert!(
-        e.contains("picoimg-boot: failed unit systemd-networkd-wait-online.service"),
+        e.contains("picoimg-boot: failed unit picoimg-test-broken.service"),
         "{e}"
     );
 }
