@@ -105,12 +105,15 @@ impl Packages {
 #[serde(rename_all = "lowercase")]
 pub enum TableKind {
     Gpt,
+    /// DOS/MBR: at most four primary partitions; needed where a boot ROM reads sector 1.
+    Mbr,
 }
 
 impl std::fmt::Display for TableKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             TableKind::Gpt => "GPT",
+            TableKind::Mbr => "MBR",
         })
     }
 }
@@ -140,6 +143,8 @@ pub enum PartType {
     RootArm64,
     /// Generic Linux data.
     LinuxData,
+    /// FAT32 with LBA addressing (MBR 0x0c; GPT "basic data"), e.g. a Raspberry Pi boot partition.
+    Fat32,
 }
 
 impl PartType {
@@ -150,6 +155,17 @@ impl PartType {
             PartType::RootX86_64 => "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
             PartType::RootArm64 => "b921b045-1df0-41c3-af44-4c6f280d3fae",
             PartType::LinuxData => "0fc63daf-8483-4772-8e79-3d69d8477de4",
+            PartType::Fat32 => "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7",
+        }
+    }
+
+    /// The MBR partition type byte.
+    pub fn mbr_type(self) -> u8 {
+        match self {
+            PartType::Esp => 0xef,
+            PartType::Xbootldr => 0xea,
+            PartType::Fat32 => 0x0c,
+            PartType::RootX86_64 | PartType::RootArm64 | PartType::LinuxData => 0x83,
         }
     }
 }
@@ -211,6 +227,10 @@ pub struct Partition {
     pub start: Option<Bytes>,
     /// Where the running system mounts it.
     pub mount: String,
+    /// Marked bootable (MBR active flag; GPT legacy-BIOS-bootable attribute), which some
+    /// firmware and u-boot's distro boot look for.
+    #[serde(default)]
+    pub bootable: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -366,12 +386,27 @@ impl Board {
                 self.disk.size
             );
         }
-        let usable_end = (disk_size - GPT_TAIL.min(disk_size)) / align * align;
+        let tail = match self.disk.table {
+            TableKind::Gpt => GPT_TAIL,
+            TableKind::Mbr => 0,
+        };
+        let usable_end = (disk_size - tail.min(disk_size)) / align * align;
+        if self.disk.table == TableKind::Mbr && disk_size / 512 > u32::MAX as u64 {
+            bail!(
+                "disk.size = {}: an MBR disk can address at most 2 TiB",
+                self.disk.size
+            );
+        }
         let mut placed: Vec<Placed> = Vec::new();
         let mut next = align.max(MIB);
         let n = self.disk.partitions.len();
         if n == 0 {
             bail!("disk: no [[disk.partition]]");
+        }
+        if self.disk.table == TableKind::Mbr && n > 4 {
+            bail!(
+                "disk.table = \"mbr\" takes at most 4 partitions (found {n}); use fewer or \"gpt\""
+            );
         }
         for (i, p) in self.disk.partitions.iter().enumerate() {
             let start = match p.start {

@@ -104,8 +104,8 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     let board = &plan.board;
     let layout = board.layout()?;
     let ids = DiskIds::derive(&inputs_hash, board);
-    let root_guid = ids.part_guids[board.root_partition().0];
-    let cmdline = format!("root=PARTUUID={root_guid} {}", board.boot.cmdline);
+    let root_uuid = ids.partuuid(board.root_partition().0);
+    let cmdline = format!("root=PARTUUID={root_uuid} {}", board.boot.cmdline);
 
     // Root filesystem: base + overlays + generated files.
     let step = Step::start("applying overlays");
@@ -192,7 +192,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
                     start: p.start,
                     size: p.size,
                     type_guid: board.disk.partitions[p.index].kind.gpt_guid().to_owned(),
-                    uuid: ids.part_guids[p.index].to_string(),
+                    uuid: ids.partuuid(p.index),
                 })
                 .collect(),
             ids,
@@ -294,7 +294,8 @@ fn generated_files(
         };
         fstab.push_str(&format!(
             "PARTUUID={}\t{}\t{fs}\t{opts}\t0\t{pass}\n",
-            ids.part_guids[p.index], part.mount
+            ids.partuuid(p.index),
+            part.mount
         ));
     }
     changes.file("etc/fstab", fstab, 0o644);

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use uuid::Uuid;
 
-use crate::board::{Board, Placed};
+use crate::board::{Board, Placed, TableKind};
 use crate::cmd::Cmd;
 
 /// Identifiers written into the image, derived from the inputs hash so that the same plan
@@ -23,9 +23,20 @@ pub struct DiskIds {
     pub root_fs_uuid: Uuid,
     /// FAT volume id (serial) of FAT partitions.
     pub fat_volume_id: u32,
+    /// MBR disk identifier (bytes 440-443); MBR partitions are `PARTUUID=<id>-<nn>`.
+    pub mbr_disk_id: u32,
+    pub table: TableKind,
 }
 
 impl DiskIds {
+    /// The PARTUUID the kernel sees for partition `index` (0-based, board order).
+    pub fn partuuid(&self, index: usize) -> String {
+        match self.table {
+            TableKind::Gpt => self.part_guids[index].to_string(),
+            TableKind::Mbr => format!("{:08x}-{:02x}", self.mbr_disk_id, index + 1),
+        }
+    }
+
     pub fn derive(inputs_hash: &str, board: &Board) -> DiskIds {
         let ns = Uuid::new_v5(
             &Uuid::NAMESPACE_OID,
@@ -33,7 +44,10 @@ impl DiskIds {
         );
         let id = |what: &str| Uuid::new_v5(&ns, what.as_bytes());
         let vol = id("fat-volume-id");
+        let mbr = id("mbr-disk-id");
         DiskIds {
+            mbr_disk_id: u32::from_le_bytes(mbr.as_bytes()[..4].try_into().expect("4 bytes")),
+            table: board.disk.table,
             disk_guid: id("disk"),
             part_guids: board
                 .disk
@@ -58,7 +72,35 @@ pub fn create(path: &Path, board: &Board, layout: &[Placed], ids: &DiskIds) -> R
         .with_context(|| format!("creating image {}", path.display()))?;
     file.set_len(size)
         .with_context(|| format!("sizing image {} to {size} bytes", path.display()))?;
-    write_gpt(file, board, layout, ids).context("writing the GPT")?;
+    match board.disk.table {
+        TableKind::Gpt => write_gpt(file, board, layout, ids).context("writing the GPT")?,
+        TableKind::Mbr => write_mbr(file, board, layout, ids).context("writing the MBR")?,
+    }
+    Ok(())
+}
+
+/// A DOS partition table in sector 0: disk id at 440, four 16-byte entries at 446, 0x55AA.
+/// Bytes 0-439 (boot code) stay zero; CHS fields hold the "use LBA" marker.
+fn write_mbr(mut file: File, board: &Board, layout: &[Placed], ids: &DiskIds) -> Result<()> {
+    let mut sector = [0u8; 512];
+    sector[440..444].copy_from_slice(&ids.mbr_disk_id.to_le_bytes());
+    for (slot, placed) in layout.iter().enumerate() {
+        let p = &board.disk.partitions[placed.index];
+        let e = &mut sector[446 + slot * 16..446 + slot * 16 + 16];
+        e[0] = if p.bootable { 0x80 } else { 0x00 };
+        e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        e[4] = p.kind.mbr_type();
+        e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+        let lba = u32::try_from(placed.start / 512).context("partition start past 2 TiB")?;
+        let len = u32::try_from(placed.size / 512).context("partition size past 2 TiB")?;
+        e[8..12].copy_from_slice(&lba.to_le_bytes());
+        e[12..16].copy_from_slice(&len.to_le_bytes());
+    }
+    sector[510] = 0x55;
+    sector[511] = 0xaa;
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&sector)?;
+    file.flush()?;
     Ok(())
 }
 
@@ -89,7 +131,8 @@ fn write_gpt(mut file: File, board: &Board, layout: &[Placed], ids: &DiskIds) ->
                 part_guid: *guid,
                 first_lba: placed.start / SECTOR,
                 last_lba: (placed.start + placed.size) / SECTOR - 1,
-                flags: 0,
+                // Bit 2: legacy BIOS bootable.
+                flags: if p.bootable { 1 << 2 } else { 0 },
                 name: p.name.clone(),
             },
         );
@@ -286,6 +329,46 @@ pub fn write_ext4(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// h4 with an MBR table (the ESP marked bootable, the root as plain Linux data).
+    fn mbr_board() -> Board {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../boards/h4.toml"))
+                .expect("h4.toml")
+                .replace("table = \"gpt\"", "table = \"mbr\"")
+                .replace("type = \"esp\"", "type = \"esp\"\nbootable = true")
+                .replace("type = \"root-x86-64\"", "type = \"linux-data\"");
+        Board::parse(&text, std::path::Path::new("test.toml")).expect("parses")
+    }
+
+    /// sfdisk (util-linux) reads our MBR: label dos, the disk id, types, offsets, boot flag.
+    #[test]
+    fn mbr_table_reads_back_with_sfdisk() -> Result<()> {
+        let board = mbr_board();
+        let layout = board.layout()?;
+        let ids = DiskIds::derive("0123", &board);
+        let dir = tempfile::tempdir()?;
+        let img = dir.path().join("disk.img");
+        create(&img, &board, &layout, &ids)?;
+        let json = Cmd::new(crate::cmd::find_program("sfdisk").unwrap_or_else(|| "sfdisk".into()))
+            .arg("--json")
+            .arg(&img)
+            .read()
+            .context("sfdisk (package fdisk) reads the table")?;
+        let v: serde_json::Value = serde_json::from_str(&json)?;
+        let t = &v["partitiontable"];
+        assert_eq!(t["label"], "dos");
+        assert_eq!(t["id"], format!("0x{:08x}", ids.mbr_disk_id));
+        let parts = t["partitions"].as_array().expect("partitions");
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0]["type"], "ef");
+        assert_eq!(parts[0]["bootable"], true);
+        assert_eq!(parts[0]["start"], 2048);
+        assert_eq!(parts[1]["type"], "83");
+        assert_eq!(parts[1]["start"], (layout[1].start / 512));
+        assert_eq!(ids.partuuid(1), format!("{:08x}-02", ids.mbr_disk_id));
+        Ok(())
+    }
 
     /// The FAT writer's output passes `fsck.fat -n` (dosfstools), nested directories included.
     #[test]
