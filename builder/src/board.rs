@@ -1,6 +1,7 @@
 //! Boards are data: one TOML file per board in `boards/`, parsed strictly (unknown keys are
 //! errors) and checked for layout mistakes before any work starts.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -22,10 +23,12 @@ pub struct Board {
     #[serde(default)]
     pub components: Vec<String>,
     pub distro: Distro,
-    /// Apt sources; at least one.
-    #[serde(rename = "source")]
-    pub sources: Vec<Source>,
-    pub packages: Packages,
+    /// The source set used unless `--sources` names another.
+    pub default_sources: String,
+    /// Named source sets: where the packages come from and which ones. The default set is
+    /// what runs on the real board; others (such as `debian`) substitute packages from the
+    /// Debian archive, for tests and for machines that cannot reach the real sources.
+    pub sources: BTreeMap<String, SourceSet>,
     pub disk: Disk,
     pub boot: Boot,
     pub qemu: Qemu,
@@ -61,6 +64,21 @@ pub struct Distro {
 
 fn default_variant() -> String {
     "apt".into()
+}
+
+/// One source set of a board.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSet {
+    /// One line for `picoimg boards` and the manifest.
+    pub description: String,
+    /// Apt sources; at least one.
+    pub apt: Vec<Source>,
+    pub packages: Packages,
+    /// Device trees copied to the boot partition, as paths below the kernel's DTB directory
+    /// (`/usr/lib/linux-image-<version>/`); the first is the one the loader names.
+    #[serde(default)]
+    pub dtbs: Vec<String>,
 }
 
 /// An apt source. `uri = "default"` means the distribution's default mirror as mmdebstrap
@@ -239,6 +257,9 @@ pub enum Loader {
     /// systemd-boot as the removable-media path `EFI/BOOT/BOOTX64.EFI` on the ESP, with a
     /// loader entry; kernel and initrd on the ESP.
     SystemdBoot,
+    /// u-boot: `extlinux/extlinux.conf` (distro boot) on the first FAT partition with `Image`,
+    /// `initrd.img` and the device trees; plus `boot.scr` when the board has a script.
+    Extlinux,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -247,13 +268,37 @@ pub struct Boot {
     pub loader: Loader,
     /// Kernel command line; the builder adds `root=PARTUUID=...`.
     pub cmdline: String,
+    /// A u-boot script in the board's folder (`boards/<board>/<file>`), compiled to `boot.scr`.
+    /// `@CMDLINE@`, `@KERNEL@`, `@INITRD@` and `@DTB@` are replaced by the image's values.
+    #[serde(default)]
+    pub script: Option<String>,
+    /// A bootloader written raw onto the disk, outside any partition.
+    #[serde(default)]
+    pub blob: Option<Blob>,
+}
+
+/// A raw bootloader blob, fetched by URL into the cache and checked by sha256.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Blob {
+    /// What it is, for messages.
+    pub description: String,
+    /// Byte offset on the disk (at least 512: sector 0 keeps the partition table).
+    pub offset: Bytes,
+    pub url: String,
+    /// Hex sha256 of the file at `url`; a download that does not match aborts the build.
+    /// Empty means not pinned yet: the build then needs `--uboot FILE`.
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum QemuFirmware {
     /// x86-64 UEFI (package ovmf), as pflash.
     Ovmf,
+    /// Debian's u-boot for QEMU's arm64 `virt` machine (package u-boot-qemu), as -bios; it
+    /// boots the image's own extlinux.conf.
+    UbootQemu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -310,13 +355,26 @@ impl Board {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.sources.is_empty() {
-            bail!("no [[source]]: add at least one apt source");
+        if !self.sources.contains_key(&self.default_sources) {
+            bail!(
+                "default_sources = \"{}\" names no [sources.{}] set (sets: {})",
+                self.default_sources,
+                self.default_sources,
+                self.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
         }
-        if self.packages.kernel.is_empty() {
-            bail!("packages.kernel is empty: name the kernel package, e.g. \"linux-image-amd64\"");
+        for (name, set) in &self.sources {
+            if set.apt.is_empty() {
+                bail!("sources.{name}.apt is empty: add at least one [[sources.{name}.apt]]");
+            }
+            if set.packages.kernel.is_empty() {
+                bail!(
+                    "sources.{name}.packages.kernel is empty: name the kernel package, e.g. \"linux-image-{}\"",
+                    self.arch.as_str()
+                );
+            }
+            self.check_kernel_arch(name, set)?;
         }
-        self.check_kernel_arch()?;
         let roots: Vec<_> = self
             .disk
             .partitions
@@ -344,6 +402,35 @@ impl Board {
         {
             bail!("boot.loader = \"systemd-boot\" needs a partition with type = \"esp\" and fs = \"vfat\"");
         }
+        if self.boot.loader == Loader::Extlinux
+            && !self
+                .disk
+                .partitions
+                .iter()
+                .any(|p| p.fs == Filesystem::Vfat)
+        {
+            bail!("boot.loader = \"extlinux\" needs a FAT partition (fs = \"vfat\") to boot from");
+        }
+        if let Some(b) = &self.boot.blob {
+            if b.offset.0 < 512 || !b.offset.0.is_multiple_of(512) {
+                bail!(
+                    "boot.blob.offset = {}: must be a multiple of 512 and at least 512 (sector 0 holds the partition table)",
+                    b.offset
+                );
+            }
+            if self.disk.table == TableKind::Gpt && b.offset.0 < 34 * 512 {
+                bail!(
+                    "boot.blob.offset = {} overlaps the GPT header and entries (sectors 1-33); \
+                     use disk.table = \"mbr\" for boards whose boot ROM reads sector 1",
+                    b.offset
+                );
+            }
+            if !b.sha256.is_empty()
+                && (b.sha256.len() != 64 || !b.sha256.bytes().all(|c| c.is_ascii_hexdigit()))
+            {
+                bail!("boot.blob.sha256 = \"{}\": must be 64 hex digits", b.sha256);
+            }
+        }
         if self.disk.align.0 == 0 || !self.disk.align.0.is_multiple_of(512) {
             bail!(
                 "disk.align = {}: must be a multiple of 512 bytes, e.g. \"1MiB\"",
@@ -354,19 +441,32 @@ impl Board {
         Ok(())
     }
 
+    /// The source set `name` (default: `default_sources`), or an error listing the sets.
+    pub fn source_set(&self, name: Option<&str>) -> Result<(&str, &SourceSet)> {
+        let name = name.unwrap_or(&self.default_sources);
+        match self.sources.get_key_value(name) {
+            Some((k, v)) => Ok((k.as_str(), v)),
+            None => bail!(
+                "unknown source set `{name}` for board `{}`; it has: {}",
+                self.name,
+                self.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
     /// A kernel package built for another architecture is a board-file mistake.
-    fn check_kernel_arch(&self) -> Result<()> {
+    fn check_kernel_arch(&self, set_name: &str, set: &SourceSet) -> Result<()> {
         let foreign: &[&str] = match self.arch {
             Arch::Amd64 => &[
                 "arm64", "aarch64", "armhf", "rpi", "raspi", "meson", "odroid",
             ],
             Arch::Arm64 => &["amd64", "x86", "686"],
         };
-        for k in &self.packages.kernel {
+        for k in &set.packages.kernel {
             if let Some(tag) = foreign.iter().find(|t| k.contains(*t)) {
                 bail!(
-                    "packages.kernel `{k}` looks like a kernel for another architecture (`{tag}`), \
-                     but arch = \"{}\"; pick a {} kernel package",
+                    "sources.{set_name}.packages.kernel `{k}` looks like a kernel for another \
+                     architecture (`{tag}`), but arch = \"{}\"; pick a {} kernel package",
                     self.arch.as_str(),
                     self.arch.as_str()
                 );

@@ -1,12 +1,12 @@
 //! `picoimg build`: plan, root filesystem, overlays, disk image, outputs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::board::{Board, Filesystem, Loader, PartType, Placed};
-use crate::disk::{DiskIds, FatFile};
+use crate::board::{Board, Filesystem, Placed};
+use crate::disk::DiskIds;
 use crate::plan::BuildPlan;
 use crate::progress::{log, Step};
 use crate::rootfs::RootfsInfo;
@@ -26,6 +26,10 @@ pub struct BuildOptions {
     pub xz_level: u32,
     pub refresh: bool,
     pub image_size: Option<Bytes>,
+    /// Source set of the board (`None`: its default).
+    pub sources: Option<String>,
+    /// A local file instead of the board's bootloader blob download.
+    pub uboot: Option<PathBuf>,
 }
 
 /// `<name>.manifest.json`: what is in an image and what made it.
@@ -35,11 +39,16 @@ pub struct Manifest {
     pub name: String,
     pub board: Board,
     pub stack: String,
+    /// The source set the packages came from (`debian` marks a substitute build where the
+    /// board's default set is another).
+    pub sources: String,
     pub components: Vec<String>,
     pub inputs_hash: String,
     pub rootfs: RootfsInfo,
     pub kernel: String,
     pub kernel_cmdline: String,
+    /// The raw bootloader written outside the partitions, if the board has one.
+    pub blob: Option<crate::blob::BlobInfo>,
     pub disk: DiskManifest,
     pub packages: Vec<tarfs::Package>,
 }
@@ -81,13 +90,19 @@ pub fn plan(opts: &BuildOptions) -> Result<BuildPlan> {
             .with_context(|| format!("--image-size {size} does not fit board `{}`", board.name))?;
     }
     let components = crate::component::resolve(&data, &opts.stack, &board)?;
-    BuildPlan::new(board, &opts.stack, &components, opts.mirror.as_deref())
+    BuildPlan::new(
+        board,
+        &opts.stack,
+        &components,
+        opts.mirror.as_deref(),
+        opts.sources.as_deref(),
+    )
 }
 
 pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     let data = crate::data::find(opts.data_dir.as_deref())?;
     let plan = plan(opts)?;
-    crate::doctor::preflight_build().context("checking host tools")?;
+    crate::doctor::preflight_build(plan.board.arch).context("checking host tools")?;
     let components = crate::component::resolve(&data, &opts.stack, &plan.board)?;
     let staging = crate::output::staging_dir(&opts.out, &plan.name)?;
     let cache = crate::cache::Cache::open(opts.cache.as_deref())?;
@@ -99,10 +114,19 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         plan.stack,
         &inputs_hash[..12]
     ));
-    let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan.rootfs, &cache, opts.refresh)?;
-
     let board = &plan.board;
     let layout = board.layout()?;
+    // The bootloader blob is fetched and checked before the long root filesystem step.
+    let blob = match &board.boot.blob {
+        Some(blob) => {
+            let (data, info) = crate::blob::fetch(blob, opts.uboot.as_deref(), &cache)?;
+            crate::blob::check_fits(board, &layout, blob, data.len() as u64)?;
+            Some((blob, data, info))
+        }
+        None => None,
+    };
+    let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan.rootfs, &cache, opts.refresh)?;
+
     let ids = DiskIds::derive(&inputs_hash, board);
     let root_uuid = ids.partuuid(board.root_partition().0);
     let cmdline = format!("root=PARTUUID={root_uuid} {}", board.boot.cmdline);
@@ -130,7 +154,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         Some(Found::Symlink(t)) => tarfs::norm(t),
         _ => bail!(
             "the root filesystem has no /vmlinuz link: is a kernel package ({}) installed?",
-            board.packages.kernel.join(", ")
+            plan.source_set().packages.kernel.join(", ")
         ),
     };
     let kver = kernel_path
@@ -145,20 +169,28 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     // Disk image.
     let raw = staging.path().join(format!("{}.img", plan.name));
     let step = Step::start(format!(
-        "disk image ({} {:?})",
+        "disk image ({} {})",
         board.disk.size, board.disk.table
     ));
     crate::disk::create(&raw, board, &layout, &ids)?;
-    write_boot(
+    if let Some((blob, data, _)) = &blob {
+        crate::blob::write(&raw, blob.offset.0, data)?;
+    }
+    let blob_info = blob.map(|(_, _, info)| info);
+    crate::boot::write(
         &raw,
-        board,
-        &layout,
-        &ids,
-        &root_tar,
-        &kernel_path,
-        &kver,
-        &cmdline,
-        &plan.name,
+        &crate::boot::BootInputs {
+            board,
+            layout: &layout,
+            ids: &ids,
+            root_tar: &root_tar,
+            kernel_path: &kernel_path,
+            kver: &kver,
+            cmdline: &cmdline,
+            name: &plan.name,
+            dtbs: &plan.source_set().dtbs,
+            board_dir: data.join("boards").join(&board.name),
+        },
     )?;
     let (ri, rp) = board.root_partition();
     let root_placed = layout.iter().find(|p| p.index == ri).expect("root placed");
@@ -177,11 +209,13 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         name: plan.name.clone(),
         board: board.clone(),
         stack: plan.stack.clone(),
+        sources: plan.sources.clone(),
         components: components.iter().map(|c| c.name.clone()).collect(),
         inputs_hash: inputs_hash.clone(),
         rootfs: rootfs_info,
         kernel: kver,
         kernel_cmdline: cmdline,
+        blob: blob_info,
         disk: DiskManifest {
             size: board.disk.size.0,
             partitions: layout
@@ -319,70 +353,5 @@ fn generated_files(
         serde_json::to_vec_pretty(&info)?,
         0o644,
     );
-    Ok(())
-}
-
-/// Writes the boot partition for the board's loader.
-#[allow(clippy::too_many_arguments)]
-fn write_boot(
-    raw: &Path,
-    board: &Board,
-    layout: &[Placed],
-    ids: &DiskIds,
-    root_tar: &Path,
-    kernel_path: &str,
-    kver: &str,
-    cmdline: &str,
-    name: &str,
-) -> Result<()> {
-    match board.boot.loader {
-        Loader::SystemdBoot => {
-            let efi = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
-            let initrd = format!("boot/initrd.img-{kver}");
-            let files = tarfs::read_paths(root_tar, &[efi, kernel_path, &initrd])?;
-            let get = |p: &str, pkg: &str| match files.get(p) {
-                Some(Found::File(d)) => Ok(d.as_slice()),
-                _ => bail!("/{p} is missing from the root filesystem (package {pkg})"),
-            };
-            let loader_conf = "default picoimg.conf\ntimeout 0\nconsole-mode keep\n";
-            let entry = format!(
-                "title   picoimg {name} (Linux {kver})\nlinux   /picoimg/vmlinuz\ninitrd  /picoimg/initrd.img\noptions {cmdline}\n"
-            );
-            let esp = layout
-                .iter()
-                .find(|p| board.disk.partitions[p.index].kind == PartType::Esp)
-                .expect("validated: ESP present");
-            let part = &board.disk.partitions[esp.index];
-            crate::disk::write_fat(
-                raw,
-                esp,
-                &part.label,
-                ids.fat_volume_id,
-                &[
-                    FatFile {
-                        path: "EFI/BOOT/BOOTX64.EFI",
-                        data: get(efi, "systemd-boot-efi")?,
-                    },
-                    FatFile {
-                        path: "loader/loader.conf",
-                        data: loader_conf.as_bytes(),
-                    },
-                    FatFile {
-                        path: "loader/entries/picoimg.conf",
-                        data: entry.as_bytes(),
-                    },
-                    FatFile {
-                        path: "picoimg/vmlinuz",
-                        data: get(kernel_path, "the kernel")?,
-                    },
-                    FatFile {
-                        path: "picoimg/initrd.img",
-                        data: get(&initrd, "initramfs-tools")?,
-                    },
-                ],
-            )
-            .context("writing the EFI system partition")?;
-        }
-    }
     Ok(())
 }

@@ -37,7 +37,11 @@ pub enum Command {
     /// Boot an image in QEMU with its board's profile; the serial console is on stdout.
     Run(RunArgs),
     /// List the boards, one line each.
-    Boards,
+    Boards {
+        /// Also list each board's source sets (the default first).
+        #[arg(long)]
+        sources: bool,
+    },
     /// List the stacks and their components.
     Stacks,
     /// Check the host tools and print the install line for anything missing.
@@ -60,6 +64,10 @@ pub struct Target {
     /// whole disk on first boot).
     #[arg(long, value_name = "SIZE")]
     pub image_size: Option<Bytes>,
+    /// Source set of the board to build from (see `picoimg boards --sources`); default: the
+    /// board's real sources. `debian` substitutes Debian's packages where a board has it.
+    #[arg(long, value_name = "SET")]
+    pub sources: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,6 +90,9 @@ pub struct BuildArgs {
     /// Rebuild the root filesystem even if the cache has it (to pick up archive updates).
     #[arg(long)]
     pub refresh: bool,
+    /// Local bootloader blob to write instead of downloading the board's (Odroid C5 u-boot).
+    #[arg(long, value_name = "FILE")]
+    pub uboot: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,6 +145,8 @@ impl Target {
             xz_level: 6,
             refresh: false,
             image_size: self.image_size,
+            sources: self.sources,
+            uboot: None,
         }
     }
 }
@@ -150,6 +163,7 @@ pub fn main() -> Result<()> {
             o.keep_raw = a.keep_raw;
             o.xz_level = a.xz_level;
             o.refresh = a.refresh;
+            o.uboot = a.uboot;
             let out = crate::build::build(&o)?;
             println!("{}", out.image_xz.display());
             println!("{}", out.bmap.display());
@@ -177,11 +191,25 @@ pub fn main() -> Result<()> {
             ssh_port: a.ssh_port,
             accel: a.accel,
         })?,
-        Command::Boards => {
+        Command::Boards { sources } => {
             let data = crate::data::find(data_dir.as_deref())?;
             for name in crate::data::board_names(&data) {
                 match crate::data::board(&data, &name) {
-                    Ok(b) => println!("{:16} {:6} {}", b.name, b.arch.as_str(), b.description),
+                    Ok(b) => {
+                        println!("{:16} {:6} {}", b.name, b.arch.as_str(), b.description);
+                        if sources {
+                            let default = b.sources.get_key_value(&b.default_sources);
+                            let others = b.sources.iter().filter(|(k, _)| **k != b.default_sources);
+                            for (k, set) in default.into_iter().chain(others) {
+                                let mark = if *k == b.default_sources {
+                                    " (default)"
+                                } else {
+                                    ""
+                                };
+                                println!("  --sources {k}{mark}: {}", set.description);
+                            }
+                        }
+                    }
                     Err(e) => println!("{name:16} ?      (invalid: {e:#})"),
                 }
             }

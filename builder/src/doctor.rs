@@ -1,7 +1,10 @@
 //! `picoimg doctor`: which host tools are there, and the exact line that installs the rest.
 
+use std::path::Path;
+
 use anyhow::{bail, Result};
 
+use crate::board::Arch;
 use crate::cmd::{find_program, Cmd};
 
 /// A host requirement.
@@ -104,13 +107,48 @@ pub fn mke2fs_reads_tar() -> Result<()> {
 }
 
 /// Checks what `build` needs before any work starts.
-pub fn preflight_build() -> Result<()> {
+pub fn preflight_build(arch: Arch) -> Result<()> {
     for p in ["mmdebstrap", "mke2fs"] {
         if find_program(p).is_none() {
             bail!("`{p}` not found: {}", install_hint(p));
         }
     }
+    foreign_arch_runs(Path::new(BINFMT), arch)?;
     mke2fs_reads_tar()
+}
+
+const BINFMT: &str = "/proc/sys/fs/binfmt_misc";
+
+/// The binfmt_misc entry name that runs `arch` binaries, when it is not the host's own.
+fn binfmt_name(arch: Arch) -> Option<&'static str> {
+    let host = std::env::consts::ARCH;
+    match arch {
+        Arch::Amd64 if host != "x86_64" => Some("qemu-x86_64"),
+        Arch::Arm64 if host != "aarch64" => Some("qemu-aarch64"),
+        _ => None,
+    }
+}
+
+/// A foreign-architecture root filesystem needs qemu-user registered with binfmt_misc.
+pub fn foreign_arch_runs(binfmt: &Path, arch: Arch) -> Result<()> {
+    let Some(name) = binfmt_name(arch) else {
+        return Ok(());
+    };
+    let entry = binfmt.join(name);
+    let enabled = std::fs::read_to_string(&entry)
+        .map(|s| s.lines().next() == Some("enabled"))
+        .unwrap_or(false);
+    if !enabled {
+        bail!(
+            "building an {} image on this {} host needs qemu-user registered with binfmt_misc, \
+             and {} is missing or disabled: run ci/setup-host.sh (it installs qemu-user-static, \
+             mounts binfmt_misc and registers {name})",
+            arch.as_str(),
+            std::env::consts::ARCH,
+            entry.display()
+        );
+    }
+    Ok(())
 }
 
 /// Prints every check; fails if anything is missing.
@@ -170,5 +208,34 @@ pub fn run() -> Result<()> {
         );
         println!("or set up everything (also binfmt and backports): sudo ci/setup-host.sh");
         bail!("missing: {}", missing.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binfmt_names_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let foreign = if std::env::consts::ARCH == "aarch64" {
+            Arch::Amd64
+        } else {
+            Arch::Arm64
+        };
+        let e = format!("{:#}", foreign_arch_runs(dir.path(), foreign).unwrap_err());
+        assert!(
+            e.contains("binfmt_misc") && e.contains("ci/setup-host.sh"),
+            "{e}"
+        );
+        let name = binfmt_name(foreign).unwrap();
+        std::fs::write(
+            dir.path().join(name),
+            "enabled\ninterpreter /usr/libexec/qemu-binfmt/x\n",
+        )
+        .unwrap();
+        foreign_arch_runs(dir.path(), foreign).unwrap();
+        std::fs::write(dir.path().join(name), "disabled\n").unwrap();
+        assert!(foreign_arch_runs(dir.path(), foreign).is_err());
     }
 }

@@ -4,8 +4,10 @@
 //! by [`cache`]) -> overlays ([`tarfs`]) -> disk image ([`disk`]) -> outputs ([`bmap`],
 //! [`output`]); [`build`] drives it. See ARCHITECTURE.md.
 
+pub mod blob;
 pub mod bmap;
 pub mod board;
+pub mod boot;
 pub mod build;
 pub mod cache;
 pub mod cli;
@@ -22,3 +24,4 @@ pub mod qemu;
 pub mod rootfs;
 pub mod size;
 pub mod tarfs;
+pub mod uimage;

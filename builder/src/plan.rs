@@ -52,6 +52,8 @@ pub struct BuildPlan {
     pub name: String,
     pub board: Board,
     pub stack: String,
+    /// The board's source set this plan uses.
+    pub sources: String,
     pub components: Vec<ComponentSpec>,
     pub rootfs: RootfsSpec,
 }
@@ -62,13 +64,17 @@ impl BuildPlan {
         stack: &str,
         components: &[Component],
         mirror: Option<&str>,
+        sources: Option<&str>,
     ) -> Result<BuildPlan> {
-        let mut packages: BTreeSet<String> = board.packages.all().cloned().collect();
+        let (set_name, set) = board.source_set(sources)?;
+        let set_name = set_name.to_owned();
+        let set = set.clone();
+        let mut packages: BTreeSet<String> = set.packages.all().cloned().collect();
         for c in components {
             packages.extend(c.file.packages.iter().cloned());
         }
-        let sources = board
-            .sources
+        let sources = set
+            .apt
             .iter()
             .map(|s| {
                 let bytes = std::fs::read(&s.keyring).with_context(|| {
@@ -118,11 +124,17 @@ impl BuildPlan {
             },
             board,
             stack: stack.to_owned(),
+            sources: set_name,
             components: comps,
         })
     }
 
     /// Key of the cached root filesystem stage.
+    /// The source set in use.
+    pub fn source_set(&self) -> &crate::board::SourceSet {
+        &self.board.sources[&self.sources]
+    }
+
     pub fn rootfs_key(&self) -> String {
         json_key(&self.rootfs)
     }

@@ -137,6 +137,14 @@ pub enum Accel {
 /// Whether KVM can run a vCPU of `program`'s machine: `/dev/kvm` may open yet fail at vCPU set
 /// up (nested virtualisation), so a paused QEMU must survive a second.
 fn kvm_works(program: &str, machine: &str) -> bool {
+    let guest = if program.ends_with("aarch64") {
+        "aarch64"
+    } else {
+        "x86_64"
+    };
+    if guest != std::env::consts::ARCH {
+        return false;
+    }
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -189,12 +197,27 @@ fn qemu_cmd(
             (
                 "qemu-system-x86_64",
                 vec![
+                    "-drive".to_owned(),
                     format!(
                         "if=pflash,format=raw,unit=0,readonly=on,file={}",
                         code.display()
                     ),
+                    "-drive".to_owned(),
                     format!("if=pflash,format=raw,unit=1,file={}", my_vars.display()),
                 ],
+            )
+        }
+        QemuFirmware::UbootQemu => {
+            let bios = Path::new("/usr/lib/u-boot/qemu_arm64/u-boot.bin");
+            if !bios.exists() {
+                bail!(
+                    "u-boot for QEMU not found at {}: `sudo apt-get install u-boot-qemu`",
+                    bios.display()
+                );
+            }
+            (
+                "qemu-system-aarch64",
+                vec!["-bios".to_owned(), bios.display().to_string()],
             )
         }
     };
@@ -216,9 +239,7 @@ fn qemu_cmd(
         .args(["-m", &q.memory])
         .args(["-smp", &q.cpus.to_string()])
         .arg("-no-reboot");
-    for d in fw {
-        c = c.arg("-drive").arg(d);
-    }
+    c = c.args(fw);
     let file = format!("file={},format={format}", disk.display());
     c = match q.disk {
         QemuDisk::Virtio => c.arg("-drive").arg(format!("{file},if=virtio")),

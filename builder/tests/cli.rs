@@ -275,3 +275,136 @@ fn image_size_too_small_for_the_layout_is_refused() {
     );
     assert_no_output(out.path());
 }
+
+#[test]
+fn unknown_source_set_lists_the_board_sets() {
+    let out = tempfile::tempdir().unwrap();
+    let o = build(&["--board", "h4", "--sources", "ubuntu"], None, out.path());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("unknown source set `ubuntu` for board `h4`; it has: debian"),
+        "{e}"
+    );
+    assert_no_output(out.path());
+}
+
+/// Serves `body` over HTTP on 127.0.0.1 (any path) for at most `max` requests, standing in for
+/// a vendor download site.
+fn serve_once(body: Vec<u8>, max: usize) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(max) {
+            let Ok(mut s) = stream else { continue };
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .ok();
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    format!("http://{addr}/u-boot.bin.signed")
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// A copy of the data directory whose c5 board downloads its blob from `url`, pinned to `sha`.
+fn c5_with_blob(url: &str, sha: &str) -> tempfile::TempDir {
+    let dir = data_with_board(|t| t.to_owned());
+    let p = dir.path().join("boards/c5.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let start = text.find("url = ").unwrap();
+    let end = text[start..].find("\n[qemu]").unwrap() + start;
+    let text = format!(
+        "{}url = \"{url}\"\nsha256 = \"{sha}\"\n{}",
+        &text[..start],
+        &text[end..]
+    );
+    std::fs::write(&p, text).unwrap();
+    dir
+}
+
+#[test]
+fn blob_with_wrong_checksum_aborts_before_anything_is_built() {
+    let url = serve_once(b"not the real u-boot".to_vec(), 3);
+    let data = c5_with_blob(&url, &sha256_hex(b"the real u-boot"));
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let o = picoimg()
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["build", "--board", "c5", "--cache"])
+        .arg(cache.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("but the board file pins"), "{e}");
+    assert!(e.contains(&url), "{e}");
+    assert_no_output(out.path());
+    let kept: Vec<_> = std::fs::read_dir(cache.path().join("blobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        kept.is_empty(),
+        "a bad download stayed in the cache: {kept:?}"
+    );
+}
+
+#[test]
+fn blob_that_would_overlap_partition_one_is_refused() {
+    let big = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(big.path(), vec![0x5au8; 5 << 20]).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let o = picoimg()
+        .args(["build", "--board", "c5", "--uboot"])
+        .arg(big.path())
+        .arg("--cache")
+        .arg(cache.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("would overlap partition `boot` starting at 4MiB"),
+        "{e}"
+    );
+    assert_no_output(out.path());
+}
+
+#[test]
+fn unpinned_blob_asks_for_a_local_file() {
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let o = picoimg()
+        .args(["build", "--board", "c5", "--cache"])
+        .arg(cache.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("no pinned sha256") && e.contains("--uboot FILE"),
+        "{e}"
+    );
+    assert_no_output(out.path());
+}

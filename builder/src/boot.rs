@@ -1,0 +1,181 @@
+//! The boot partition, per loader: what files the board's firmware or bootloader needs, taken
+//! from the root filesystem and the board folder, written with the FAT writer.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::board::{Board, Filesystem, Loader, PartType, Placed};
+use crate::disk::{DiskIds, FatFile};
+use crate::tarfs::{self, Found};
+
+/// Everything the boot partition is made from.
+pub struct BootInputs<'a> {
+    pub board: &'a Board,
+    pub layout: &'a [Placed],
+    pub ids: &'a DiskIds,
+    pub root_tar: &'a Path,
+    /// Path of the kernel inside the root tarball (`boot/vmlinuz-<kver>`).
+    pub kernel_path: &'a str,
+    pub kver: &'a str,
+    pub cmdline: &'a str,
+    /// Image name (`c5-base`), for menu titles.
+    pub name: &'a str,
+    /// Device trees of the source set, relative to `usr/lib/linux-image-<kver>/`.
+    pub dtbs: &'a [String],
+    /// `boards/<board>/`: scripts and templates of the board.
+    pub board_dir: PathBuf,
+}
+
+/// Writes the boot partition for the board's loader into the image.
+pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
+    let initrd = format!("boot/initrd.img-{}", b.kver);
+    let dtb_paths: Vec<String> = b
+        .dtbs
+        .iter()
+        .map(|d| format!("usr/lib/linux-image-{}/{d}", b.kver))
+        .collect();
+    let efi = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+    let mut wanted: Vec<&str> = vec![b.kernel_path, &initrd];
+    wanted.extend(dtb_paths.iter().map(String::as_str));
+    if b.board.boot.loader == Loader::SystemdBoot {
+        wanted.push(efi);
+    }
+    let files = tarfs::read_paths(b.root_tar, &wanted)?;
+    let get = |p: &str, what: &str| match files.get(p) {
+        Some(Found::File(d)) => Ok(d.as_slice()),
+        _ => bail!("/{p} is missing from the root filesystem ({what})"),
+    };
+    let kernel = get(b.kernel_path, "the kernel package")?;
+    let initrd_data = get(&initrd, "initramfs-tools")?;
+    let mut dtbs: Vec<(String, &[u8])> = Vec::new();
+    for (rel, path) in b.dtbs.iter().zip(&dtb_paths) {
+        let name = rel.rsplit('/').next().unwrap_or(rel).to_owned();
+        dtbs.push((name, get(path, "the kernel package's device trees")?));
+    }
+
+    match b.board.boot.loader {
+        Loader::SystemdBoot => {
+            let loader_conf = "default picoimg.conf\ntimeout 0\nconsole-mode keep\n";
+            let entry = format!(
+                "title   picoimg {} (Linux {})\nlinux   /picoimg/vmlinuz\ninitrd  /picoimg/initrd.img\noptions {}\n",
+                b.name, b.kver, b.cmdline
+            );
+            let esp = partition(b, |k, _| k == PartType::Esp)?;
+            write_fat(
+                raw,
+                b,
+                esp,
+                &[
+                    FatFile {
+                        path: "EFI/BOOT/BOOTX64.EFI",
+                        data: get(efi, "systemd-boot-efi")?,
+                    },
+                    FatFile {
+                        path: "loader/loader.conf",
+                        data: loader_conf.as_bytes(),
+                    },
+                    FatFile {
+                        path: "loader/entries/picoimg.conf",
+                        data: entry.as_bytes(),
+                    },
+                    FatFile {
+                        path: "picoimg/vmlinuz",
+                        data: kernel,
+                    },
+                    FatFile {
+                        path: "picoimg/initrd.img",
+                        data: initrd_data,
+                    },
+                ],
+            )
+            .context("writing the EFI system partition")
+        }
+        Loader::Extlinux => {
+            let boot = partition(b, |_, fs| fs == Filesystem::Vfat)?;
+            let fdt = dtbs.first().map(|(n, _)| format!("/{n}"));
+            let extlinux = extlinux_conf(b.name, b.kver, b.cmdline, fdt.as_deref());
+            let script = match &b.board.boot.script {
+                Some(file) => Some(boot_scr(&b.board_dir.join(file), b, fdt.as_deref())?),
+                None => None,
+            };
+            let mut out = vec![
+                FatFile {
+                    path: "Image",
+                    data: kernel,
+                },
+                FatFile {
+                    path: "initrd.img",
+                    data: initrd_data,
+                },
+                FatFile {
+                    path: "extlinux/extlinux.conf",
+                    data: extlinux.as_bytes(),
+                },
+            ];
+            for (name, data) in &dtbs {
+                out.push(FatFile { path: name, data });
+            }
+            if let Some(s) = &script {
+                out.push(FatFile {
+                    path: "boot.scr",
+                    data: s,
+                });
+            }
+            write_fat(raw, b, boot, &out).context("writing the boot partition")
+        }
+    }
+}
+
+fn partition<'a>(
+    b: &'a BootInputs<'_>,
+    pick: impl Fn(PartType, Filesystem) -> bool,
+) -> Result<&'a Placed> {
+    b.layout
+        .iter()
+        .find(|p| {
+            let part = &b.board.disk.partitions[p.index];
+            pick(part.kind, part.fs)
+        })
+        .context("the board has no partition for its loader")
+}
+
+fn write_fat(raw: &Path, b: &BootInputs<'_>, placed: &Placed, files: &[FatFile<'_>]) -> Result<()> {
+    let part = &b.board.disk.partitions[placed.index];
+    crate::disk::write_fat(raw, placed, &part.label, b.ids.fat_volume_id, files)
+}
+
+/// A u-boot distro-boot menu with one entry.
+pub fn extlinux_conf(name: &str, kver: &str, cmdline: &str, fdt: Option<&str>) -> String {
+    let mut s = format!(
+        "# picoimg {name}: u-boot distro boot\ndefault picoimg\ntimeout 1\n\nlabel picoimg\n  menu label picoimg {name} (Linux {kver})\n  kernel /Image\n  initrd /initrd.img\n"
+    );
+    if let Some(f) = fdt {
+        s.push_str(&format!("  fdt {f}\n"));
+    }
+    s.push_str(&format!("  append {cmdline}\n"));
+    s
+}
+
+/// Fills the board's `boot.cmd` and wraps it as a u-boot script image.
+fn boot_scr(path: &Path, b: &BootInputs<'_>, fdt: Option<&str>) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading boot script {} (boot.script in the board file)",
+            path.display()
+        )
+    })?;
+    let filled = text
+        .replace("@CMDLINE@", b.cmdline)
+        .replace("@KERNEL@", "Image")
+        .replace("@INITRD@", "initrd.img")
+        .replace(
+            "@DTB@",
+            fdt.map(|f| f.trim_start_matches('/')).unwrap_or(""),
+        );
+    Ok(crate::uimage::script(
+        "picoimg boot script",
+        filled.as_bytes(),
+        0,
+    ))
+}
