@@ -125,6 +125,22 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         }
         None => None,
     };
+    if opts.refresh || !crate::rootfs::is_cached(&plan.rootfs, &cache) {
+        let others: Vec<&str> = board
+            .sources
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != plan.sources)
+            .collect();
+        let hint = match others.as_slice() {
+            [] => "hint: check the network or pass --mirror".to_owned(),
+            sets => format!(
+                "hint: build from substitute packages with {} (the manifest records it), or check the network",
+                sets.iter().map(|s| format!("--sources {s}")).collect::<Vec<_>>().join(" or ")
+            ),
+        };
+        crate::rootfs::check_sources_reachable(&plan.rootfs, &hint)?;
+    }
     let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan.rootfs, &cache, opts.refresh)?;
 
     let ids = DiskIds::derive(&inputs_hash, board);

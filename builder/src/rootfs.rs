@@ -30,6 +30,46 @@ const DIVERT_INITRAMFS: &str = r#"chroot "$1" dpkg-divert --quiet --local --rena
 
 const RESTORE_INITRAMFS: &str = r#"rm -f "$1/usr/sbin/update-initramfs" && chroot "$1" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs && if [ -x "$1/usr/sbin/update-initramfs" ] && ls "$1"/boot/vmlinu[xz]-* >/dev/null 2>&1; then chroot "$1" update-initramfs -c -k all; fi"#;
 
+/// Whether the root filesystem for `spec` is in the cache already.
+pub fn is_cached(spec: &RootfsSpec, cache: &Cache) -> bool {
+    let tar = cache.rootfs(&crate::plan::json_key(spec));
+    tar.is_file() && tar.with_extension("json").is_file()
+}
+
+/// Checks that every source with an explicit URI answers for the suite, so an unreachable
+/// vendor archive fails at once, by name, with `hint` (how to substitute), instead of deep in
+/// mmdebstrap.
+pub fn check_sources_reachable(spec: &RootfsSpec, hint: &str) -> Result<()> {
+    for s in &spec.sources {
+        let Some(uri) = &s.uri else { continue };
+        if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+            continue;
+        }
+        let release = format!(
+            "{}/dists/{}/InRelease",
+            uri.trim_end_matches('/'),
+            spec.suite
+        );
+        let probe = Cmd::new("curl")
+            .args(["--fail", "--silent", "--show-error", "--location", "--head"])
+            .args(["--max-time", "20", "--output", "/dev/null"])
+            .arg(&release)
+            .run();
+        if let Err(e) = probe {
+            anyhow::bail!(
+                "apt source `{}` ({uri}) cannot be reached from this machine: {}\n{hint}",
+                s.name,
+                format!("{e:#}")
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim_start_matches("  | ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Returns the cached tarball for `spec`, building it first if needed.
 pub fn ensure(spec: &RootfsSpec, cache: &Cache, refresh: bool) -> Result<(PathBuf, RootfsInfo)> {
     let key = crate::plan::json_key(spec);

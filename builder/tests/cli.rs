@@ -408,3 +408,46 @@ fn unpinned_blob_asks_for_a_local_file() {
     );
     assert_no_output(out.path());
 }
+
+/// A board whose real source cannot be reached fails at once, naming the source and the
+/// substitute set, before mmdebstrap runs.
+#[test]
+fn unreachable_real_source_names_it_and_the_substitute() {
+    let data = data_with_board(|t| {
+        t.replace(
+            "default_sources = \"debian\"",
+            "default_sources = \"vendor\"",
+        )
+        .replace(
+            "[disk]",
+            "[sources.vendor]\ndescription = \"vendor archive\"\n\
+                 [[sources.vendor.apt]]\nname = \"vendor-archive\"\n\
+                 uri = \"http://127.0.0.1:9/vendor\"\ncomponents = [\"main\"]\n\
+                 keyring = \"/usr/share/keyrings/debian-archive-keyring.gpg\"\n\
+                 [sources.vendor.packages]\nkernel = [\"linux-image-amd64\"]\n\n[disk]",
+        )
+    });
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let o = picoimg()
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["build", "--board", "h4", "--cache"])
+        .arg(cache.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("apt source `vendor-archive` (http://127.0.0.1:9/vendor) cannot be reached"),
+        "{e}"
+    );
+    assert!(e.contains("--sources debian"), "{e}");
+    assert!(
+        !e.contains("mmdebstrap --variant"),
+        "mmdebstrap should not have run: {e}"
+    );
+    assert_no_output(out.path());
+}

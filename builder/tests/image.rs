@@ -452,3 +452,242 @@ fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(50)..].join("\n")
 }
+
+// ---------------------------------------------------------------------------------------------
+// Odroid C5 (arm64, MBR, u-boot blob at byte 512), built with the Debian source set. The
+// signed u-boot comes from Hardkernel in real builds; here a test blob served from a local
+// HTTP server on 127.0.0.1 stands in for it (the board file's URL and sha256 are swapped in a
+// copy of the data directory).
+
+struct C5 {
+    raw: PathBuf,
+    blob: Vec<u8>,
+    manifest: serde_json::Value,
+    _data: tempfile::TempDir,
+}
+
+/// Serves `body` on 127.0.0.1 for at most `max` requests.
+fn serve(body: Vec<u8>, max: usize) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(max) {
+            let Ok(mut s) = stream else { continue };
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    format!("http://{addr}/u-boot.bin.signed")
+}
+
+fn c5() -> &'static C5 {
+    static BUILT: OnceLock<C5> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        use sha2::Digest;
+        // A deterministic 700 KiB stand-in for the signed u-boot.
+        let blob: Vec<u8> = (0..700u32 * 1024)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        let sha = hex::encode(sha2::Sha256::digest(&blob));
+        let url = serve(blob.clone(), 4);
+        let data = tempfile::tempdir().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        run_ok(
+            Command::new("cp")
+                .arg("-r")
+                .arg(repo.join("boards"))
+                .arg(repo.join("overlays"))
+                .arg(data.path()),
+        );
+        let board = data.path().join("boards/c5.toml");
+        let text = std::fs::read_to_string(&board).unwrap();
+        let start = text.find("url = ").unwrap();
+        let end = text[start..].find("\n[qemu]").unwrap() + start;
+        let text = format!(
+            "{}url = \"{url}\"\nsha256 = \"{sha}\"\n{}",
+            &text[..start],
+            &text[end..]
+        );
+        std::fs::write(&board, text).unwrap();
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("image-tests/c5");
+        let _ = std::fs::remove_dir_all(&out);
+        let started = Instant::now();
+        // xz level 1: the h4 tests cover compression; this keeps the arm64 run short.
+        let o = picoimg()
+            .arg("--data-dir")
+            .arg(data.path())
+            .args([
+                "build",
+                "--board",
+                "c5",
+                "--stack",
+                "base",
+                "--sources",
+                "debian",
+            ])
+            .args(["--keep-raw", "--xz-level", "1", "--out"])
+            .arg(&out)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "picoimg build c5 failed: {}", o.status);
+        eprintln!("c5-base built in {:.0}s", started.elapsed().as_secs_f64());
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("c5-base.manifest.json")).unwrap())
+                .unwrap();
+        C5 {
+            raw: out.join("c5-base.img"),
+            blob,
+            manifest,
+            _data: data,
+        }
+    })
+}
+
+fn c5_partition(c: &C5, n: usize, dir: &Path) -> PathBuf {
+    let p = &c.manifest["disk"]["partitions"][n - 1];
+    let (start, size) = (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap());
+    let dst = dir.join(format!("c5-part{n}.img"));
+    run_ok(
+        Command::new("dd")
+            .arg(format!("if={}", c.raw.display()))
+            .arg(format!("of={}", dst.display()))
+            .args([
+                "bs=1M",
+                "iflag=skip_bytes,count_bytes",
+                "conv=sparse",
+                "status=none",
+            ])
+            .arg(format!("skip={start}"))
+            .arg(format!("count={size}")),
+    );
+    dst
+}
+
+#[test]
+fn c5_has_an_mbr_with_its_disk_id_and_boot_partition_at_4mib() {
+    let c = c5();
+    let v: serde_json::Value =
+        serde_json::from_str(&run_ok(tool("sfdisk").arg("--json").arg(&c.raw))).unwrap();
+    let t = &v["partitiontable"];
+    assert_eq!(t["label"], "dos");
+    let id = c.manifest["disk"]["ids"]["mbr_disk_id"].as_u64().unwrap();
+    assert_eq!(t["id"], format!("0x{id:08x}"));
+    let parts = t["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 2);
+    assert_eq!(parts[0]["start"], 4 * 2048, "boot partition at 4 MiB");
+    assert_eq!(parts[0]["type"], "c");
+    assert_eq!(parts[0]["bootable"], true);
+    assert_eq!(parts[1]["type"], "83");
+    assert_eq!(c.manifest["sources"], "debian");
+    assert_eq!(c.manifest["blob"]["offset"], 512);
+    run_ok(tool("sfdisk").arg("--verify").arg(&c.raw));
+}
+
+#[test]
+fn c5_blob_sits_at_byte_512_and_the_table_survives() {
+    let c = c5();
+    let mut head = vec![0u8; 512 + c.blob.len()];
+    use std::io::Read;
+    std::fs::File::open(&c.raw)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert!(
+        head[512..] == c.blob[..],
+        "blob bytes at 512 differ from the input"
+    );
+    let id = c.manifest["disk"]["ids"]["mbr_disk_id"].as_u64().unwrap() as u32;
+    assert_eq!(head[440..444], id.to_le_bytes(), "disk id at 440");
+    assert_eq!(head[510..512], [0x55, 0xaa], "MBR signature");
+}
+
+#[test]
+fn c5_boot_partition_has_extlinux_boot_scr_and_an_arm64_kernel() {
+    let c = c5();
+    let dir = tempfile::tempdir().unwrap();
+    let boot = c5_partition(c, 1, dir.path());
+    let fsck = run_ok(tool("fsck.vfat").arg("-n").arg(&boot));
+    assert!(!fsck.contains("Fixing"), "{fsck}");
+    let listing = run_ok(
+        Command::new("mdir")
+            .arg("-i")
+            .arg(&boot)
+            .args(["-b", "-/", "::"]),
+    );
+    for f in [
+        "::/Image",
+        "::/initrd.img",
+        "::/extlinux/extlinux.conf",
+        "::/boot.scr",
+    ] {
+        assert!(listing.contains(f), "{f} missing:\n{listing}");
+    }
+    let conf = run_ok(
+        Command::new("mtype")
+            .arg("-i")
+            .arg(&boot)
+            .arg("::/extlinux/extlinux.conf"),
+    );
+    let id = c.manifest["disk"]["ids"]["mbr_disk_id"].as_u64().unwrap();
+    assert!(
+        conf.contains(&format!("root=PARTUUID={id:08x}-02")),
+        "{conf}"
+    );
+    assert!(
+        conf.contains("kernel /Image") && conf.contains("initrd /initrd.img"),
+        "{conf}"
+    );
+    let scr = dir.path().join("boot.scr");
+    run_ok(
+        Command::new("mcopy")
+            .arg("-i")
+            .arg(&boot)
+            .arg("::/boot.scr")
+            .arg(&scr),
+    );
+    let info = run_ok(Command::new("dumpimage").arg("-l").arg(&scr));
+    assert!(info.contains("AArch64 Linux Script"), "{info}");
+    let image = dir.path().join("Image");
+    run_ok(
+        Command::new("mcopy")
+            .arg("-i")
+            .arg(&boot)
+            .arg("::/Image")
+            .arg(&image),
+    );
+    let k = std::fs::read(&image).unwrap();
+    assert_eq!(&k[0x38..0x3c], b"ARM\x64", "not an arm64 Image");
+    let root = c5_partition(c, 2, dir.path());
+    run_ok(tool("e2fsck").arg("-fn").arg(&root));
+}
+
+/// The C5 image boots on QEMU's arm64 `virt` machine through u-boot's distro boot of its own
+/// extlinux.conf, to the ready marker (TCG: slow).
+#[test]
+fn c5_boots_in_qemu_to_ready() {
+    let c = c5();
+    let o = picoimg()
+        .arg("run")
+        .arg(&c.raw)
+        .args(["--expect-ready", "--timeout", "1500", "--net", "restricted"])
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "c5 boot failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        tail(&console)
+    );
+    assert!(console.contains("picoimg-boot: ready"));
+    eprintln!("{}", String::from_utf8_lossy(&o.stderr));
+}
