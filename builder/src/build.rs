@@ -332,7 +332,7 @@ fn generated_files(
     changes.file("etc/machine-id", "uninitialized\n", 0o444);
     changes.remove.push("var/lib/dbus/machine-id".into());
     changes.remove.push("var/lib/systemd/random-seed".into());
-    // Host keys are made per node on first boot (picoimg-ssh-keygen.service).
+    // Host keys are made per node on first boot (openssh's sshd-keygen.service in trixie).
     changes.remove.push("etc/ssh/ssh_host_*".into());
     let mut fstab = String::from("# <file system> <mount point> <type> <options> <dump> <pass>\n");
     for p in layout {

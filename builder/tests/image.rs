@@ -251,6 +251,20 @@ fn sha256sums_verify() {
             .arg("SHA256SUMS")
             .current_dir(&b.out),
     );
+    use std::os::unix::fs::PermissionsExt;
+    for f in [
+        "SHA256SUMS",
+        "h4-base.img.xz",
+        "h4-base.img.bmap",
+        "h4-base.manifest.json",
+    ] {
+        let mode = std::fs::metadata(b.out.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o644, "{f} is {mode:o}");
+    }
     let sums = std::fs::read_to_string(b.out.join("SHA256SUMS")).unwrap();
     for f in [
         "h4-base.img.xz",
@@ -689,5 +703,13 @@ fn c5_boots_in_qemu_to_ready() {
         tail(&console)
     );
     assert!(console.contains("picoimg-boot: ready"));
+    assert!(
+        console.contains("Found /extlinux/extlinux.conf"),
+        "u-boot did not boot the image's extlinux.conf"
+    );
+    assert!(
+        !console.contains("ordering cycle"),
+        "systemd found an ordering cycle"
+    );
     eprintln!("{}", String::from_utf8_lossy(&o.stderr));
 }
