@@ -260,6 +260,10 @@ pub enum Loader {
     /// u-boot: `extlinux/extlinux.conf` (distro boot) on the first FAT partition with `Image`,
     /// `initrd.img` and the device trees; plus `boot.scr` when the board has a script.
     Extlinux,
+    /// The Raspberry Pi firmware: `config.txt` (from the board folder), `cmdline.txt`, the
+    /// kernel as `kernel_2712.img`, `initramfs_2712`, `bcm2712*.dtb` and `overlays/`, laid out
+    /// as the raspi-firmware kernel hook does; plus an extlinux.conf for u-boot (QEMU).
+    RaspberryPi,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -94,7 +94,13 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
         Loader::Extlinux => {
             let boot = partition(b, |_, fs| fs == Filesystem::Vfat)?;
             let fdt = dtbs.first().map(|(n, _)| format!("/{n}"));
-            let extlinux = extlinux_conf(b.name, b.kver, b.cmdline, fdt.as_deref());
+            let extlinux = extlinux_conf(
+                b.name,
+                b.kver,
+                ("/Image", "/initrd.img"),
+                b.cmdline,
+                fdt.as_deref(),
+            );
             let script = match &b.board.boot.script {
                 Some(file) => Some(boot_scr(&b.board_dir.join(file), b, fdt.as_deref())?),
                 None => None,
@@ -124,7 +130,98 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
             }
             write_fat(raw, b, boot, &out).context("writing the boot partition")
         }
+        Loader::RaspberryPi => {
+            let boot = partition(b, |_, fs| fs == Filesystem::Vfat)?;
+            let config = std::fs::read(b.board_dir.join("config.txt"))
+                .with_context(|| config_txt_missing(b.board, &b.board_dir))?;
+            let cmdline_txt = format!("{}\n", b.cmdline);
+            let kdir = format!("usr/lib/linux-image-{}", b.kver);
+            let dtbs = tarfs::read_dir_files(b.root_tar, &format!("{kdir}/broadcom"), |n| {
+                n.starts_with("bcm2712") && n.ends_with(".dtb")
+            })?;
+            if dtbs.is_empty() {
+                bail!(
+                    "the kernel package has no bcm2712 device trees in /{kdir}/broadcom: the Pi 5 \
+                     firmware (os_check=1) will not boot without one; pick a kernel that has them"
+                );
+            }
+            let overlays = tarfs::read_dir_files(b.root_tar, &format!("{kdir}/overlays"), |n| {
+                n.ends_with(".dtbo") || n == "README"
+            })?;
+            if overlays.is_empty() {
+                crate::progress::log(format!(
+                    "note: the kernel package has no /{kdir}/overlays: the boot partition gets no overlays/"
+                ));
+            }
+            // u-boot (QEMU's virt machine) reads this; the Pi firmware ignores it. Its console
+            // is the PL011 of `virt`, named last so it becomes /dev/console there.
+            let extlinux = extlinux_conf(
+                b.name,
+                b.kver,
+                ("/kernel_2712.img", "/initramfs_2712"),
+                &format!("{} console=ttyAMA0,115200", b.cmdline),
+                None,
+            );
+            let overlay_paths: Vec<String> =
+                overlays.keys().map(|n| format!("overlays/{n}")).collect();
+            let mut out = vec![
+                FatFile {
+                    path: "config.txt",
+                    data: &config,
+                },
+                FatFile {
+                    path: "cmdline.txt",
+                    data: cmdline_txt.as_bytes(),
+                },
+                FatFile {
+                    path: "kernel_2712.img",
+                    data: kernel,
+                },
+                FatFile {
+                    path: "initramfs_2712",
+                    data: initrd_data,
+                },
+                FatFile {
+                    path: "extlinux/extlinux.conf",
+                    data: extlinux.as_bytes(),
+                },
+            ];
+            for (name, data) in &dtbs {
+                out.push(FatFile { path: name, data });
+            }
+            for (path, data) in overlay_paths.iter().zip(overlays.values()) {
+                out.push(FatFile { path, data });
+            }
+            write_fat(raw, b, boot, &out).context("writing the boot partition")
+        }
     }
+}
+
+fn config_txt_missing(board: &Board, dir: &Path) -> String {
+    format!(
+        "board `{}` boots with the Raspberry Pi firmware, which boots only a FAT partition that \
+         has config.txt, but {} is missing: add it to the board folder",
+        board.name,
+        dir.join("config.txt").display()
+    )
+}
+
+/// Checks, before any long step, the board files the loader will need.
+pub fn preflight(board: &Board, board_dir: &Path) -> Result<()> {
+    if board.boot.loader == Loader::RaspberryPi && !board_dir.join("config.txt").is_file() {
+        bail!("{}", config_txt_missing(board, board_dir));
+    }
+    if let Some(script) = &board.boot.script {
+        let p = board_dir.join(script);
+        if !p.is_file() {
+            bail!(
+                "board `{}` names boot.script = \"{script}\", but {} is missing",
+                board.name,
+                p.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn partition<'a>(
@@ -145,10 +242,17 @@ fn write_fat(raw: &Path, b: &BootInputs<'_>, placed: &Placed, files: &[FatFile<'
     crate::disk::write_fat(raw, placed, &part.label, b.ids.fat_volume_id, files)
 }
 
-/// A u-boot distro-boot menu with one entry.
-pub fn extlinux_conf(name: &str, kver: &str, cmdline: &str, fdt: Option<&str>) -> String {
+/// A u-boot distro-boot menu with one entry; `files` are the kernel and initrd paths.
+pub fn extlinux_conf(
+    name: &str,
+    kver: &str,
+    files: (&str, &str),
+    cmdline: &str,
+    fdt: Option<&str>,
+) -> String {
+    let (kernel, initrd) = files;
     let mut s = format!(
-        "# picoimg {name}: u-boot distro boot\ndefault picoimg\ntimeout 1\n\nlabel picoimg\n  menu label picoimg {name} (Linux {kver})\n  kernel /Image\n  initrd /initrd.img\n"
+        "# picoimg {name}: u-boot distro boot\ndefault picoimg\ntimeout 1\n\nlabel picoimg\n  menu label picoimg {name} (Linux {kver})\n  kernel {kernel}\n  initrd {initrd}\n"
     );
     if let Some(f) = fdt {
         s.push_str(&format!("  fdt {f}\n"));

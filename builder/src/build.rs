@@ -116,6 +116,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     ));
     let board = &plan.board;
     let layout = board.layout()?;
+    crate::boot::preflight(board, &data.join("boards").join(&board.name))?;
     // The bootloader blob is fetched and checked before the long root filesystem step.
     let blob = match &board.boot.blob {
         Some(blob) => {

@@ -78,9 +78,23 @@ impl BuildPlan {
             .iter()
             .map(|s| {
                 let bytes = std::fs::read(&s.keyring).with_context(|| {
+                    let others: Vec<String> = board
+                        .sources
+                        .keys()
+                        .filter(|k| **k != set_name)
+                        .map(|k| format!("--sources {k}"))
+                        .collect();
+                    let alt = if others.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            ", or build from substitute packages with {}",
+                            others.join(" or ")
+                        )
+                    };
                     format!(
-                        "board `{}` source `{}`: reading keyring {} (install debian-archive-keyring, \
-                         or fix `keyring` in the board file)",
+                        "board `{}` source `{}`: cannot read its keyring {}: install the package \
+                         that provides it, or fix `keyring` in the board file{alt}",
                         board.name,
                         s.name,
                         s.keyring.display()

@@ -186,10 +186,44 @@ fn unwritable_out_is_refused_with_the_flag_to_fix_it() {
     );
 }
 
-/// mmdebstrap against a mirror that refuses connections: the error shows its argv and the
-/// tail of its output, and neither the output directory nor the cache keeps partial files.
+/// mmdebstrap against a broken mirror (it answers, but with garbage instead of signed
+/// release files): the error shows its argv and the tail of its output, and neither the output
+/// directory nor the cache keeps partial files.
 #[test]
 fn mmdebstrap_failure_shows_argv_and_output_tail() {
+    let url = serve_once(b"this is not a release file".to_vec(), 50);
+    let mirror = url.trim_end_matches("/u-boot.bin.signed").to_owned() + "/debian";
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let o = picoimg()
+        .args(["build", "--board", "h4", "--mirror", &mirror, "--cache"])
+        .arg(cache.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("building the root filesystem with mmdebstrap"),
+        "{e}"
+    );
+    assert!(e.contains("`mmdebstrap --variant=apt"), "{e}");
+    assert!(e.contains(&mirror), "{e}");
+    assert!(e.contains("  | "), "no output tail in: {e}");
+    assert_no_output(out.path());
+    let leftovers: Vec<_> = std::fs::read_dir(cache.path().join("rootfs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tar"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A mirror that does not answer at all is named before mmdebstrap runs.
+#[test]
+fn unreachable_mirror_is_named_before_mmdebstrap() {
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let o = picoimg()
@@ -209,20 +243,10 @@ fn mmdebstrap_failure_shows_argv_and_output_tail() {
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(
-        e.contains("building the root filesystem with mmdebstrap"),
+        e.contains("(http://127.0.0.1:9/debian) cannot be reached"),
         "{e}"
     );
-    assert!(e.contains("`mmdebstrap --variant=apt"), "{e}");
-    assert!(e.contains("127.0.0.1:9"), "{e}");
-    assert!(e.contains("  | "), "no output tail in: {e}");
     assert_no_output(out.path());
-    let leftovers: Vec<_> = std::fs::read_dir(cache.path().join("rootfs"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".tar"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[test]
@@ -448,6 +472,40 @@ fn unreachable_real_source_names_it_and_the_substitute() {
     assert!(
         !e.contains("mmdebstrap --variant"),
         "mmdebstrap should not have run: {e}"
+    );
+    assert_no_output(out.path());
+}
+
+/// The Pi 5 firmware boots only a partition with config.txt: a Pi board without one is
+/// refused before anything is built.
+#[test]
+fn pi_board_without_config_txt_is_refused() {
+    let data = data_with_board(|t| t.to_owned());
+    std::fs::remove_file(data.path().join("boards/rpi5-raspbian/config.txt")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let o = picoimg()
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "build",
+            "--board",
+            "rpi5-raspbian",
+            "--sources",
+            "debian",
+            "--cache",
+        ])
+        .arg(cache.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("boots only a FAT partition that has config.txt")
+            && e.contains("config.txt is missing"),
+        "{e}"
     );
     assert_no_output(out.path());
 }
