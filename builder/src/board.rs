@@ -72,6 +72,12 @@ fn default_variant() -> String {
 pub struct SourceSet {
     /// One line for `picoimg boards` and the manifest.
     pub description: String,
+    /// Distribution and suite these sources install, when not the board's `[distro]` (a
+    /// Debian substitute for an Ubuntu board installs debian trixie, not ubuntu noble).
+    #[serde(default)]
+    pub distro: Option<String>,
+    #[serde(default)]
+    pub suite: Option<String>,
     /// Apt sources; at least one.
     pub apt: Vec<Source>,
     pub packages: Packages,
@@ -279,6 +285,26 @@ pub struct Boot {
     /// A bootloader written raw onto the disk, outside any partition.
     #[serde(default)]
     pub blob: Option<Blob>,
+    /// How the kernel finds the root filesystem: by partition UUID (default) or by label.
+    #[serde(default)]
+    pub root: RootBy,
+    /// File names of the kernel and initrd on the boot partition, where the loader lets the
+    /// board choose (raspberry-pi: `kernel_2712.img` and `initramfs_2712` unless set).
+    #[serde(default)]
+    pub kernel_file: Option<String>,
+    #[serde(default)]
+    pub initrd_file: Option<String>,
+}
+
+/// How `root=` names the root filesystem.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootBy {
+    /// `root=PARTUUID=...`: the partition table's id of the root partition.
+    #[default]
+    Partuuid,
+    /// `root=LABEL=...`: the root filesystem's label.
+    Label,
 }
 
 /// A raw bootloader blob, fetched by URL into the cache and checked by sha256.
@@ -433,6 +459,20 @@ impl Board {
                 && (b.sha256.len() != 64 || !b.sha256.bytes().all(|c| c.is_ascii_hexdigit()))
             {
                 bail!("boot.blob.sha256 = \"{}\": must be 64 hex digits", b.sha256);
+            }
+        }
+        for p in &self.disk.partitions {
+            let max = match p.fs {
+                Filesystem::Vfat => 11,
+                Filesystem::Ext4 => 16,
+            };
+            if p.label.len() > max || !p.label.is_ascii() {
+                bail!(
+                    "disk.partition `{}`: label \"{}\" must be at most {max} ASCII characters for {:?}",
+                    p.name,
+                    p.label,
+                    p.fs
+                );
             }
         }
         if self.disk.align.0 == 0 || !self.disk.align.0.is_multiple_of(512) {

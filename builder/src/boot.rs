@@ -155,10 +155,22 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
             }
             // u-boot (QEMU's virt machine) reads this; the Pi firmware ignores it. Its console
             // is the PL011 of `virt`, named last so it becomes /dev/console there.
+            let kernel_file = b
+                .board
+                .boot
+                .kernel_file
+                .as_deref()
+                .unwrap_or("kernel_2712.img");
+            let initrd_file = b
+                .board
+                .boot
+                .initrd_file
+                .as_deref()
+                .unwrap_or("initramfs_2712");
             let extlinux = extlinux_conf(
                 b.name,
                 b.kver,
-                ("/kernel_2712.img", "/initramfs_2712"),
+                (&format!("/{kernel_file}"), &format!("/{initrd_file}")),
                 &format!("{} console=ttyAMA0,115200", b.cmdline),
                 None,
             );

@@ -145,8 +145,12 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan.rootfs, &cache, opts.refresh)?;
 
     let ids = DiskIds::derive(&inputs_hash, board);
-    let root_uuid = ids.partuuid(board.root_partition().0);
-    let cmdline = format!("root=PARTUUID={root_uuid} {}", board.boot.cmdline);
+    let (root_index, root_part) = board.root_partition();
+    let root_arg = match board.boot.root {
+        crate::board::RootBy::Partuuid => format!("root=PARTUUID={}", ids.partuuid(root_index)),
+        crate::board::RootBy::Label => format!("root=LABEL={}", root_part.label),
+    };
+    let cmdline = format!("{root_arg} {}", board.boot.cmdline);
 
     // Root filesystem: base + overlays + generated files.
     let step = Step::start("applying overlays");

@@ -170,10 +170,8 @@ pub fn write_fat(
     let slice = fscommon::StreamSlice::new(file, placed.start, placed.start + placed.size)?;
     let mut slice = fscommon::BufStream::new(slice);
     let mut label_bytes = [b' '; 11];
-    for (d, s) in label_bytes
-        .iter_mut()
-        .zip(label.to_ascii_uppercase().bytes())
-    {
+    // Kept as written: Raspberry Pi OS and Ubuntu use lowercase labels (`bootfs`, `system-boot`).
+    for (d, s) in label_bytes.iter_mut().zip(label.bytes()) {
         *d = s;
     }
     fatfs::format_volume(

@@ -130,8 +130,14 @@ impl BuildPlan {
             rootfs: RootfsSpec {
                 recipe: ROOTFS_RECIPE,
                 arch: board.arch,
-                distro: board.distro.name.clone(),
-                suite: board.distro.suite.clone(),
+                distro: set
+                    .distro
+                    .clone()
+                    .unwrap_or_else(|| board.distro.name.clone()),
+                suite: set
+                    .suite
+                    .clone()
+                    .unwrap_or_else(|| board.distro.suite.clone()),
                 variant: board.distro.variant.clone(),
                 sources,
                 packages: packages.into_iter().collect(),
