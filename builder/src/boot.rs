@@ -94,34 +94,13 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
         Loader::Extlinux => {
             let boot = partition(b, |_, fs| fs == Filesystem::Vfat)?;
             let fdt = dtbs.first().map(|(n, _)| format!("/{n}"));
-            let extlinux = extlinux_conf(
-                b.name,
-                b.kver,
-                ("/Image", "/initrd.img"),
-                b.cmdline,
-                fdt.as_deref(),
-            );
+            let names = ("Image", "initrd.img");
+            let extlinux = extlinux_conf(b.name, b.kver, names, b.cmdline, fdt.as_deref());
             let script = match &b.board.boot.script {
                 Some(file) => Some(boot_scr(&b.board_dir.join(file), b, fdt.as_deref())?),
                 None => None,
             };
-            let mut out = vec![
-                FatFile {
-                    path: "Image",
-                    data: kernel,
-                },
-                FatFile {
-                    path: "initrd.img",
-                    data: initrd_data,
-                },
-                FatFile {
-                    path: "extlinux/extlinux.conf",
-                    data: extlinux.as_bytes(),
-                },
-            ];
-            for (name, data) in &dtbs {
-                out.push(FatFile { path: name, data });
-            }
+            let mut out = kernel_files(names, kernel, initrd_data, &extlinux, &dtbs);
             if let Some(s) = &script {
                 out.push(FatFile {
                     path: "boot.scr",
@@ -136,10 +115,10 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
                 .with_context(|| config_txt_missing(b.board, &b.board_dir))?;
             let cmdline_txt = format!("{}\n", b.cmdline);
             let kdir = format!("usr/lib/linux-image-{}", b.kver);
-            let dtbs = tarfs::read_dir_files(b.root_tar, &format!("{kdir}/broadcom"), |n| {
+            let pi_dtbs = tarfs::read_dir_files(b.root_tar, &format!("{kdir}/broadcom"), |n| {
                 n.starts_with("bcm2712") && n.ends_with(".dtb")
             })?;
-            if dtbs.is_empty() {
+            if pi_dtbs.is_empty() {
                 bail!(
                     "the kernel package has no bcm2712 device trees in /{kdir}/broadcom: the Pi 5 \
                      firmware (os_check=1) will not boot without one; pick a kernel that has them"
@@ -153,60 +132,72 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
                     "note: the kernel package has no /{kdir}/overlays: the boot partition gets no overlays/"
                 ));
             }
-            // u-boot (QEMU's virt machine) reads this; the Pi firmware ignores it. Its console
-            // is the PL011 of `virt`, named last so it becomes /dev/console there.
-            let kernel_file = b
-                .board
-                .boot
-                .kernel_file
-                .as_deref()
-                .unwrap_or("kernel_2712.img");
-            let initrd_file = b
-                .board
-                .boot
-                .initrd_file
-                .as_deref()
-                .unwrap_or("initramfs_2712");
-            let extlinux = extlinux_conf(
-                b.name,
-                b.kver,
-                (&format!("/{kernel_file}"), &format!("/{initrd_file}")),
-                &format!("{} console=ttyAMA0,115200", b.cmdline),
-                None,
+            let names = (
+                b.board
+                    .boot
+                    .kernel_file
+                    .as_deref()
+                    .unwrap_or("kernel_2712.img"),
+                b.board
+                    .boot
+                    .initrd_file
+                    .as_deref()
+                    .unwrap_or("initramfs_2712"),
             );
+            // u-boot (QEMU's virt machine) reads extlinux.conf; the Pi firmware ignores it. Its
+            // console is the PL011 of `virt`, named last so it becomes /dev/console there.
+            let qemu_cmdline = format!("{} console=ttyAMA0,115200", b.cmdline);
+            let extlinux = extlinux_conf(b.name, b.kver, names, &qemu_cmdline, None);
+            let pi_dtbs: Vec<(String, &[u8])> = pi_dtbs
+                .iter()
+                .map(|(n, d)| (n.clone(), d.as_slice()))
+                .collect();
             let overlay_paths: Vec<String> =
                 overlays.keys().map(|n| format!("overlays/{n}")).collect();
-            let mut out = vec![
-                FatFile {
-                    path: "config.txt",
-                    data: &config,
-                },
-                FatFile {
-                    path: "cmdline.txt",
-                    data: cmdline_txt.as_bytes(),
-                },
-                FatFile {
-                    path: "kernel_2712.img",
-                    data: kernel,
-                },
-                FatFile {
-                    path: "initramfs_2712",
-                    data: initrd_data,
-                },
-                FatFile {
-                    path: "extlinux/extlinux.conf",
-                    data: extlinux.as_bytes(),
-                },
-            ];
-            for (name, data) in &dtbs {
-                out.push(FatFile { path: name, data });
-            }
+            let mut out = kernel_files(names, kernel, initrd_data, &extlinux, &pi_dtbs);
+            out.push(FatFile {
+                path: "config.txt",
+                data: &config,
+            });
+            out.push(FatFile {
+                path: "cmdline.txt",
+                data: cmdline_txt.as_bytes(),
+            });
             for (path, data) in overlay_paths.iter().zip(overlays.values()) {
                 out.push(FatFile { path, data });
             }
             write_fat(raw, b, boot, &out).context("writing the boot partition")
         }
     }
+}
+
+/// What every u-boot style boot partition holds: the kernel and initrd under `names`,
+/// extlinux/extlinux.conf, and device trees at the top.
+fn kernel_files<'a>(
+    names: (&'a str, &'a str),
+    kernel: &'a [u8],
+    initrd: &'a [u8],
+    extlinux: &'a str,
+    dtbs: &'a [(String, &'a [u8])],
+) -> Vec<FatFile<'a>> {
+    let mut out = vec![
+        FatFile {
+            path: names.0,
+            data: kernel,
+        },
+        FatFile {
+            path: names.1,
+            data: initrd,
+        },
+        FatFile {
+            path: "extlinux/extlinux.conf",
+            data: extlinux.as_bytes(),
+        },
+    ];
+    for (name, data) in dtbs {
+        out.push(FatFile { path: name, data });
+    }
+    out
 }
 
 fn config_txt_missing(board: &Board, dir: &Path) -> String {
@@ -254,7 +245,8 @@ fn write_fat(raw: &Path, b: &BootInputs<'_>, placed: &Placed, files: &[FatFile<'
     crate::disk::write_fat(raw, placed, &part.label, b.ids.fat_volume_id, files)
 }
 
-/// A u-boot distro-boot menu with one entry; `files` are the kernel and initrd paths.
+/// A u-boot distro-boot menu with one entry; `files` are the kernel and initrd names at the
+/// top of the boot partition.
 pub fn extlinux_conf(
     name: &str,
     kver: &str,
@@ -262,7 +254,7 @@ pub fn extlinux_conf(
     cmdline: &str,
     fdt: Option<&str>,
 ) -> String {
-    let (kernel, initrd) = files;
+    let (kernel, initrd) = (format!("/{}", files.0), format!("/{}", files.1));
     let mut s = format!(
         "# picoimg {name}: u-boot distro boot\ndefault picoimg\ntimeout 1\n\nlabel picoimg\n  menu label picoimg {name} (Linux {kver})\n  kernel {kernel}\n  initrd {initrd}\n"
     );

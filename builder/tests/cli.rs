@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -47,6 +49,29 @@ fn data_with_board(edit: impl Fn(&str) -> String) -> tempfile::TempDir {
     dir
 }
 
+/// Runs `picoimg build ARGS` with a fresh --out and --cache, checks that it fails and leaves
+/// nothing in --out, and returns its stderr.
+fn refused(args: &[&str], data: Option<&Path>) -> String {
+    let out = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let mut c = picoimg();
+    if let Some(d) = data {
+        c.arg("--data-dir").arg(d);
+    }
+    let o = c
+        .arg("build")
+        .args(args)
+        .arg("--cache")
+        .arg(cache.path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "build {args:?} succeeded");
+    assert_no_output(out.path());
+    stderr(&o)
+}
+
 fn build(args: &[&str], data: Option<&Path>, out: &Path) -> Output {
     let mut c = picoimg();
     if let Some(d) = data {
@@ -87,75 +112,51 @@ fn help_describes_build() {
 
 #[test]
 fn unknown_board_lists_valid_names() {
-    let out = tempfile::tempdir().unwrap();
-    let o = build(&["--board", "h5", "--stack", "base"], None, out.path());
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "h5", "--stack", "base"], None);
     assert!(
         e.contains("unknown board `h5`") && e.contains("valid boards: ") && e.contains("h4"),
         "{e}"
     );
-    assert_no_output(out.path());
 }
 
 #[test]
 fn unknown_stack_lists_valid_names() {
-    let out = tempfile::tempdir().unwrap();
-    let o = build(&["--board", "h4", "--stack", "openstack"], None, out.path());
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "h4", "--stack", "openstack"], None);
     assert!(
         e.contains("unknown stack `openstack`") && e.contains("valid stacks: base"),
         "{e}"
     );
-    assert_no_output(out.path());
 }
 
 #[test]
 fn board_with_unknown_key_names_file_key_and_hint() {
     let data = data_with_board(|t| t.replace("[qemu]", "[qemu]\nbios = \"seabios\""));
-    let out = tempfile::tempdir().unwrap();
-    let o = build(&["--board", "h4"], Some(data.path()), out.path());
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "h4"], Some(data.path()));
     assert!(e.contains("boards/h4.toml"), "{e}");
     assert!(e.contains("unknown field `bios`"), "{e}");
     assert!(e.contains("hint:"), "{e}");
-    assert_no_output(out.path());
 }
 
 #[test]
 fn board_with_wrong_type_names_the_key() {
     let data = data_with_board(|t| t.replace("cpus = 2", "cpus = \"two\""));
-    let out = tempfile::tempdir().unwrap();
-    let o = build(&["--board", "h4"], Some(data.path()), out.path());
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "h4"], Some(data.path()));
     assert!(e.contains("boards/h4.toml") && e.contains("cpus"), "{e}");
-    assert_no_output(out.path());
 }
 
 #[test]
 fn board_with_overlapping_partitions_is_refused() {
     let data =
         data_with_board(|t| t.replace("name = \"root\"", "name = \"root\"\nstart = \"64MiB\""));
-    let out = tempfile::tempdir().unwrap();
-    let o = build(&["--board", "h4"], Some(data.path()), out.path());
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "h4"], Some(data.path()));
     assert!(e.contains("`root`") && e.contains("overlaps `esp`"), "{e}");
-    assert_no_output(out.path());
 }
 
 #[test]
 fn board_with_partition_larger_than_image_is_refused() {
     let data = data_with_board(|t| t.replace("size = \"256MiB\"", "size = \"4GiB\""));
-    let out = tempfile::tempdir().unwrap();
-    let o = build(&["--board", "h4"], Some(data.path()), out.path());
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "h4"], Some(data.path()));
     assert!(e.contains("`esp`") && e.contains("raise disk.size"), "{e}");
-    assert_no_output(out.path());
 }
 
 #[test]
@@ -191,7 +192,7 @@ fn unwritable_out_is_refused_with_the_flag_to_fix_it() {
 /// directory nor the cache keeps partial files.
 #[test]
 fn mmdebstrap_failure_shows_argv_and_output_tail() {
-    let url = serve_once(b"this is not a release file".to_vec(), 50);
+    let url = common::serve(b"this is not a release file".to_vec(), 50);
     let mirror = url.trim_end_matches("/u-boot.bin.signed").to_owned() + "/debian";
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -285,56 +286,20 @@ fn doctor_prints_the_install_line_for_missing_tools() {
 
 #[test]
 fn image_size_too_small_for_the_layout_is_refused() {
-    let out = tempfile::tempdir().unwrap();
-    let o = build(
-        &["--board", "h4", "--image-size", "200MiB"],
-        None,
-        out.path(),
-    );
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "h4", "--image-size", "200MiB"], None);
     assert!(
         e.contains("--image-size 200MiB does not fit board `h4`"),
         "{e}"
     );
-    assert_no_output(out.path());
 }
 
 #[test]
 fn unknown_source_set_lists_the_board_sets() {
-    let out = tempfile::tempdir().unwrap();
-    let o = build(&["--board", "h4", "--sources", "ubuntu"], None, out.path());
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "h4", "--sources", "ubuntu"], None);
     assert!(
         e.contains("unknown source set `ubuntu` for board `h4`; it has: debian"),
         "{e}"
     );
-    assert_no_output(out.path());
-}
-
-/// Serves `body` over HTTP on 127.0.0.1 (any path) for at most `max` requests, standing in for
-/// a vendor download site.
-fn serve_once(body: Vec<u8>, max: usize) -> String {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(max) {
-            let Ok(mut s) = stream else { continue };
-            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-                .ok();
-            let mut req = [0u8; 4096];
-            let _ = s.read(&mut req);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(&body);
-        }
-    });
-    format!("http://{addr}/u-boot.bin.signed")
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -360,7 +325,7 @@ fn c5_with_blob(url: &str, sha: &str) -> tempfile::TempDir {
 
 #[test]
 fn blob_with_wrong_checksum_aborts_before_anything_is_built() {
-    let url = serve_once(b"not the real u-boot".to_vec(), 3);
+    let url = common::serve(b"not the real u-boot".to_vec(), 3);
     let data = c5_with_blob(&url, &sha256_hex(b"the real u-boot"));
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -393,44 +358,21 @@ fn blob_with_wrong_checksum_aborts_before_anything_is_built() {
 fn blob_that_would_overlap_partition_one_is_refused() {
     let big = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(big.path(), vec![0x5au8; 5 << 20]).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let o = picoimg()
-        .args(["build", "--board", "c5", "--uboot"])
-        .arg(big.path())
-        .arg("--cache")
-        .arg(cache.path())
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let path = big.path().to_string_lossy().into_owned();
+    let e = refused(&["--board", "c5", "--uboot", &path], None);
     assert!(
         e.contains("would overlap partition `boot` starting at 4MiB"),
         "{e}"
     );
-    assert_no_output(out.path());
 }
 
 #[test]
 fn unpinned_blob_asks_for_a_local_file() {
-    let out = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let o = picoimg()
-        .args(["build", "--board", "c5", "--cache"])
-        .arg(cache.path())
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "c5"], None);
     assert!(
         e.contains("no pinned sha256") && e.contains("--uboot FILE"),
         "{e}"
     );
-    assert_no_output(out.path());
 }
 
 /// A board whose real source cannot be reached fails at once, naming the source and the
@@ -451,19 +393,7 @@ fn unreachable_real_source_names_it_and_the_substitute() {
                  [sources.vendor.packages]\nkernel = [\"linux-image-amd64\"]\n\n[disk]",
         )
     });
-    let out = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let o = picoimg()
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["build", "--board", "h4", "--cache"])
-        .arg(cache.path())
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(&["--board", "h4"], Some(data.path()));
     assert!(
         e.contains("apt source `vendor-archive` (http://127.0.0.1:9/vendor) cannot be reached"),
         "{e}"
@@ -473,7 +403,6 @@ fn unreachable_real_source_names_it_and_the_substitute() {
         !e.contains("mmdebstrap --variant"),
         "mmdebstrap should not have run: {e}"
     );
-    assert_no_output(out.path());
 }
 
 /// The Pi 5 firmware boots only a partition with config.txt: a Pi board without one is
@@ -482,30 +411,13 @@ fn unreachable_real_source_names_it_and_the_substitute() {
 fn pi_board_without_config_txt_is_refused() {
     let data = data_with_board(|t| t.to_owned());
     std::fs::remove_file(data.path().join("boards/rpi5-raspbian/config.txt")).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let o = picoimg()
-        .arg("--data-dir")
-        .arg(data.path())
-        .args([
-            "build",
-            "--board",
-            "rpi5-raspbian",
-            "--sources",
-            "debian",
-            "--cache",
-        ])
-        .arg(cache.path())
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let e = refused(
+        &["--board", "rpi5-raspbian", "--sources", "debian"],
+        Some(data.path()),
+    );
     assert!(
         e.contains("boots only a FAT partition that has config.txt")
             && e.contains("config.txt is missing"),
         "{e}"
     );
-    assert_no_output(out.path());
 }

@@ -7,6 +7,8 @@
 #![cfg(feature = "image-tests")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -485,28 +487,6 @@ struct C5 {
     _data: tempfile::TempDir,
 }
 
-/// Serves `body` on 127.0.0.1 for at most `max` requests.
-fn serve(body: Vec<u8>, max: usize) -> String {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(max) {
-            let Ok(mut s) = stream else { continue };
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-            let mut req = [0u8; 4096];
-            let _ = s.read(&mut req);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(&body);
-        }
-    });
-    format!("http://{addr}/u-boot.bin.signed")
-}
-
 fn c5() -> &'static C5 {
     static BUILT: OnceLock<C5> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -516,7 +496,7 @@ fn c5() -> &'static C5 {
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
             .collect();
         let sha = hex::encode(sha2::Sha256::digest(&blob));
-        let url = serve(blob.clone(), 4);
+        let url = common::serve(blob.clone(), 4);
         let data = tempfile::tempdir().unwrap();
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         run_ok(
@@ -732,6 +712,40 @@ fn build_debian_set(board: &str) -> Pi {
     }
 }
 
+/// Checks what every Pi 5 image's boot partition has (clean FAT with `label`, config.txt,
+/// cmdline.txt, the bcm2712 device tree, extlinux.conf and the kernel and initrd under
+/// `names`); returns the extracted partition and its listing.
+fn pi_boot_partition(pi: &Pi, label: &str, names: &[&str], dir: &Path) -> (PathBuf, String) {
+    let boot = partition_of(&pi.raw, &pi.manifest, 1, dir);
+    let fsck = run_ok(tool("fsck.vfat").arg("-n").arg(&boot));
+    assert!(!fsck.contains("Fixing"), "{fsck}");
+    let got = run_ok(
+        tool("blkid")
+            .args(["-o", "value", "-s", "LABEL"])
+            .arg(&boot),
+    );
+    assert_eq!(got.trim(), label);
+    let listing = run_ok(
+        Command::new("mdir")
+            .arg("-i")
+            .arg(&boot)
+            .args(["-b", "-/", "::"]),
+    );
+    let common = [
+        "config.txt",
+        "cmdline.txt",
+        "bcm2712-rpi-5-b.dtb",
+        "extlinux/extlinux.conf",
+    ];
+    for f in common.iter().chain(names) {
+        assert!(
+            listing.contains(&format!("::/{f}")),
+            "{f} missing:\n{listing}"
+        );
+    }
+    (boot, listing)
+}
+
 fn rpi5() -> &'static Pi {
     static BUILT: OnceLock<Pi> = OnceLock::new();
     BUILT.get_or_init(|| build_debian_set("rpi5-raspbian"))
@@ -787,31 +801,12 @@ fn rpi5_has_pi_gen_layout_and_what_the_firmware_reads() {
     assert_eq!(pi.manifest["sources"], "debian");
 
     let dir = tempfile::tempdir().unwrap();
-    let boot = partition_of(&pi.raw, &pi.manifest, 1, dir.path());
-    let fsck = run_ok(tool("fsck.vfat").arg("-n").arg(&boot));
-    assert!(!fsck.contains("Fixing"), "{fsck}");
-    let label = run_ok(
-        tool("blkid")
-            .args(["-o", "value", "-s", "LABEL"])
-            .arg(&boot),
+    let (boot, listing) = pi_boot_partition(
+        pi,
+        "bootfs",
+        &["kernel_2712.img", "initramfs_2712"],
+        dir.path(),
     );
-    assert_eq!(label.trim(), "bootfs");
-    let listing = run_ok(
-        Command::new("mdir")
-            .arg("-i")
-            .arg(&boot)
-            .args(["-b", "-/", "::"]),
-    );
-    for f in [
-        "::/config.txt",
-        "::/cmdline.txt",
-        "::/kernel_2712.img",
-        "::/initramfs_2712",
-        "::/bcm2712-rpi-5-b.dtb",
-        "::/extlinux/extlinux.conf",
-    ] {
-        assert!(listing.contains(f), "{f} missing:\n{listing}");
-    }
     assert!(
         !listing.contains("bootcode.bin") && !listing.contains("start4.elf"),
         "Pi 5 firmware is in EEPROM"
@@ -863,30 +858,7 @@ fn rpi5_ubuntu_has_ubuntu_names_and_root_by_label() {
     assert_eq!(v["partitiontable"]["label"], "dos");
     assert_eq!(parts[0]["type"], "c");
     let dir = tempfile::tempdir().unwrap();
-    let boot = partition_of(&pi.raw, &pi.manifest, 1, dir.path());
-    let fsck = run_ok(tool("fsck.vfat").arg("-n").arg(&boot));
-    assert!(!fsck.contains("Fixing"), "{fsck}");
-    let label = run_ok(
-        tool("blkid")
-            .args(["-o", "value", "-s", "LABEL"])
-            .arg(&boot),
-    );
-    assert_eq!(label.trim(), "system-boot");
-    let listing = run_ok(
-        Command::new("mdir")
-            .arg("-i")
-            .arg(&boot)
-            .args(["-b", "-/", "::"]),
-    );
-    for f in [
-        "::/config.txt",
-        "::/cmdline.txt",
-        "::/vmlinuz",
-        "::/initrd.img",
-        "::/bcm2712-rpi-5-b.dtb",
-    ] {
-        assert!(listing.contains(f), "{f} missing:\n{listing}");
-    }
+    let (boot, _) = pi_boot_partition(pi, "system-boot", &["vmlinuz", "initrd.img"], dir.path());
     let mtype = |f: &str| run_ok(Command::new("mtype").arg("-i").arg(&boot).arg(f));
     let config = mtype("::/config.txt");
     assert!(config.contains("kernel=vmlinuz"), "{config}");
