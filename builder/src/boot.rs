@@ -15,6 +15,9 @@ pub struct BootInputs<'a> {
     pub layout: &'a [Placed],
     pub ids: &'a DiskIds,
     pub root_tar: &'a Path,
+    /// The root filesystem as packages left it (before overlays): what package hooks wrote
+    /// under a boot partition's mount point is taken from here.
+    pub base_tar: &'a Path,
     /// Path of the kernel inside the root tarball (`boot/vmlinuz-<kver>`).
     pub kernel_path: &'a str,
     pub kver: &'a str,
@@ -111,27 +114,10 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
         }
         Loader::RaspberryPi => {
             let boot = partition(b, |_, fs| fs == Filesystem::Vfat)?;
+            let mount = &b.board.disk.partitions[boot.index].mount;
             let config = std::fs::read(b.board_dir.join("config.txt"))
                 .with_context(|| config_txt_missing(b.board, &b.board_dir))?;
             let cmdline_txt = format!("{}\n", b.cmdline);
-            let kdir = format!("usr/lib/linux-image-{}", b.kver);
-            let pi_dtbs = tarfs::read_dir_files(b.root_tar, &format!("{kdir}/broadcom"), |n| {
-                n.starts_with("bcm2712") && n.ends_with(".dtb")
-            })?;
-            if pi_dtbs.is_empty() {
-                bail!(
-                    "the kernel package has no bcm2712 device trees in /{kdir}/broadcom: the Pi 5 \
-                     firmware (os_check=1) will not boot without one; pick a kernel that has them"
-                );
-            }
-            let overlays = tarfs::read_dir_files(b.root_tar, &format!("{kdir}/overlays"), |n| {
-                n.ends_with(".dtbo") || n == "README"
-            })?;
-            if overlays.is_empty() {
-                crate::progress::log(format!(
-                    "note: the kernel package has no /{kdir}/overlays: the boot partition gets no overlays/"
-                ));
-            }
             let names = (
                 b.board
                     .boot
@@ -144,17 +130,54 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
                     .as_deref()
                     .unwrap_or("initramfs_2712"),
             );
+            // The firmware package's kernel hook laid out the boot files (device trees,
+            // overlays/) under the mount point; take them, except what this image writes
+            // itself and what only older Pis read (the Pi 5 firmware is in its EEPROM).
+            let hook = tarfs::read_tree(b.base_tar, mount)?;
+            let older_pi = |p: &str| {
+                p == "bootcode.bin"
+                    || (p.starts_with("start") && p.ends_with(".elf"))
+                    || (p.starts_with("fixup") && p.ends_with(".dat"))
+            };
+            let ours = |p: &str| {
+                [names.0, names.1, "config.txt", "cmdline.txt"].contains(&p)
+                    || p.starts_with("vmlinuz-")
+                    || p.starts_with("initrd.img-")
+            };
+            let mut from_hook: Vec<(String, &[u8])> = hook
+                .iter()
+                .filter(|(p, _)| !older_pi(p) && !ours(p))
+                .map(|(p, d)| (p.clone(), d.as_slice()))
+                .collect();
+            // Without a hook (no firmware package), the kernel package's own device trees.
+            let kdir = format!("usr/lib/linux-image-{}", b.kver);
+            let kernel_dtbs =
+                tarfs::read_dir_files(b.root_tar, &format!("{kdir}/broadcom"), |n| {
+                    n.starts_with("bcm2712") && n.ends_with(".dtb")
+                })?;
+            let has_pi5_dtb = |files: &[(String, &[u8])]| {
+                files
+                    .iter()
+                    .any(|(p, _)| p.starts_with("bcm2712") && p.ends_with(".dtb"))
+            };
+            if !has_pi5_dtb(&from_hook) {
+                from_hook.extend(kernel_dtbs.iter().map(|(n, d)| (n.clone(), d.as_slice())));
+            }
+            if !has_pi5_dtb(&from_hook) {
+                bail!(
+                    "no bcm2712 device tree from the firmware package's hook (/{mount}) or the \
+                     kernel package (/{kdir}/broadcom): the Pi 5 firmware (os_check=1) will not \
+                     boot without one; pick packages that provide it"
+                );
+            }
+            if !from_hook.iter().any(|(p, _)| p.starts_with("overlays/")) {
+                crate::progress::log("note: no device tree overlays/ from the firmware package");
+            }
             // u-boot (QEMU's virt machine) reads extlinux.conf; the Pi firmware ignores it. Its
             // console is the PL011 of `virt`, named last so it becomes /dev/console there.
             let qemu_cmdline = format!("{} console=ttyAMA0,115200", b.cmdline);
             let extlinux = extlinux_conf(b.name, b.kver, names, &qemu_cmdline, None);
-            let pi_dtbs: Vec<(String, &[u8])> = pi_dtbs
-                .iter()
-                .map(|(n, d)| (n.clone(), d.as_slice()))
-                .collect();
-            let overlay_paths: Vec<String> =
-                overlays.keys().map(|n| format!("overlays/{n}")).collect();
-            let mut out = kernel_files(names, kernel, initrd_data, &extlinux, &pi_dtbs);
+            let mut out = kernel_files(names, kernel, initrd_data, &extlinux, &from_hook);
             out.push(FatFile {
                 path: "config.txt",
                 data: &config,
@@ -163,9 +186,6 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
                 path: "cmdline.txt",
                 data: cmdline_txt.as_bytes(),
             });
-            for (path, data) in overlay_paths.iter().zip(overlays.values()) {
-                out.push(FatFile { path, data });
-            }
             write_fat(raw, b, boot, &out).context("writing the boot partition")
         }
     }

@@ -205,6 +205,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
             layout: &layout,
             ids: &ids,
             root_tar: &root_tar,
+            base_tar: &base_tar,
             kernel_path: &kernel_path,
             kver: &kver,
             cmdline: &cmdline,
@@ -355,11 +356,17 @@ fn generated_files(
     }
     changes.file("etc/fstab", fstab, 0o644);
     for p in layout {
-        let mount = &board.disk.partitions[p.index].mount;
-        if mount != "/" {
+        let part = &board.disk.partitions[p.index];
+        if part.mount != "/" {
+            let mount = tarfs::norm(&part.mount);
+            // What packages put there (the raspi-firmware hook's files) goes onto the
+            // partition itself; in the root filesystem it would only be hidden by the mount.
+            if part.fs == Filesystem::Vfat {
+                changes.remove.push(format!("{mount}/*"));
+            }
             changes
                 .entries
-                .insert(tarfs::norm(mount), tarfs::NewEntry::Dir { mode: 0o755 });
+                .insert(mount, tarfs::NewEntry::Dir { mode: 0o755 });
         }
     }
     let info = serde_json::json!({

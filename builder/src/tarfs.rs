@@ -74,6 +74,23 @@ pub fn read_dir_files(
     Ok(out)
 }
 
+/// Reads every regular file below `dir`, at any depth: path relative to `dir` -> contents.
+pub fn read_tree(tar: &Path, dir: &str) -> Result<BTreeMap<String, Vec<u8>>> {
+    let prefix = format!("{}/", norm(dir));
+    let mut out = BTreeMap::new();
+    each_entry(tar, |path, entry| {
+        if let Some(rel) = path.strip_prefix(&prefix) {
+            if !rel.is_empty() && entry.header().entry_type().is_file() {
+                let mut buf = Vec::new();
+                entry.read_to_end(&mut buf)?;
+                out.insert(rel.to_owned(), buf);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// Lists every path in the tarball (normalised).
 pub fn list(tar: &Path) -> Result<BTreeSet<String>> {
     let mut out = BTreeSet::new();
@@ -172,10 +189,15 @@ impl Changes {
         Ok(())
     }
 
+    /// Whether `path` (normalised) is removed: `dir/*` removes what is below `dir` but not
+    /// `dir` itself (a mount point stays); `name*` removes names that start with `name`.
     fn removes(&self, path: &str) -> bool {
-        self.remove.iter().any(|r| match r.strip_suffix('*') {
-            Some(prefix) => path.starts_with(&norm(prefix)),
-            None => path == norm(r),
+        self.remove.iter().any(|r| {
+            let r = r.trim_start_matches("./").trim_start_matches('/');
+            match r.strip_suffix('*') {
+                Some(prefix) => path.starts_with(prefix),
+                None => path == norm(r),
+            }
         })
     }
 }
@@ -196,7 +218,6 @@ pub fn apply(base: &Path, changes: &Changes, out: &Path, mtime: u64) -> Result<(
         let mut entry = entry.with_context(|| format!("reading {}", base.display()))?;
         let path = norm(&entry.path()?.to_string_lossy());
         let is_dir = entry.header().entry_type().is_dir();
-        present.insert(path.clone());
         let replaced = match changes.entries.get(&path) {
             Some(NewEntry::Dir { .. }) => !is_dir,
             Some(_) => true,
@@ -205,6 +226,7 @@ pub fn apply(base: &Path, changes: &Changes, out: &Path, mtime: u64) -> Result<(
         if replaced || changes.removes(&path) {
             continue;
         }
+        present.insert(path.clone());
         let mut header = entry.header().clone();
         // Long names and pax records are re-emitted by the builder from the full path.
         let name = if path.is_empty() {
@@ -444,6 +466,34 @@ mod tests {
         assert_eq!(i.wanted_by, ["multi-user.target"]);
         assert_eq!(i.also, ["a.socket", "b.service"]);
         assert_eq!(i.alias, ["dbus-x.service"]);
+    }
+
+    /// `dir/*` empties a mount point but keeps the directory itself.
+    #[test]
+    fn removing_below_a_mount_point_keeps_it() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let base = dir.path().join("base.tar");
+        {
+            let mut b = tar::Builder::new(File::create(&base)?);
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            b.append_data(&mut h, "./boot/firmware/", std::io::empty())?;
+            let mut h = tar::Header::new_gnu();
+            h.set_size(3);
+            h.set_mode(0o644);
+            b.append_data(&mut h, "./boot/firmware/config.txt", &b"x=1"[..])?;
+            b.finish()?;
+        }
+        let mut c = Changes::default();
+        c.remove.push("boot/firmware/*".into());
+        let out = dir.path().join("out.tar");
+        apply(&base, &c, &out, 0)?;
+        let all = list(&out)?;
+        assert!(all.contains("boot/firmware"), "{all:?}");
+        assert!(!all.contains("boot/firmware/config.txt"), "{all:?}");
+        Ok(())
     }
 
     #[test]

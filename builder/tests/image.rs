@@ -811,6 +811,9 @@ fn rpi5_has_pi_gen_layout_and_what_the_firmware_reads() {
         !listing.contains("bootcode.bin") && !listing.contains("start4.elf"),
         "Pi 5 firmware is in EEPROM"
     );
+    // Device tree overlays as the firmware package's kernel hook lays them out.
+    assert!(listing.contains("::/overlays/README"), "{listing}");
+    assert!(listing.contains(".dtbo"), "{listing}");
     let mtype = |f: &str| run_ok(Command::new("mtype").arg("-i").arg(&boot).arg(f));
     let config = mtype("::/config.txt");
     assert!(config.contains("auto_initramfs=1"), "{config}");
@@ -835,6 +838,17 @@ fn rpi5_has_pi_gen_layout_and_what_the_firmware_reads() {
     }
     let root = partition_of(&pi.raw, &pi.manifest, 2, dir.path());
     run_ok(tool("e2fsck").arg("-fn").arg(&root));
+    // The hook's copy went onto the boot partition; the mount point in the root is empty.
+    let under = run_ok(
+        tool("debugfs")
+            .arg("-R")
+            .arg("ls /boot/firmware")
+            .arg(&root),
+    );
+    assert!(
+        !under.contains("config.txt") && !under.contains("vmlinuz"),
+        "{under}"
+    );
     let fstab = run_ok(tool("debugfs").arg("-R").arg("cat /etc/fstab").arg(&root));
     assert!(
         fstab.contains(&format!("PARTUUID={id:08x}-01\t/boot/firmware\tvfat")),
