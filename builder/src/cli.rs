@@ -46,6 +46,33 @@ pub enum Command {
     Stacks,
     /// Check the host tools and print the install line for anything missing.
     Doctor,
+    /// Write or check the cluster file that nodes read on first boot.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Write a complete, commented cluster file with a fresh secret (to stdout, or --out).
+    Init {
+        /// Cluster name (letters, digits, '-').
+        #[arg(long)]
+        name: String,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// IPv4 subnet of the nodes; they get static addresses from .10 up.
+        #[arg(long, default_value = "10.42.0.0/24")]
+        subnet: String,
+        /// Write to this file (mode 0600) instead of stdout; never overwrites.
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Check a cluster file: every problem with its line, exit 1 if there is any.
+    Check {
+        /// The cluster file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -221,6 +248,20 @@ pub fn main() -> Result<()> {
             }
         }
         Command::Doctor => crate::doctor::run()?,
+        Command::Cluster(ClusterCommand::Init {
+            name,
+            nodes,
+            subnet,
+            out,
+        }) => crate::cluster::init(
+            &picoimg_firstboot::cluster::InitOptions {
+                name: &name,
+                nodes,
+                subnet: &subnet,
+            },
+            out.as_deref(),
+        )?,
+        Command::Cluster(ClusterCommand::Check { file }) => crate::cluster::check(&file)?,
     }
     Ok(())
 }

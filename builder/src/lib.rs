@@ -11,6 +11,7 @@ pub mod boot;
 pub mod build;
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod cmd;
 pub mod component;
 pub mod data;

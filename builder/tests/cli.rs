@@ -421,3 +421,76 @@ fn pi_board_without_config_txt_is_refused() {
         "{e}"
     );
 }
+
+/// `cluster init` writes a private file that `cluster check` accepts, and never overwrites.
+#[test]
+fn cluster_init_then_check() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lab.toml");
+    let o = picoimg()
+        .args(["cluster", "init", "--name", "lab", "--nodes", "3", "--out"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the file holds the cluster secret");
+    let o = picoimg()
+        .args(["cluster", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("3 nodes, 3 consul servers") && out.contains(": ok"),
+        "{out}"
+    );
+    let again = picoimg()
+        .args(["cluster", "init", "--name", "lab", "--out"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("is not overwritten"));
+}
+
+/// `cluster check` names every problem with its line and exits non-zero.
+#[test]
+fn cluster_check_lists_every_problem_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = picoimg()
+        .args(["cluster", "init", "--name", "lab", "--nodes", "4"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(good.stdout)
+        .unwrap()
+        .replace("address = \"10.42.0.11\"", "address = \"192.168.7.11\"")
+        .replace("roles = [\"consul-client\"]", "roles = [\"consul-server\"]");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, &text).unwrap();
+    let o = picoimg()
+        .args(["cluster", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .position(|l| l.contains("192.168.7.11"))
+        .unwrap()
+        + 1;
+    assert!(
+        out.contains(&format!(
+            "bad.toml:{line}: node[1].address: 192.168.7.11 is outside the subnet"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("4 consul-server nodes: use an odd number"),
+        "{out}"
+    );
+    assert!(stderr(&o).contains("2 problem(s)"), "{}", stderr(&o));
+}

@@ -5,3 +5,5 @@
 
 /// Version of the first-boot agent, reported by the device binary and recorded in manifests.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub mod cluster;
+pub mod secrets;

@@ -1,0 +1,72 @@
+//! `picoimg cluster init` and `picoimg cluster check`: the cluster file's command-line side.
+//! The schema, checks and secret derivation live in the `picoimg-firstboot` crate, shared with
+//! the program that runs on the nodes.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use picoimg_firstboot::cluster::{self, InitOptions, Role};
+
+/// Writes a fresh cluster file to `out` (0600: it holds the secret), or prints it.
+pub fn init(opts: &InitOptions<'_>, out: Option<&Path>) -> Result<()> {
+    let text = cluster::render_init(opts).map_err(anyhow::Error::msg)?;
+    match out {
+        None => print!("{text}"),
+        Some(p) => {
+            if p.exists() {
+                bail!(
+                    "{} exists: it may hold a live cluster's secret, so it is not overwritten; \
+                     pick another path or remove it first",
+                    p.display()
+                );
+            }
+            crate::output::write_atomic_mode(p, text.as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", p.display()))?;
+            eprintln!(
+                "picoimg: wrote {} (mode 0600: it holds the cluster secret); add your SSH key, then `picoimg cluster check {}`",
+                p.display(),
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks a cluster file and prints every problem as `FILE:LINE: field: message`.
+pub fn check(path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading cluster file {}", path.display()))?;
+    let shown = path.display();
+    match cluster::check(&text) {
+        Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("{shown}: warning: {}: {}", w.field, w.message);
+            }
+            let servers = c
+                .file
+                .nodes
+                .iter()
+                .filter(|n| n.roles.iter().any(|r| *r.get_ref() == Role::ConsulServer))
+                .count();
+            let users = c.file.users.len();
+            println!(
+                "{shown}: cluster {} ({}): {} nodes, {servers} consul servers, {users} users: ok",
+                c.file.cluster.get_ref().name.get_ref(),
+                c.file.cluster.get_ref().id.get_ref(),
+                c.file.nodes.len(),
+            );
+            if users == 0 {
+                eprintln!(
+                    "{shown}: note: no [[user]] with SSH keys: nobody will be able to log in"
+                );
+            }
+            Ok(())
+        }
+        Err(problems) => {
+            for p in &problems {
+                println!("{shown}:{}: {}: {}", p.line, p.field, p.message);
+            }
+            bail!("{shown}: {} problem(s)", problems.len())
+        }
+    }
+}

@@ -1,0 +1,863 @@
+//! The cluster file (`picoimg/cluster.toml` on the boot partition): one file for every node,
+//! versioned (`schema = "picoimg.cluster/1"`), parsed strictly, and checked as a whole so that
+//! `picoimg cluster check` and a booting node report every problem with its line.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use base64::Engine;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The schema this code reads.
+pub const SCHEMA: &str = "picoimg.cluster/1";
+const SCHEMA_PREFIX: &str = "picoimg.cluster/";
+
+/// One problem in a cluster file, where it is and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, 0 when the whole file is concerned.
+    pub line: usize,
+    /// The key, as a path (`node[2].address`).
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}: {}", self.line, self.field, self.message)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub schema: Spanned<String>,
+    pub cluster: Spanned<Cluster>,
+    pub network: Network,
+    #[serde(default)]
+    pub time: Time,
+    #[serde(default, rename = "user")]
+    pub users: Vec<User>,
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<Node>,
+    #[serde(default)]
+    pub consul: Option<Consul>,
+    #[serde(default)]
+    pub firstboot: FirstBoot,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: Spanned<String>,
+    pub id: Spanned<String>,
+    /// 32 random bytes, base64. Every key and token is derived from it.
+    #[serde(default)]
+    pub secret: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// IPv4 subnet of the cluster's nodes, `a.b.c.d/len`.
+    pub subnet: Spanned<String>,
+    pub gateway: Spanned<String>,
+    #[serde(default)]
+    pub dns: Vec<Spanned<String>>,
+    /// NTP servers; empty: the DHCP-provided or distribution defaults.
+    #[serde(default)]
+    pub ntp: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimePolicy {
+    /// Wait for the clock to be synchronised before cluster steps (bounded by `timeout`).
+    #[default]
+    Sync,
+    /// Do not wait (for clusters without a time source; TLS and Ceph may complain).
+    Skip,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Time {
+    #[serde(default)]
+    pub policy: TimePolicy,
+    /// Seconds to wait for synchronisation before failing.
+    #[serde(default = "default_time_timeout")]
+    pub timeout: u64,
+}
+
+impl Default for Time {
+    fn default() -> Self {
+        Time {
+            policy: TimePolicy::Sync,
+            timeout: default_time_timeout(),
+        }
+    }
+}
+
+fn default_time_timeout() -> u64 {
+    180
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub ssh_keys: Vec<Spanned<String>>,
+    /// Member of sudo (passwordless: there are no passwords).
+    #[serde(default = "yes")]
+    pub sudo: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: Spanned<String>,
+    /// A static IPv4 address in the subnet, or "dhcp".
+    pub address: Spanned<String>,
+    /// How the node recognises itself when neither the kernel command line nor node.toml
+    /// names it.
+    #[serde(default, rename = "match")]
+    pub matcher: Option<Match>,
+    pub roles: Vec<Spanned<Role>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    pub mac: Option<Spanned<String>>,
+    /// Raspberry Pi serial number (/proc/device-tree/serial-number).
+    pub serial: Option<Spanned<String>>,
+    /// DMI product UUID (/sys/class/dmi/id/product_uuid), x86 boards.
+    pub dmi_uuid: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    ConsulServer,
+    ConsulClient,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consul {
+    #[serde(default = "default_dc")]
+    pub datacenter: String,
+    /// ACLs on, default deny, with the derived management token.
+    #[serde(default = "yes")]
+    pub acl: bool,
+}
+
+fn default_dc() -> String {
+    "dc1".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirstBoot {
+    /// Remove the secret from the boot partition's copy once a node has applied the file.
+    #[serde(default = "yes")]
+    pub scrub_secret: bool,
+}
+
+impl Default for FirstBoot {
+    fn default() -> Self {
+        FirstBoot { scrub_secret: true }
+    }
+}
+
+/// A checked cluster file, with the warnings (such as a newer minor schema) it raised.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub file: ClusterFile,
+    pub secret: [u8; 32],
+    pub warnings: Vec<Problem>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn at<T>(text: &str, s: &Spanned<T>) -> usize {
+    line_of(text, s.span().start)
+}
+
+/// Parses and checks a cluster file: every problem found, each with its line.
+pub fn check(text: &str) -> Result<Checked, Vec<Problem>> {
+    let mut warnings = Vec::new();
+    // The schema first, so a file from another major version gets that message, not a list
+    // of fields this version does not know.
+    if let Ok(v) = text.parse::<toml::Table>() {
+        if let Some(toml::Value::String(schema)) = v.get("schema") {
+            match schema_version(schema) {
+                Some((1, 0)) => {}
+                Some((1, minor)) => warnings.push(Problem {
+                    line: 0,
+                    field: "schema".into(),
+                    message: format!(
+                        "{schema} is newer than this picoimg ({SCHEMA}); keys it does not know \
+                         are refused: update picoimg if the file uses them (minor {minor})"
+                    ),
+                }),
+                Some((major, _)) => {
+                    return Err(vec![Problem {
+                        line: 1,
+                        field: "schema".into(),
+                        message: format!(
+                            "{schema} is major version {major}: this picoimg reads {SCHEMA} only"
+                        ),
+                    }])
+                }
+                None => {
+                    return Err(vec![Problem {
+                        line: 1,
+                        field: "schema".into(),
+                        message: format!(
+                            "\"{schema}\" is not a picoimg cluster schema; expected \"{SCHEMA}\""
+                        ),
+                    }])
+                }
+            }
+        }
+    }
+    let file: ClusterFile = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+            let msg = e.message().to_owned();
+            let field = msg
+                .split('`')
+                .nth(1)
+                .map(str::to_owned)
+                .unwrap_or_else(|| "file".into());
+            return Err(vec![Problem {
+                line,
+                field,
+                message: msg,
+            }]);
+        }
+    };
+    let mut p = Vec::new();
+    let secret = check_cluster(text, &file, &mut p);
+    let subnet = check_network(text, &file, &mut p);
+    check_users(text, &file, &mut p);
+    check_nodes(text, &file, subnet, &mut p);
+    if !p.is_empty() {
+        p.sort_by_key(|x| x.line);
+        return Err(p);
+    }
+    Ok(Checked {
+        file,
+        secret: secret.expect("no problems means a secret"),
+        warnings,
+    })
+}
+
+/// `picoimg.cluster/1` -> (1, 0); `picoimg.cluster/1.2` -> (1, 2).
+fn schema_version(s: &str) -> Option<(u32, u32)> {
+    let v = s.strip_prefix(SCHEMA_PREFIX)?;
+    let (major, minor) = v.split_once('.').unwrap_or((v, "0"));
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+fn check_cluster(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) -> Option<[u8; 32]> {
+    let c = f.cluster.get_ref();
+    if !is_hostname(c.name.get_ref()) {
+        p.push(Problem {
+            line: at(text, &c.name),
+            field: "cluster.name".into(),
+            message: format!(
+                "\"{}\" must be letters, digits and '-', 1-63 characters",
+                c.name.get_ref()
+            ),
+        });
+    }
+    if uuid::Uuid::parse_str(c.id.get_ref()).is_err() {
+        p.push(Problem {
+            line: at(text, &c.id),
+            field: "cluster.id".into(),
+            message: "not a UUID; `picoimg cluster init` writes one".into(),
+        });
+    }
+    match &c.secret {
+        None => {
+            p.push(Problem {
+                line: at(text, &f.cluster),
+                field: "cluster.secret".into(),
+                message: "missing: every key and token is derived from it; `picoimg cluster init` writes a fresh one".into(),
+            });
+            None
+        }
+        Some(s) => match base64::engine::general_purpose::STANDARD.decode(s.get_ref().trim()) {
+            Ok(b) if b.len() == 32 => Some(b.try_into().expect("32 bytes")),
+            _ => {
+                p.push(Problem {
+                    line: at(text, s),
+                    field: "cluster.secret".into(),
+                    message: "must be 32 random bytes in base64 (44 characters); `picoimg cluster init` writes one".into(),
+                });
+                None
+            }
+        },
+    }
+}
+
+/// An IPv4 subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    pub fn parse(s: &str) -> Option<Subnet> {
+        let (a, l) = s.split_once('/')?;
+        let addr: Ipv4Addr = a.parse().ok()?;
+        let prefix: u8 = l.parse().ok().filter(|p| *p <= 30)?;
+        let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
+        (u32::from(addr) & !mask == 0).then_some(Subnet {
+            network: addr,
+            prefix,
+        })
+    }
+
+    fn mask(self) -> u32 {
+        u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0)
+    }
+
+    /// Whether `a` is a usable host address of the subnet (not the network or broadcast).
+    pub fn host(self, a: Ipv4Addr) -> bool {
+        let (n, x) = (u32::from(self.network), u32::from(a));
+        x & self.mask() == n && x != n && x != n | !self.mask()
+    }
+
+    /// The `i`-th host address (1-based).
+    pub fn nth(self, i: u32) -> Option<Ipv4Addr> {
+        let a = Ipv4Addr::from(u32::from(self.network) + i);
+        self.host(a).then_some(a)
+    }
+}
+
+fn check_network(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) -> Option<Subnet> {
+    let n = &f.network;
+    let subnet = Subnet::parse(n.subnet.get_ref());
+    if subnet.is_none() {
+        p.push(Problem {
+            line: at(text, &n.subnet),
+            field: "network.subnet".into(),
+            message: format!(
+                "\"{}\" is not an IPv4 subnet like \"10.42.0.0/24\" (network address, prefix up to /30)",
+                n.subnet.get_ref()
+            ),
+        });
+    }
+    match (n.gateway.get_ref().parse::<Ipv4Addr>(), subnet) {
+        (Ok(g), Some(s)) if !s.host(g) => p.push(Problem {
+            line: at(text, &n.gateway),
+            field: "network.gateway".into(),
+            message: format!("{g} is not an address in {}", n.subnet.get_ref()),
+        }),
+        (Err(_), _) => p.push(Problem {
+            line: at(text, &n.gateway),
+            field: "network.gateway".into(),
+            message: format!("\"{}\" is not an IPv4 address", n.gateway.get_ref()),
+        }),
+        _ => {}
+    }
+    for (i, d) in n.dns.iter().enumerate() {
+        if d.get_ref().parse::<std::net::IpAddr>().is_err() {
+            p.push(Problem {
+                line: at(text, d),
+                field: format!("network.dns[{i}]"),
+                message: format!("\"{}\" is not an IP address", d.get_ref()),
+            });
+        }
+    }
+    subnet
+}
+
+fn check_users(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
+    for (i, u) in f.users.iter().enumerate() {
+        if !is_username(u.name.get_ref()) {
+            p.push(Problem {
+                line: at(text, &u.name),
+                field: format!("user[{i}].name"),
+                message: format!(
+                    "\"{}\" is not a valid user name (lowercase letters, digits, '-', '_')",
+                    u.name.get_ref()
+                ),
+            });
+        }
+        for (k, key) in u.ssh_keys.iter().enumerate() {
+            if let Err(why) = ssh_public_key(key.get_ref()) {
+                p.push(Problem {
+                    line: at(text, key),
+                    field: format!("user[{i}].ssh_keys[{k}]"),
+                    message: format!("malformed SSH public key: {why}"),
+                });
+            }
+        }
+    }
+}
+
+/// Checks an OpenSSH public key line: known type, base64 body that starts with the same type.
+pub fn ssh_public_key(line: &str) -> Result<(), String> {
+    const TYPES: [&str; 6] = [
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+    ];
+    let mut parts = line.split_whitespace();
+    let kind = parts.next().ok_or("empty")?;
+    if !TYPES.contains(&kind) {
+        return Err(format!(
+            "unknown key type `{kind}` (expected one of {})",
+            TYPES.join(", ")
+        ));
+    }
+    let body = parts.next().ok_or("no key data after the type")?;
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|_| "the key data is not base64".to_owned())?;
+    let n = blob
+        .get(..4)
+        .map(|b| u32::from_be_bytes(b.try_into().expect("4")) as usize);
+    if n.and_then(|n| blob.get(4..4 + n)) != Some(kind.as_bytes()) {
+        return Err(format!("the key data is not a `{kind}` key"));
+    }
+    Ok(())
+}
+
+fn check_nodes(text: &str, f: &ClusterFile, subnet: Option<Subnet>, p: &mut Vec<Problem>) {
+    if f.nodes.is_empty() {
+        p.push(Problem {
+            line: 0,
+            field: "node".into(),
+            message: "no [[node]]: list every node of the cluster".into(),
+        });
+        return;
+    }
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    let mut addrs: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+    let mut macs: BTreeMap<String, usize> = BTreeMap::new();
+    let gateway = f.network.gateway.get_ref().parse::<Ipv4Addr>().ok();
+    let mut servers = 0;
+    for (i, n) in f.nodes.iter().enumerate() {
+        let name = n.name.get_ref();
+        if !is_hostname(name) {
+            p.push(Problem {
+                line: at(text, &n.name),
+                field: format!("node[{i}].name"),
+                message: format!("\"{name}\" must be a host name: letters, digits and '-'"),
+            });
+        }
+        if let Some(first) = names.insert(name.clone(), at(text, &n.name)) {
+            p.push(Problem {
+                line: at(text, &n.name),
+                field: format!("node[{i}].name"),
+                message: format!("duplicate node name \"{name}\" (also on line {first})"),
+            });
+        }
+        let address = n.address.get_ref();
+        if address != "dhcp" {
+            match address.parse::<Ipv4Addr>() {
+                Err(_) => p.push(Problem {
+                    line: at(text, &n.address),
+                    field: format!("node[{i}].address"),
+                    message: format!("\"{address}\" is neither an IPv4 address nor \"dhcp\""),
+                }),
+                Ok(a) => {
+                    if let Some(s) = subnet.filter(|s| !s.host(a)) {
+                        p.push(Problem {
+                            line: at(text, &n.address),
+                            field: format!("node[{i}].address"),
+                            message: format!(
+                                "{a} is outside the subnet {}/{} (or is its network or broadcast address)",
+                                s.network, s.prefix
+                            ),
+                        });
+                    }
+                    if Some(a) == gateway {
+                        p.push(Problem {
+                            line: at(text, &n.address),
+                            field: format!("node[{i}].address"),
+                            message: format!("{a} is the gateway's address"),
+                        });
+                    }
+                    if let Some(first) = addrs.insert(a, at(text, &n.address)) {
+                        p.push(Problem {
+                            line: at(text, &n.address),
+                            field: format!("node[{i}].address"),
+                            message: format!("duplicate address {a} (also on line {first})"),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(mac) = n.matcher.as_ref().and_then(|m| m.mac.as_ref()) {
+            match normalise_mac(mac.get_ref()) {
+                None => p.push(Problem {
+                    line: at(text, mac),
+                    field: format!("node[{i}].match.mac"),
+                    message: format!(
+                        "\"{}\" is not a MAC address like \"52:54:00:12:34:56\"",
+                        mac.get_ref()
+                    ),
+                }),
+                Some(m) => {
+                    if let Some(first) = macs.insert(m.clone(), at(text, mac)) {
+                        p.push(Problem {
+                            line: at(text, mac),
+                            field: format!("node[{i}].match.mac"),
+                            message: format!("duplicate MAC {m} (also on line {first})"),
+                        });
+                    }
+                }
+            }
+        }
+        if n.roles.is_empty() {
+            p.push(Problem {
+                line: at(text, &n.name),
+                field: format!("node[{i}].roles"),
+                message: "no roles: give it at least one, e.g. [\"consul-client\"]".into(),
+            });
+        }
+        servers += n
+            .roles
+            .iter()
+            .filter(|r| *r.get_ref() == Role::ConsulServer)
+            .count();
+    }
+    let uses_consul = f.consul.is_some()
+        || f.nodes
+            .iter()
+            .flat_map(|n| &n.roles)
+            .any(|r| matches!(r.get_ref(), Role::ConsulServer | Role::ConsulClient));
+    if uses_consul && servers == 0 {
+        p.push(Problem {
+            line: 0,
+            field: "node.roles".into(),
+            message: "no node has the consul-server role: give it to 1, 3 or 5 nodes".into(),
+        });
+    }
+    if servers % 2 == 0 && servers > 0 {
+        p.push(Problem {
+            line: 0,
+            field: "node.roles".into(),
+            message: format!(
+                "{servers} consul-server nodes: use an odd number (1, 3, 5) so a majority survives a failure"
+            ),
+        });
+    }
+}
+
+/// `52-54-00-AB-CD-EF` or `52:54:00:ab:cd:ef` -> `52:54:00:ab:cd:ef`.
+pub fn normalise_mac(s: &str) -> Option<String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    (parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit())))
+    .then(|| parts.join(":").to_ascii_lowercase())
+}
+
+fn is_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn is_username(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// Options of `picoimg cluster init`.
+pub struct InitOptions<'a> {
+    pub name: &'a str,
+    pub nodes: u32,
+    pub subnet: &'a str,
+}
+
+/// A complete, commented cluster file with a fresh id and secret.
+pub fn render_init(o: &InitOptions<'_>) -> Result<String, String> {
+    if !is_hostname(o.name) {
+        return Err(format!(
+            "--name \"{}\": letters, digits and '-' only",
+            o.name
+        ));
+    }
+    if o.nodes == 0 || o.nodes > 250 {
+        return Err(format!("--nodes {}: give 1 to 250", o.nodes));
+    }
+    let subnet = Subnet::parse(o.subnet).ok_or_else(|| {
+        format!(
+            "--subnet \"{}\": write an IPv4 subnet like 10.42.0.0/24",
+            o.subnet
+        )
+    })?;
+    let gateway = subnet.nth(1).ok_or("--subnet is too small")?;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| format!("no randomness for the secret: {e}"))?;
+    let secret = base64::engine::general_purpose::STANDARD.encode(secret);
+    let mut idb = [0u8; 16];
+    getrandom::fill(&mut idb).map_err(|e| format!("no randomness for the id: {e}"))?;
+    let id = uuid::Builder::from_random_bytes(idb).into_uuid();
+    // An odd number of Consul servers: all of 1 or 3 nodes, three of larger clusters.
+    let servers = match o.nodes {
+        1 | 2 => 1,
+        3..=4 => 3,
+        _ => 3,
+    };
+    let mut s = format!(
+        r#"# picoimg cluster file: every node of the cluster boots the same image and reads this file
+# from its boot partition (picoimg/cluster.toml). Check it with `picoimg cluster check FILE`.
+schema = "{SCHEMA}"
+
+[cluster]
+name = "{name}"
+id = "{id}"
+# 32 random bytes: every key and token (Consul gossip key, ACL token, ...) is derived from it.
+# Keep this file private; nodes remove the secret from the boot partition once applied.
+secret = "{secret}"
+
+[network]
+subnet = "{subnet_s}"
+gateway = "{gateway}"
+dns = ["{gateway}"]
+# NTP servers; empty: those DHCP offers, else the distribution's defaults.
+ntp = []
+
+[time]
+# "sync": wait (up to `timeout` seconds) for a synchronised clock before cluster steps.
+policy = "sync"
+timeout = 180
+
+# Who may log in (SSH keys only; there are no passwords). Add your public key:
+# [[user]]
+# name = "pico"
+# ssh_keys = ["ssh-ed25519 AAAA... you@laptop"]
+# sudo = true
+
+[consul]
+datacenter = "dc1"
+acl = true
+"#,
+        name = o.name,
+        subnet_s = o.subnet,
+    );
+    for i in 0..o.nodes {
+        let addr = subnet.nth(10 + i).ok_or_else(|| {
+            format!(
+                "--subnet {} has no room for {} nodes from .10",
+                o.subnet, o.nodes
+            )
+        })?;
+        let role = if i < servers {
+            "consul-server"
+        } else {
+            "consul-client"
+        };
+        s.push_str(&format!(
+            r#"
+[[node]]
+name = "{}{i}"
+address = "{addr}"   # or "dhcp"
+roles = ["{role}"]
+# How the node finds itself if flashing did not name it (picoimg flash --node) and the kernel
+# command line has no picoimg.node=: by MAC address, Raspberry Pi serial, or DMI product UUID.
+# match = {{ mac = "52:54:00:00:00:{:02x}" }}
+"#,
+            "pc",
+            i + 1
+        ));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init(nodes: u32) -> String {
+        render_init(&InitOptions {
+            name: "lab",
+            nodes,
+            subnet: "10.42.0.0/24",
+        })
+        .unwrap()
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        check(text).err().unwrap_or_default()
+    }
+
+    fn line_with(text: &str, needle: &str) -> usize {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    }
+
+    #[test]
+    fn init_output_checks_clean_and_has_a_fresh_secret() {
+        let a = init(3);
+        let b = init(3);
+        let checked = check(&a).unwrap();
+        assert_eq!(checked.file.nodes.len(), 3);
+        assert!(checked.warnings.is_empty());
+        assert_ne!(
+            check(&b).unwrap().secret,
+            checked.secret,
+            "secrets must be fresh"
+        );
+        for n in [1, 2, 4, 5, 7] {
+            check(&init(n)).unwrap_or_else(|p| panic!("init {n} nodes: {p:?}"));
+        }
+    }
+
+    #[test]
+    fn duplicates_are_named_with_lines() {
+        let t = init(3)
+            .replace("name = \"pc1\"", "name = \"pc0\"")
+            .replace("address = \"10.42.0.12\"", "address = \"10.42.0.10\"")
+            .replace(
+                "# match = { mac = \"52:54:00:00:00:01\" }",
+                "match = { mac = \"52:54:00:00:00:aa\" }",
+            )
+            .replace(
+                "# match = { mac = \"52:54:00:00:00:02\" }",
+                "match = { mac = \"52-54-00-00-00-AA\" }",
+            );
+        let p = problems(&t);
+        let dup_name = p
+            .iter()
+            .find(|x| x.message.contains("duplicate node name"))
+            .unwrap();
+        let second = t
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains("name = \"pc0\""))
+            .nth(1)
+            .unwrap()
+            .0
+            + 1;
+        assert_eq!(dup_name.line, second);
+        assert!(p
+            .iter()
+            .any(|x| x.message.contains("duplicate address 10.42.0.10")));
+        let dup_mac = p
+            .iter()
+            .find(|x| x.message.contains("duplicate MAC"))
+            .unwrap();
+        assert_eq!(dup_mac.field, "node[1].match.mac");
+        assert_eq!(dup_mac.line, line_with(&t, "52-54-00-00-00-AA"));
+    }
+
+    #[test]
+    fn address_outside_subnet_and_even_servers() {
+        let t = init(4)
+            .replace("address = \"10.42.0.11\"", "address = \"10.43.0.11\"")
+            .replace("roles = [\"consul-client\"]", "roles = [\"consul-server\"]");
+        let p = problems(&t);
+        let out = p.iter().find(|x| x.field == "node[1].address").unwrap();
+        assert_eq!(out.line, line_with(&t, "10.43.0.11"));
+        assert!(out.message.contains("outside the subnet"));
+        assert!(p.iter().any(|x| x
+            .message
+            .contains("4 consul-server nodes: use an odd number")));
+    }
+
+    #[test]
+    fn no_server_and_missing_secret() {
+        let t = init(1).replace("consul-server", "consul-client");
+        assert!(problems(&t)
+            .iter()
+            .any(|x| x.message.contains("no node has the consul-server role")));
+        let start = init(1);
+        let secret_line = start
+            .lines()
+            .find(|l| l.starts_with("secret = "))
+            .unwrap()
+            .to_owned();
+        let t = start.replace(&secret_line, "");
+        let p = problems(&t);
+        let m = p.iter().find(|x| x.field == "cluster.secret").unwrap();
+        assert!(m.message.contains("missing"), "{m}");
+        assert_eq!(m.line, line_with(&t, "[cluster]"));
+    }
+
+    #[test]
+    fn malformed_key_and_secret() {
+        let t = init(1).replace(
+            "# [[user]]\n# name = \"pico\"\n# ssh_keys = [\"ssh-ed25519 AAAA... you@laptop\"]",
+            "[[user]]\nname = \"pico\"\nssh_keys = [\"ssh-ed25519 bm90IGEga2V5 me@laptop\"]",
+        );
+        let p = problems(&t);
+        let k = p.iter().find(|x| x.field == "user[0].ssh_keys[0]").unwrap();
+        assert!(k.message.contains("malformed SSH public key"), "{k}");
+        assert_eq!(k.line, line_with(&t, "ssh_keys = "));
+        let good = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@laptop";
+        assert!(ssh_public_key(good).is_ok());
+        let base = init(1);
+        let secret_line = base
+            .lines()
+            .find(|l| l.starts_with("secret"))
+            .unwrap()
+            .to_owned();
+        let t = base.replace(&secret_line, "secret = \"c2hvcnQ=\"");
+        assert!(problems(&t)
+            .iter()
+            .any(|x| x.field == "cluster.secret" && x.message.contains("32 random bytes")));
+    }
+
+    #[test]
+    fn syntax_error_and_unknown_key_have_lines() {
+        let t = init(1).replace("[network]", "[network]\nvlan = 7");
+        let p = problems(&t);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].line, line_with(&t, "vlan = 7"));
+        assert!(p[0].message.contains("unknown field `vlan`"), "{}", p[0]);
+        let t = init(1).replace("datacenter = \"dc1\"", "datacenter = \"dc1");
+        let p = problems(&t);
+        assert_eq!(p[0].line, line_with(&t, "datacenter = \"dc1"));
+    }
+
+    #[test]
+    fn schema_versions() {
+        let t = init(1).replace(SCHEMA, "picoimg.cluster/2");
+        let p = problems(&t);
+        assert!(p[0].message.contains("major version 2"), "{}", p[0]);
+        let t = init(1).replace(SCHEMA, "picoimg.cluster/1.3");
+        let c = check(&t).unwrap();
+        assert!(c.warnings[0].message.contains("newer than this picoimg"));
+    }
+
+    #[test]
+    fn subnets() {
+        let s = Subnet::parse("10.42.0.0/24").unwrap();
+        assert!(s.host("10.42.0.10".parse().unwrap()));
+        assert!(!s.host("10.42.0.255".parse().unwrap()));
+        assert!(!s.host("10.42.0.0".parse().unwrap()));
+        assert!(Subnet::parse("10.42.0.1/24").is_none(), "host bits set");
+        assert_eq!(
+            normalise_mac("52-54-00-AB-cd-01").as_deref(),
+            Some("52:54:00:ab:cd:01")
+        );
+    }
+}
