@@ -5,15 +5,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn picoimg() -> Command {
     Command::new(env!("CARGO_BIN_EXE_picoimg"))
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 fn stderr(o: &Output) -> String {
@@ -34,15 +30,7 @@ fn assert_no_output(out: &Path) {
 
 /// A copy of boards/ and overlays/ whose h4 board file is edited by `edit`.
 fn data_with_board(edit: impl Fn(&str) -> String) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let status = Command::new("cp")
-        .arg("-r")
-        .arg(repo().join("boards"))
-        .arg(repo().join("overlays"))
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let dir = common::data_copy();
     let p = dir.path().join("boards/h4.toml");
     let text = std::fs::read_to_string(&p).unwrap();
     std::fs::write(&p, edit(&text)).unwrap();
@@ -307,26 +295,11 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-/// A copy of the data directory whose c5 board downloads its blob from `url`, pinned to `sha`.
-fn c5_with_blob(url: &str, sha: &str) -> tempfile::TempDir {
-    let dir = data_with_board(|t| t.to_owned());
-    let p = dir.path().join("boards/c5.toml");
-    let text = std::fs::read_to_string(&p).unwrap();
-    let start = text.find("url = ").unwrap();
-    let end = text[start..].find("\n[qemu]").unwrap() + start;
-    let text = format!(
-        "{}url = \"{url}\"\nsha256 = \"{sha}\"\n{}",
-        &text[..start],
-        &text[end..]
-    );
-    std::fs::write(&p, text).unwrap();
-    dir
-}
-
 #[test]
 fn blob_with_wrong_checksum_aborts_before_anything_is_built() {
     let url = common::serve(b"not the real u-boot".to_vec(), 3);
-    let data = c5_with_blob(&url, &sha256_hex(b"the real u-boot"));
+    let data = common::data_copy();
+    common::c5_blob_from(data.path(), &url, &sha256_hex(b"the real u-boot"));
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let o = picoimg()

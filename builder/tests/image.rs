@@ -352,15 +352,7 @@ fn boots_to_ready_and_grows_root() {
 #[test]
 fn failed_unit_fails_the_boot_and_is_named() {
     h4(); // same packages: reuses the cached root filesystem
-    let data = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    run_ok(
-        Command::new("cp")
-            .arg("-r")
-            .arg(repo.join("boards"))
-            .arg(repo.join("overlays"))
-            .arg(data.path()),
-    );
+    let data = common::data_copy();
     let comp = data.path().join("overlays/broken");
     std::fs::create_dir_all(comp.join("rootfs/etc/systemd/system")).unwrap();
     std::fs::write(
@@ -497,25 +489,8 @@ fn c5() -> &'static C5 {
             .collect();
         let sha = hex::encode(sha2::Sha256::digest(&blob));
         let url = common::serve(blob.clone(), 4);
-        let data = tempfile::tempdir().unwrap();
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        run_ok(
-            Command::new("cp")
-                .arg("-r")
-                .arg(repo.join("boards"))
-                .arg(repo.join("overlays"))
-                .arg(data.path()),
-        );
-        let board = data.path().join("boards/c5.toml");
-        let text = std::fs::read_to_string(&board).unwrap();
-        let start = text.find("url = ").unwrap();
-        let end = text[start..].find("\n[qemu]").unwrap() + start;
-        let text = format!(
-            "{}url = \"{url}\"\nsha256 = \"{sha}\"\n{}",
-            &text[..start],
-            &text[end..]
-        );
-        std::fs::write(&board, text).unwrap();
+        let data = common::data_copy();
+        common::c5_blob_from(data.path(), &url, &sha);
         let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("image-tests/c5");
         let _ = std::fs::remove_dir_all(&out);
         let started = Instant::now();

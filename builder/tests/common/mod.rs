@@ -25,3 +25,32 @@ pub fn serve(body: Vec<u8>, max: usize) -> String {
     });
     format!("http://{addr}/u-boot.bin.signed")
 }
+
+/// A copy of the repository's boards/ and overlays/ in a temporary directory (a `--data-dir`).
+pub fn data_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(repo.join("boards"))
+        .arg(repo.join("overlays"))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dir
+}
+
+/// Points the c5 board of a data copy at a blob served from `url`, pinned to `sha256`.
+pub fn c5_blob_from(data: &std::path::Path, url: &str, sha256: &str) {
+    let p = data.join("boards/c5.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let start = text.find("url = ").unwrap();
+    let end = text[start..].find("\n[qemu]").unwrap() + start;
+    let text = format!(
+        "{}url = \"{url}\"\nsha256 = \"{sha256}\"\n{}",
+        &text[..start],
+        &text[end..]
+    );
+    std::fs::write(&p, text).unwrap();
+}
