@@ -26,9 +26,19 @@ pub const TOOLS: &[Tool] = &[
         needed_for: "build: ext4 root (1.47.1+ with libarchive13)",
     },
     Tool {
+        program: "curl",
+        package: "curl",
+        needed_for: "build: bootloader downloads, source checks",
+    },
+    Tool {
         program: "qemu-system-x86_64",
         package: "qemu-system-x86",
         needed_for: "run: x86-64 boards",
+    },
+    Tool {
+        program: "qemu-system-aarch64",
+        package: "qemu-system-arm",
+        needed_for: "run: arm64 boards",
     },
     Tool {
         program: "qemu-img",
@@ -51,6 +61,11 @@ pub const TOOLS: &[Tool] = &[
         needed_for: "tests: FAT contents",
     },
     Tool {
+        program: "dumpimage",
+        package: "u-boot-tools",
+        needed_for: "tests: boot.scr check",
+    },
+    Tool {
         program: "bmaptool",
         package: "bmap-tools",
         needed_for: "tests, flashing: bmap copy",
@@ -58,11 +73,18 @@ pub const TOOLS: &[Tool] = &[
 ];
 
 /// Firmware files `picoimg run` needs, with their packages.
-pub const FIRMWARE: &[(&str, &str, &str)] = &[(
-    "/usr/share/OVMF/OVMF_CODE_4M.fd",
-    "ovmf",
-    "run: x86-64 UEFI",
-)];
+pub const FIRMWARE: &[(&str, &str, &str)] = &[
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "ovmf",
+        "run: x86-64 UEFI",
+    ),
+    (
+        "/usr/lib/u-boot/qemu_arm64/u-boot.bin",
+        "u-boot-qemu",
+        "run: arm64 boards (u-boot)",
+    ),
+];
 
 /// How to install the package that provides `program`.
 pub fn install_hint(program: &str) -> String {
@@ -169,13 +191,9 @@ pub fn run() -> Result<()> {
     }
     for (path, pkg, why) in FIRMWARE {
         let ok = std::path::Path::new(path).exists();
-        println!(
-            "{:4} {:20} {:18} {}",
-            if ok { "ok" } else { "MISS" },
-            path,
-            pkg,
-            why
-        );
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let mark = if ok { "ok" } else { "MISS" };
+        println!("{mark:4} {name:20} {pkg:18} {why} ({path})");
         if !ok {
             missing.push(pkg);
         }
@@ -183,10 +201,10 @@ pub fn run() -> Result<()> {
     if find_program("mke2fs").is_some() {
         match mke2fs_reads_tar() {
             Ok(()) => println!(
-                "ok   mke2fs -d TARBALL      e2fsprogs          build: ext4 root from a tarball"
+                "ok   mke2fs -d TARBALL    e2fsprogs          build: ext4 root from a tarball"
             ),
             Err(_) => {
-                println!("MISS mke2fs -d TARBALL      e2fsprogs          needs e2fsprogs >= 1.47.1 and libarchive13");
+                println!("MISS mke2fs -d TARBALL    e2fsprogs          needs e2fsprogs >= 1.47.1 and libarchive13");
                 missing.push("libarchive13");
             }
         }
