@@ -6,4 +6,5 @@
 /// Version of the first-boot agent, reported by the device binary and recorded in manifests.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub mod cluster;
+pub mod identify;
 pub mod secrets;
