@@ -501,9 +501,7 @@ impl Board {
     /// A kernel package built for another architecture is a board-file mistake.
     fn check_kernel_arch(&self, set_name: &str, set: &SourceSet) -> Result<()> {
         let foreign: &[&str] = match self.arch {
-            Arch::Amd64 => &[
-                "arm64", "aarch64", "armhf", "rpi", "raspi", "meson", "odroid",
-            ],
+            Arch::Amd64 => &["arm64", "aarch64", "armhf", "rpi", "raspi", "meson"],
             Arch::Arm64 => &["amd64", "x86", "686"],
         };
         for k in &set.packages.kernel {

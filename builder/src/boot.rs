@@ -144,24 +144,25 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
                     || p.starts_with("vmlinuz-")
                     || p.starts_with("initrd.img-")
             };
-            let mut from_hook: Vec<(String, &[u8])> = hook
-                .iter()
+            let mut from_hook: Vec<(String, Vec<u8>)> = hook
+                .into_iter()
                 .filter(|(p, _)| !older_pi(p) && !ours(p))
-                .map(|(p, d)| (p.clone(), d.as_slice()))
                 .collect();
-            // Without a hook (no firmware package), the kernel package's own device trees.
-            let kdir = format!("usr/lib/linux-image-{}", b.kver);
-            let kernel_dtbs =
-                tarfs::read_dir_files(b.root_tar, &format!("{kdir}/broadcom"), |n| {
-                    n.starts_with("bcm2712") && n.ends_with(".dtb")
-                })?;
-            let has_pi5_dtb = |files: &[(String, &[u8])]| {
+            let has_pi5_dtb = |files: &[(String, Vec<u8>)]| {
                 files
                     .iter()
                     .any(|(p, _)| p.starts_with("bcm2712") && p.ends_with(".dtb"))
             };
+            // Without a hook (no firmware package), the kernel package's own device trees;
+            // read only then, as it is another pass over the root tarball.
+            let kdir = format!("usr/lib/linux-image-{}", b.kver);
             if !has_pi5_dtb(&from_hook) {
-                from_hook.extend(kernel_dtbs.iter().map(|(n, d)| (n.clone(), d.as_slice())));
+                let broadcom = tarfs::read_tree(b.root_tar, &format!("{kdir}/broadcom"))?;
+                from_hook.extend(
+                    broadcom
+                        .into_iter()
+                        .filter(|(n, _)| n.starts_with("bcm2712") && n.ends_with(".dtb")),
+                );
             }
             if !has_pi5_dtb(&from_hook) {
                 bail!(
@@ -177,6 +178,10 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
             // console is the PL011 of `virt`, named last so it becomes /dev/console there.
             let qemu_cmdline = format!("{} console=ttyAMA0,115200", b.cmdline);
             let extlinux = extlinux_conf(b.name, b.kver, names, &qemu_cmdline, None);
+            let from_hook: Vec<(String, &[u8])> = from_hook
+                .iter()
+                .map(|(p, d)| (p.clone(), d.as_slice()))
+                .collect();
             let mut out = kernel_files(names, kernel, initrd_data, &extlinux, &from_hook);
             out.push(FatFile {
                 path: "config.txt",

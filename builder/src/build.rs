@@ -81,6 +81,11 @@ pub struct Outputs {
 
 /// Resolves board, stack and options into a plan (no side effects but reading files).
 pub fn plan(opts: &BuildOptions) -> Result<BuildPlan> {
+    Ok(resolve(opts)?.1)
+}
+
+/// The data directory, the plan and its components, each resolved once.
+fn resolve(opts: &BuildOptions) -> Result<(PathBuf, BuildPlan, Vec<crate::component::Component>)> {
     let data = crate::data::find(opts.data_dir.as_deref())?;
     let mut board = crate::data::board(&data, &opts.board)?;
     if let Some(size) = opts.image_size {
@@ -90,20 +95,19 @@ pub fn plan(opts: &BuildOptions) -> Result<BuildPlan> {
             .with_context(|| format!("--image-size {size} does not fit board `{}`", board.name))?;
     }
     let components = crate::component::resolve(&data, &opts.stack, &board)?;
-    BuildPlan::new(
+    let plan = BuildPlan::new(
         board,
         &opts.stack,
         &components,
         opts.mirror.as_deref(),
         opts.sources.as_deref(),
-    )
+    )?;
+    Ok((data, plan, components))
 }
 
 pub fn build(opts: &BuildOptions) -> Result<Outputs> {
-    let data = crate::data::find(opts.data_dir.as_deref())?;
-    let plan = plan(opts)?;
+    let (data, plan, components) = resolve(opts)?;
     crate::doctor::preflight_build(plan.board.arch).context("checking host tools")?;
-    let components = crate::component::resolve(&data, &opts.stack, &plan.board)?;
     let staging = crate::output::staging_dir(&opts.out, &plan.name)?;
     let cache = crate::cache::Cache::open(opts.cache.as_deref())?;
     let inputs_hash = plan.inputs_hash();

@@ -48,32 +48,6 @@ pub fn read_paths(tar: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Found>
     Ok(out)
 }
 
-/// Reads every regular file directly below `dir` (not in subdirectories) whose name passes
-/// `keep`, in one pass: name -> contents.
-pub fn read_dir_files(
-    tar: &Path,
-    dir: &str,
-    keep: impl Fn(&str) -> bool,
-) -> Result<BTreeMap<String, Vec<u8>>> {
-    let prefix = format!("{}/", norm(dir));
-    let mut out = BTreeMap::new();
-    each_entry(tar, |path, entry| {
-        if let Some(name) = path.strip_prefix(&prefix) {
-            if !name.is_empty()
-                && !name.contains('/')
-                && entry.header().entry_type().is_file()
-                && keep(name)
-            {
-                let mut buf = Vec::new();
-                entry.read_to_end(&mut buf)?;
-                out.insert(name.to_owned(), buf);
-            }
-        }
-        Ok(())
-    })?;
-    Ok(out)
-}
-
 /// Reads every regular file below `dir`, at any depth: path relative to `dir` -> contents.
 pub fn read_tree(tar: &Path, dir: &str) -> Result<BTreeMap<String, Vec<u8>>> {
     let prefix = format!("{}/", norm(dir));

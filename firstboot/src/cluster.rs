@@ -621,12 +621,8 @@ pub fn render_init(o: &InitOptions<'_>) -> Result<String, String> {
     let mut idb = [0u8; 16];
     getrandom::fill(&mut idb).map_err(|e| format!("no randomness for the id: {e}"))?;
     let id = uuid::Builder::from_random_bytes(idb).into_uuid();
-    // An odd number of Consul servers: all of 1 or 3 nodes, three of larger clusters.
-    let servers = match o.nodes {
-        1 | 2 => 1,
-        3..=4 => 3,
-        _ => 3,
-    };
+    // An odd number of Consul servers: one for 1-2 nodes, three for larger clusters.
+    let servers = if o.nodes < 3 { 1 } else { 3 };
     let mut s = format!(
         r#"# picoimg cluster file: every node of the cluster boots the same image and reads this file
 # from its boot partition (picoimg/cluster.toml). Check it with `picoimg cluster check FILE`.
@@ -679,14 +675,13 @@ acl = true
         s.push_str(&format!(
             r#"
 [[node]]
-name = "{}{i}"
+name = "pc{i}"
 address = "{addr}"   # or "dhcp"
 roles = ["{role}"]
 # How the node finds itself if flashing did not name it (picoimg flash --node) and the kernel
 # command line has no picoimg.node=: by MAC address, Raspberry Pi serial, or DMI product UUID.
 # match = {{ mac = "52:54:00:00:00:{:02x}" }}
 "#,
-            "pc",
             i + 1
         ));
     }
