@@ -15,8 +15,9 @@ log() { printf 'setup-host: %s\n' "$*" >&2; }
 # components the tests use; for the user who runs cargo, so not under sudo.
 rust_setup() {
   command -v rustup >/dev/null 2>&1 || return 0
-  rustup target list --installed | grep -qx aarch64-unknown-linux-musl ||
-    rustup target add aarch64-unknown-linux-musl >/dev/null
+  for t in aarch64-unknown-linux-musl x86_64-unknown-linux-musl; do
+    rustup target list --installed | grep -qx "$t" || rustup target add "$t" >/dev/null
+  done
   for c in rustfmt clippy; do
     rustup component list --installed | grep -q "^$c" || rustup component add "$c" >/dev/null
   done

@@ -15,6 +15,9 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+step "first-boot agent for every board architecture (static musl)"
+cargo build --release -p picoimg-firstboot \
+  --target x86_64-unknown-linux-musl --target aarch64-unknown-linux-musl
 step "cargo test (unit, CLI, image and QEMU boot tests)"
 # Two test threads: the image build, the boot and the checks share one built image.
 cargo test --workspace --all-features -- --test-threads=2

@@ -94,6 +94,10 @@ pub struct SourceSet {
 pub struct Source {
     pub name: String,
     pub uri: String,
+    /// Suite of this source when it differs from the distribution's (e.g. `bullseye` for a
+    /// package only an older release carries); apt prefers the distribution's versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
     pub components: Vec<String>,
     /// Keyring that signs this source (a path on the build host).
     pub keyring: PathBuf,

@@ -265,9 +265,24 @@ fn partition<'a>(
         .context("the board has no partition for its loader")
 }
 
+/// What a user finds in `picoimg/` on the boot partition of a fresh image.
+pub const PICOIMG_README: &str =
+    "picoimg: put the cluster file here as cluster.toml (and, to name this node,\r\n\
+node.toml with `name = \"NODE\"`), or let `picoimg flash --cluster FILE --node NODE` do it.\r\n\
+At first boot the node reports its progress in status.txt (secrets redacted);\r\n\
+a node that is not in the cluster file writes what it saw to unknown-node.txt.\r\n";
+
 fn write_fat(raw: &Path, b: &BootInputs<'_>, placed: &Placed, files: &[FatFile<'_>]) -> Result<()> {
     let part = &b.board.disk.partitions[placed.index];
-    crate::disk::write_fat(raw, placed, &part.label, b.ids.fat_volume_id, files)
+    let mut all: Vec<FatFile<'_>> = vec![FatFile {
+        path: "picoimg/README.txt",
+        data: PICOIMG_README.as_bytes(),
+    }];
+    all.extend(files.iter().map(|f| FatFile {
+        path: f.path,
+        data: f.data,
+    }));
+    crate::disk::write_fat(raw, placed, &part.label, b.ids.fat_volume_id, &all)
 }
 
 /// A u-boot distro-boot menu with one entry; `files` are the kernel and initrd names at the

@@ -30,6 +30,8 @@ pub struct BuildOptions {
     pub sources: Option<String>,
     /// A local file instead of the board's bootloader blob download.
     pub uboot: Option<PathBuf>,
+    /// The first-boot agent binary (default: found as `agentbin` describes).
+    pub firstboot: Option<PathBuf>,
 }
 
 /// `<name>.manifest.json`: what is in an image and what made it.
@@ -44,6 +46,8 @@ pub struct Manifest {
     pub sources: String,
     pub components: Vec<String>,
     pub inputs_hash: String,
+    /// The first-boot agent installed as /usr/lib/picoimg/picoimg-firstboot.
+    pub firstboot: crate::agentbin::AgentBinary,
     pub rootfs: RootfsInfo,
     pub kernel: String,
     pub kernel_cmdline: String,
@@ -110,13 +114,9 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     crate::doctor::preflight_build(plan.board.arch).context("checking host tools")?;
     let staging = crate::output::staging_dir(&opts.out, &plan.name)?;
     let cache = crate::cache::Cache::open(opts.cache.as_deref())?;
-    let inputs_hash = plan.inputs_hash();
     log(format!(
-        "building {} (board {}, stack {}, inputs {})",
-        plan.name,
-        plan.board.name,
-        plan.stack,
-        &inputs_hash[..12]
+        "building {} (board {}, stack {})",
+        plan.name, plan.board.name, plan.stack
     ));
     let board = &plan.board;
     let layout = board.layout()?;
@@ -130,6 +130,14 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         }
         None => None,
     };
+    // The agent is part of every image's inputs (its disk ids too).
+    let agent = crate::agentbin::find(board.arch, opts.firstboot.as_deref())?;
+    let inputs_hash = crate::plan::json_key(&(plan.inputs_hash(), &agent.sha256));
+    log(format!(
+        "inputs {} (first-boot agent {})",
+        &inputs_hash[..12],
+        agent.path.display()
+    ));
     if opts.refresh || !crate::rootfs::is_cached(&plan.rootfs, &cache) {
         let others: Vec<&str> = board
             .sources
@@ -169,6 +177,11 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         enable.extend(c.file.enable.iter().cloned());
     }
     generated_files(&mut changes, &plan, &layout, &ids, &inputs_hash)?;
+    changes.file(
+        "usr/lib/picoimg/picoimg-firstboot",
+        agent.bytes.clone(),
+        0o755,
+    );
     tarfs::enable_units(&base_tar, &mut changes, &enable).context("enabling units")?;
     let root_tar = staging.path().join("root.tar");
     tarfs::apply(&base_tar, &changes, &root_tar, mtime())?;
@@ -238,6 +251,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         sources: plan.sources.clone(),
         components: components.iter().map(|c| c.name.clone()).collect(),
         inputs_hash: inputs_hash.clone(),
+        firstboot: agent,
         rootfs: rootfs_info,
         kernel: kver,
         kernel_cmdline: cmdline,
@@ -350,7 +364,8 @@ fn generated_files(
         let (fs, opts, pass) = match part.fs {
             Filesystem::Ext4 if part.mount == "/" => ("ext4", "rw,errors=remount-ro", 1),
             Filesystem::Ext4 => ("ext4", "rw,nofail", 2),
-            Filesystem::Vfat => ("vfat", "umask=0077,nofail", 2),
+            // flush: write FAT changes early; boards lose power without a shutdown.
+            Filesystem::Vfat => ("vfat", "umask=0077,flush,nofail", 2),
         };
         fstab.push_str(&format!(
             "PARTUUID={}\t{}\t{fs}\t{opts}\t0\t{pass}\n",
@@ -373,8 +388,22 @@ fn generated_files(
                 .insert(mount, tarfs::NewEntry::Dir { mode: 0o755 });
         }
     }
+    // The agent reads its cluster file from the first FAT partition, and waits for its mount.
+    let boot_mount = layout
+        .iter()
+        .map(|p| &board.disk.partitions[p.index])
+        .find(|p| p.fs == Filesystem::Vfat)
+        .map(|p| p.mount.clone());
+    if let Some(m) = &boot_mount {
+        changes.file(
+            "etc/systemd/system/picoimg-firstboot.service.d/boot-mount.conf",
+            format!("# Written by picoimg build: the cluster file is on the boot partition.\n[Unit]\nRequiresMountsFor={m}\n"),
+            0o644,
+        );
+    }
     let info = serde_json::json!({
         "name": plan.name,
+        "boot_mount": boot_mount,
         "board": board.name,
         "stack": plan.stack,
         "picoimg_version": plan.picoimg_version,

@@ -49,6 +49,19 @@ pub enum Command {
     /// Write or check the cluster file that nodes read on first boot.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Put a cluster file (and a node's name) on the boot partition of a raw image or a
+    /// written card, without mounting it.
+    Personalise {
+        /// A raw .img file or a block device (an .img.xz must be decompressed or flashed first).
+        image: PathBuf,
+        /// Cluster file to copy to picoimg/cluster.toml (checked first).
+        #[arg(long, value_name = "FILE")]
+        cluster: PathBuf,
+        /// Node name to write to picoimg/node.toml (must be in the cluster file); without it
+        /// the node finds itself by MAC, serial or DMI UUID.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +83,12 @@ pub enum ClusterCommand {
     },
     /// Check a cluster file: every problem with its line, exit 1 if there is any.
     Check {
+        /// The cluster file.
+        file: PathBuf,
+    },
+    /// Print the cluster's Consul management token (derived from the secret), for
+    /// CONSUL_HTTP_TOKEN.
+    Token {
         /// The cluster file.
         file: PathBuf,
     },
@@ -120,6 +139,11 @@ pub struct BuildArgs {
     /// Local bootloader blob to write instead of downloading the board's (Odroid C5 u-boot).
     #[arg(long, value_name = "FILE")]
     pub uboot: Option<PathBuf>,
+    /// First-boot agent binary for the board's architecture (default: the static build beside
+    /// picoimg, or in its cargo target directory, for example
+    /// target/aarch64-unknown-linux-musl/release/picoimg-firstboot; or $PICOIMG_FIRSTBOOT).
+    #[arg(long, value_name = "FILE")]
+    pub firstboot: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -157,6 +181,19 @@ pub struct RunArgs {
     /// CPU emulation.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
+    /// Rehearse a cluster: boot one VM per node of this cluster file, told apart by MAC, on a
+    /// private VDE switch; prints which nodes reported `picoimg: ready`.
+    #[arg(long, value_name = "FILE")]
+    pub cluster: Option<PathBuf>,
+    /// With --cluster: boot the first N nodes of the file (default: all).
+    #[arg(long, value_name = "N", requires = "cluster")]
+    pub nodes: Option<usize>,
+    /// With --cluster: keep the disks and console logs (<node>.log) in DIR.
+    #[arg(long, value_name = "DIR", requires = "cluster")]
+    pub dir: Option<PathBuf>,
+    /// With --cluster: give node i SSH on 127.0.0.1:PORT+i (a second, restricted NIC).
+    #[arg(long, value_name = "PORT", requires = "cluster")]
+    pub ssh_port_base: Option<u16>,
 }
 
 impl Target {
@@ -174,6 +211,7 @@ impl Target {
             image_size: self.image_size,
             sources: self.sources,
             uboot: None,
+            firstboot: None,
         }
     }
 }
@@ -181,6 +219,7 @@ impl Target {
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
     crate::interrupt::install()?;
+    crate::cmd::set_install_hint(crate::doctor::install_hint);
     let data_dir = cli.data_dir;
     match cli.command {
         Command::Build(a) => {
@@ -191,6 +230,7 @@ pub fn main() -> Result<()> {
             o.xz_level = a.xz_level;
             o.refresh = a.refresh;
             o.uboot = a.uboot;
+            o.firstboot = a.firstboot;
             let out = crate::build::build(&o)?;
             println!("{}", out.image_xz.display());
             println!("{}", out.bmap.display());
@@ -206,6 +246,20 @@ pub fn main() -> Result<()> {
             v["rootfs_key"] = plan.rootfs_key().into();
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
+        Command::Run(a) if a.cluster.is_some() => {
+            crate::rehearsal::run(&crate::rehearsal::ClusterOptions {
+                image: a.image,
+                board: a.board,
+                data_dir,
+                cluster: a.cluster.unwrap_or_default(),
+                nodes: a.nodes,
+                dir: a.dir,
+                timeout: Duration::from_secs(a.timeout),
+                expect_ready: a.expect_ready,
+                ssh_port_base: a.ssh_port_base,
+                accel: a.accel,
+            })?
+        }
         Command::Run(a) => crate::qemu::run(&RunOptions {
             image: a.image,
             board: a.board,
@@ -217,6 +271,7 @@ pub fn main() -> Result<()> {
             writable: a.writable,
             ssh_port: a.ssh_port,
             accel: a.accel,
+            nics: Vec::new(),
         })?,
         Command::Boards { sources } => {
             let data = crate::data::find(data_dir.as_deref())?;
@@ -262,6 +317,12 @@ pub fn main() -> Result<()> {
             out.as_deref(),
         )?,
         Command::Cluster(ClusterCommand::Check { file }) => crate::cluster::check(&file)?,
+        Command::Cluster(ClusterCommand::Token { file }) => crate::cluster::token(&file)?,
+        Command::Personalise {
+            image,
+            cluster,
+            node,
+        } => crate::cluster::personalise(&image, &cluster, node.as_deref())?,
     }
     Ok(())
 }

@@ -70,3 +70,84 @@ pub fn check(path: &Path) -> Result<()> {
         }
     }
 }
+
+/// Reads and checks a cluster file, printing every problem as `check` does.
+pub fn load(path: &Path) -> Result<(String, cluster::Checked)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading cluster file {}", path.display()))?;
+    match cluster::check(&text) {
+        Ok(c) => Ok((text, c)),
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{}:{}: {}: {}", path.display(), p.line, p.field, p.message);
+            }
+            bail!(
+                "{}: {} problem(s); `picoimg cluster check {}` lists them",
+                path.display(),
+                problems.len(),
+                path.display()
+            )
+        }
+    }
+}
+
+/// Prints the Consul management token of a cluster file.
+pub fn token(path: &Path) -> Result<()> {
+    let (_, c) = load(path)?;
+    println!(
+        "{}",
+        picoimg_firstboot::secrets::consul_management_token(
+            &c.secret,
+            c.file.cluster.get_ref().id.get_ref()
+        )
+    );
+    Ok(())
+}
+
+/// `picoimg personalise`: the cluster file and node name onto an image's boot partition.
+pub fn personalise(image: &Path, cluster_file: &Path, node: Option<&str>) -> Result<()> {
+    if image.extension().is_some_and(|e| e == "xz") {
+        bail!(
+            "{} is compressed: personalise a raw .img or a written card (or use `picoimg flash --cluster`)",
+            image.display()
+        );
+    }
+    let (text, c) = load(cluster_file)?;
+    let node_toml = match node {
+        Some(n) if c.file.nodes.iter().any(|x| x.name.get_ref() == n) => Some(format!(
+            "# Written by picoimg personalise: this node's name in cluster.toml.\nname = \"{n}\"\n"
+        )),
+        Some(n) => bail!(
+            "node `{n}` is not in {} (nodes: {})",
+            cluster_file.display(),
+            c.file
+                .nodes
+                .iter()
+                .map(|x| x.name.get_ref().as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => None,
+    };
+    let mut files = vec![crate::disk::FatFile {
+        path: "picoimg/cluster.toml",
+        data: text.as_bytes(),
+    }];
+    if let Some(t) = &node_toml {
+        files.push(crate::disk::FatFile {
+            path: "picoimg/node.toml",
+            data: t.as_bytes(),
+        });
+    }
+    crate::personalise::put_boot_files(image, &files)?;
+    eprintln!(
+        "picoimg: wrote picoimg/cluster.toml{} to the boot partition of {}",
+        if node.is_some() {
+            " and picoimg/node.toml"
+        } else {
+            ""
+        },
+        image.display()
+    );
+    Ok(())
+}

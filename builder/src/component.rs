@@ -28,6 +28,55 @@ pub struct ComponentFile {
     /// would, following their `[Install]` sections.
     #[serde(default)]
     pub enable: Vec<String>,
+    /// Source set used unless `--sources SET` names one this component has.
+    #[serde(default)]
+    pub default_sources: Option<String>,
+    /// Where its packages come from beyond the board's sources: the vendor's archive (what
+    /// users get) and substitutes (`debian`) for builds without access to it.
+    #[serde(default)]
+    pub sources: BTreeMap<String, ComponentSources>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentSources {
+    pub description: String,
+    #[serde(default)]
+    pub apt: Vec<crate::board::Source>,
+    #[serde(default)]
+    pub packages: Vec<String>,
+}
+
+impl Component {
+    /// The source set this component uses: the one `--sources` named if it has it (so
+    /// `--sources debian` builds from Debian's archive alone), else its default.
+    pub fn source_set(&self, asked: Option<&str>) -> Result<Option<(&str, &ComponentSources)>> {
+        if self.file.sources.is_empty() {
+            return Ok(None);
+        }
+        if let Some((k, v)) = asked.and_then(|a| self.file.sources.get_key_value(a)) {
+            return Ok(Some((k.as_str(), v)));
+        }
+        let Some(default) = &self.file.default_sources else {
+            bail!(
+                "component `{}` has source sets but no `default_sources`",
+                self.name
+            );
+        };
+        match self.file.sources.get_key_value(default) {
+            Some((k, v)) => Ok(Some((k.as_str(), v))),
+            None => bail!(
+                "component `{}`: default_sources = \"{default}\" is not one of its sets ({})",
+                self.name,
+                self.file
+                    .sources
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
 }
 
 /// A resolved component: its file plus where its overlay tree is.

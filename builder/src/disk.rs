@@ -183,9 +183,30 @@ pub fn write_fat(
     )
     .context("formatting FAT32")?;
     slice.seek(SeekFrom::Start(0))?;
+    put_files(&mut slice, files)
+}
+
+/// Writes (or replaces) files on the FAT filesystem that starts `start` bytes into `image`.
+pub fn add_fat_files(image: &Path, start: u64, size: u64, files: &[FatFile<'_>]) -> Result<()> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .with_context(|| format!("opening {}", image.display()))?;
+    let slice = fscommon::StreamSlice::new(file, start, start + size)?;
+    let mut slice = fscommon::BufStream::new(slice);
+    put_files(&mut slice, files)?;
+    drop(slice);
+    std::fs::File::open(image)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", image.display()))?;
+    Ok(())
+}
+
+fn put_files<S: std::io::Read + Write + Seek>(slice: &mut S, files: &[FatFile<'_>]) -> Result<()> {
     {
-        let fs = fatfs::FileSystem::new(&mut slice, fatfs::FsOptions::new())
-            .context("opening the new FAT filesystem")?;
+        let fs = fatfs::FileSystem::new(&mut *slice, fatfs::FsOptions::new())
+            .context("opening the FAT filesystem")?;
         {
             let root = fs.root_dir();
             for f in files {
@@ -214,7 +235,7 @@ pub fn write_fat(
         fs.unmount().context("closing the FAT filesystem")?;
     }
     slice.flush()?;
-    fix_dot_entries(&mut slice).context("repairing FAT directory entries")?;
+    fix_dot_entries(slice).context("repairing FAT directory entries")?;
     slice.flush()?;
     Ok(())
 }

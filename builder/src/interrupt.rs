@@ -1,21 +1,19 @@
 //! Ctrl-C and SIGTERM: stop running children, then let the current step fail so every
 //! temporary file is removed by its owner's `Drop` on the way out.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use anyhow::Result;
 
-static REQUESTED: AtomicBool = AtomicBool::new(false);
+use crate::cmd;
 
 /// Installs the handler. A second interrupt exits at once.
 pub fn install() -> Result<()> {
     ctrlc::set_handler(|| {
-        if REQUESTED.swap(true, Ordering::SeqCst) {
+        if cmd::mark_interrupted() {
             eprintln!("picoimg: interrupted again, exiting now");
             std::process::exit(130);
         }
         eprintln!("picoimg: interrupted, cleaning up (press Ctrl-C again to exit at once)");
-        for pid in crate::cmd::running_children() {
+        for pid in cmd::running_children() {
             if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
@@ -26,7 +24,7 @@ pub fn install() -> Result<()> {
 
 /// Whether an interrupt arrived.
 pub fn requested() -> bool {
-    REQUESTED.load(Ordering::SeqCst)
+    cmd::interrupted()
 }
 
 /// Fails if an interrupt arrived; long loops call this between chunks of work.

@@ -4,6 +4,7 @@
 //! by [`cache`]) -> overlays ([`tarfs`]) -> disk image ([`disk`]) -> outputs ([`bmap`],
 //! [`output`]); [`build`] drives it. See ARCHITECTURE.md.
 
+pub mod agentbin;
 pub mod blob;
 pub mod bmap;
 pub mod board;
@@ -12,17 +13,21 @@ pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod cluster;
-pub mod cmd;
 pub mod component;
 pub mod data;
 pub mod disk;
 pub mod doctor;
 pub mod interrupt;
 pub mod output;
+pub mod personalise;
 pub mod plan;
 pub mod progress;
 pub mod qemu;
+pub mod rehearsal;
 pub mod rootfs;
 pub mod size;
 pub mod tarfs;
 pub mod uimage;
+
+/// The command wrapper, shared with the device agent.
+pub use picoimg_firstboot::cmd;

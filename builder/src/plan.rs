@@ -33,6 +33,9 @@ pub struct SourceSpec {
     pub name: String,
     /// `None`: the distribution's default mirror as mmdebstrap picks it.
     pub uri: Option<String>,
+    /// A suite other than the root filesystem's (only that suite is added, pinned low).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
     pub components: Vec<String>,
     pub keyring: std::path::PathBuf,
     pub keyring_sha256: String,
@@ -41,6 +44,9 @@ pub struct SourceSpec {
 #[derive(Debug, Clone, Serialize)]
 pub struct ComponentSpec {
     pub name: String,
+    /// The component's source set, for components with their own sources.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sources: Option<String>,
     pub enable: Vec<String>,
     /// sha256 over the overlay tree (paths, modes, contents, link targets).
     pub overlay_sha256: Option<String>,
@@ -70,14 +76,35 @@ impl BuildPlan {
         let set_name = set_name.to_owned();
         let set = set.clone();
         let mut packages: BTreeSet<String> = set.packages.all().cloned().collect();
+        // Board sources first (the first is the distribution), then each component's.
+        let mut apt: Vec<(crate::board::Source, Option<String>)> =
+            set.apt.iter().map(|s| (s.clone(), None)).collect();
+        let mut component_sets = Vec::new();
         for c in components {
             packages.extend(c.file.packages.iter().cloned());
+            let chosen = c.source_set(sources)?;
+            if let Some((name, cs)) = chosen {
+                packages.extend(cs.packages.iter().cloned());
+                for s in &cs.apt {
+                    if !apt.iter().any(|(a, _)| a.name == s.name) {
+                        apt.push((s.clone(), Some(format!("{}:{name}", c.name))));
+                    }
+                }
+            }
+            component_sets.push(chosen.map(|(n, _)| n.to_owned()));
         }
-        let sources = set
-            .apt
+        let sources = apt
             .iter()
-            .map(|s| {
+            .map(|(s, owner)| {
                 let bytes = std::fs::read(&s.keyring).with_context(|| {
+                    if let Some(owner) = owner {
+                        let (comp, set) = owner.split_once(':').unwrap_or((owner, ""));
+                        return format!(
+                            "component `{comp}` source set `{set}` (apt source `{}`): cannot read its keyring {}: install it as the vendor documents, or build from Debian's substitute packages with --sources debian",
+                            s.name,
+                            s.keyring.display()
+                        );
+                    }
                     let others: Vec<String> = board
                         .sources
                         .keys()
@@ -108,6 +135,7 @@ impl BuildPlan {
                 Ok(SourceSpec {
                     name: s.name.clone(),
                     uri,
+                    suite: s.suite.clone(),
                     components: s.components.clone(),
                     keyring: s.keyring.clone(),
                     keyring_sha256: hex::encode(Sha256::digest(&bytes)),
@@ -116,9 +144,11 @@ impl BuildPlan {
             .collect::<Result<Vec<_>>>()?;
         let comps = components
             .iter()
-            .map(|c| {
+            .zip(component_sets)
+            .map(|(c, sources)| {
                 Ok(ComponentSpec {
                     name: c.name.clone(),
+                    sources,
                     enable: c.file.enable.clone(),
                     overlay_sha256: c.rootfs.as_deref().map(tree_hash).transpose()?,
                 })

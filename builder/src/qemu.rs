@@ -43,10 +43,12 @@ pub struct RunOptions {
     pub writable: bool,
     pub ssh_port: Option<u16>,
     pub accel: Accel,
+    /// `-nic` specifications replacing `net` and `ssh_port` (cluster rehearsals).
+    pub nics: Vec<String>,
 }
 
 /// The board an image was built for: `--board`, else the manifest beside the image.
-fn board_for(opts: &RunOptions) -> Result<Board> {
+pub fn board_for(opts: &RunOptions) -> Result<Board> {
     if let Some(name) = &opts.board {
         let data = crate::data::find(opts.data_dir.as_deref())?;
         return crate::data::board(&data, name);
@@ -115,6 +117,20 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     expect_ready(&cmd, opts.timeout)
 }
 
+/// A raw copy of an image (`.img` copied sparsely, `.img.xz` decompressed sparsely).
+pub fn raw_copy(src: &Path, dst: &Path) -> Result<()> {
+    if src.extension().is_some_and(|e| e == "xz") {
+        return decompress(src, dst);
+    }
+    let mut input =
+        std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let mut out =
+        std::fs::File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
+    crate::output::copy_sparse(&mut input, &mut out)
+        .with_context(|| format!("copying {}", src.display()))?;
+    Ok(())
+}
+
 fn decompress(src: &Path, dst: &Path) -> Result<()> {
     let input = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let mut dec = xz2::read::XzDecoder::new_multi_decoder(BufReader::with_capacity(1 << 20, input));
@@ -174,7 +190,7 @@ fn kvm_works(program: &str, machine: &str) -> bool {
     }
 }
 
-fn qemu_cmd(
+pub fn qemu_cmd(
     board: &Board,
     disk: &Path,
     format: &str,
@@ -253,6 +269,12 @@ fn qemu_cmd(
         .map(|p| format!(",hostfwd=tcp:127.0.0.1:{p}-:22"))
         .unwrap_or_default();
     c = match opts.net {
+        _ if !opts.nics.is_empty() => {
+            for n in &opts.nics {
+                c = c.args(["-nic", n]);
+            }
+            c
+        }
         Net::User => c.args(["-nic", &format!("user,model=virtio-net-pci{fwd}")]),
         Net::Restricted => c.args([
             "-nic",

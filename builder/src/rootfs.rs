@@ -156,26 +156,72 @@ pub fn mmdebstrap_cmd(spec: &RootfsSpec, apt_cache: &Path, target: &Path) -> Cmd
             "--customize-hook=sync-out /var/cache/apt/archives {}",
             apt_cache.display()
         ));
-    let defaults: Vec<_> = spec.sources.iter().filter(|s| s.uri.is_none()).collect();
-    if let Some(d) = defaults.first() {
-        cmd = cmd.arg(format!("--components={}", d.components.join(",")));
+    // The first source is the distribution: mmdebstrap's default mirror (with -updates and
+    // -security) unless it has an explicit URI, which then replaces that default.
+    let (main, extra) = match spec.sources.split_first() {
+        Some((m, e)) => (Some(m), e),
+        None => (None, &[][..]),
+    };
+    if let Some(m) = main {
+        cmd = cmd.arg(format!("--components={}", m.components.join(",")));
+    }
+    // Every other source is written into the root by a hook, keyring included at the same
+    // path (apt reads signed-by on the build host now, and inside the image later).
+    for s in extra {
+        cmd = extra_source_hooks(cmd, spec, s);
     }
     cmd = cmd.arg(&spec.suite).arg(target);
-    let explicit: Vec<_> = spec.sources.iter().filter(|s| s.uri.is_some()).collect();
-    if !explicit.is_empty() {
-        // An explicit mirror replaces mmdebstrap's default, so every source is spelled out.
-        for s in &explicit {
-            let uri = s.uri.as_deref().expect("filtered");
+    if let Some(m) = main {
+        if let Some(uri) = &m.uri {
             for suite in [spec.suite.clone(), format!("{}-updates", spec.suite)] {
                 cmd = cmd.arg(format!(
                     "deb [signed-by={}] {uri} {suite} {}",
-                    s.keyring.display(),
-                    s.components.join(" ")
+                    m.keyring.display(),
+                    m.components.join(" ")
                 ));
             }
         }
     }
     cmd
+}
+
+/// Hooks adding one more apt source to the root: its keyring, its list file and, for another
+/// suite of the distribution's archive, a low pin so only packages missing from the
+/// distribution's own suite come from it.
+fn extra_source_hooks(cmd: Cmd, spec: &RootfsSpec, s: &crate::plan::SourceSpec) -> Cmd {
+    let keyring = s.keyring.display().to_string();
+    let keydir = s
+        .keyring
+        .parent()
+        .map_or("/".into(), |d| d.display().to_string());
+    cmd.arg(format!("--setup-hook=mkdir -p \"$1\"{keydir}"))
+        .arg(format!("--setup-hook=copy-in {keyring} {keydir}/"))
+        .arg(format!("--setup-hook={}", extra_source_script(spec, s)))
+}
+
+/// The shell hook (`$1` = the root) that writes one extra source's list and pin.
+fn extra_source_script(spec: &RootfsSpec, s: &crate::plan::SourceSpec) -> String {
+    let keyring = s.keyring.display().to_string();
+    let suite = s.suite.clone().unwrap_or_else(|| spec.suite.clone());
+    let uri = match &s.uri {
+        Some(u) => format!("uri='{u}'"),
+        // Another suite of the distribution's own mirror: the one mmdebstrap chose.
+        None => "uri=$(sed -n 's/^deb \\(\\[[^]]*\\] \\)\\{0,1\\}\\([^ ]*\\) .*/\\2/p' \"$1\"/etc/apt/sources.list | head -n 1); \
+                 [ -n \"$uri\" ] || { echo 'no mirror in sources.list to add the suite to' >&2; exit 1; }"
+            .to_owned(),
+    };
+    let list = format!("\"$1\"/etc/apt/sources.list.d/picoimg-{}.list", s.name);
+    let mut script = format!(
+        "set -e; {uri}; printf 'deb [signed-by={keyring}] %s {suite} {}\\n' \"$uri\" > {list}",
+        s.components.join(" ")
+    );
+    if s.suite.as_ref().is_some_and(|x| *x != spec.suite) {
+        script.push_str(&format!(
+            "; printf 'Package: *\\nPin: release n={suite}\\nPin-Priority: 100\\n' > \"$1\"/etc/apt/preferences.d/picoimg-{}",
+            s.name
+        ));
+    }
+    script
 }
 
 #[cfg(test)]
@@ -194,6 +240,7 @@ mod tests {
             sources: vec![SourceSpec {
                 name: "debian".into(),
                 uri: uri.map(Into::into),
+                suite: None,
                 components: vec!["main".into(), "non-free-firmware".into()],
                 keyring: "/k.gpg".into(),
                 keyring_sha256: String::new(),
@@ -223,5 +270,51 @@ mod tests {
         .display();
         assert!(c.contains("'deb [signed-by=/k.gpg] http://127.0.0.1:3142/debian trixie main non-free-firmware'"), "{c}");
         assert!(c.contains("trixie-updates"), "{c}");
+    }
+
+    /// Consul's substitute: bullseye of the mirror mmdebstrap picked, pinned below trixie.
+    #[test]
+    fn another_suite_of_the_default_mirror_comes_through_a_hook() {
+        let mut s = spec(None);
+        s.sources.push(SourceSpec {
+            name: "debian-bullseye".into(),
+            uri: None,
+            suite: Some("bullseye".into()),
+            components: vec!["main".into()],
+            keyring: "/usr/share/keyrings/k.gpg".into(),
+            keyring_sha256: String::new(),
+        });
+        let cmd = mmdebstrap_cmd(&s, Path::new("/c"), Path::new("/t.tar"));
+        let c = cmd.display();
+        assert!(
+            c.contains("copy-in /usr/share/keyrings/k.gpg /usr/share/keyrings/"),
+            "{c}"
+        );
+        assert!(c.contains("Pin: release n=bullseye"), "{c}");
+        assert!(c.ends_with("trixie /t.tar"), "{c}");
+        // The hook is valid shell that writes the list from the chosen mirror.
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("etc/apt/sources.list.d")).unwrap();
+        std::fs::create_dir_all(r.join("etc/apt/preferences.d")).unwrap();
+        std::fs::write(
+            r.join("etc/apt/sources.list"),
+            "deb http://mirror.example/debian trixie main\n",
+        )
+        .unwrap();
+        crate::cmd::Cmd::new("sh")
+            .args(["-c", &extra_source_script(&s, &s.sources[1]), "hook"])
+            .arg(r)
+            .run()
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(r.join("etc/apt/sources.list.d/picoimg-debian-bullseye.list")).unwrap(),
+            "deb [signed-by=/usr/share/keyrings/k.gpg] http://mirror.example/debian bullseye main\n"
+        );
+        assert!(
+            std::fs::read_to_string(r.join("etc/apt/preferences.d/picoimg-debian-bullseye"))
+                .unwrap()
+                .contains("Pin-Priority: 100")
+        );
     }
 }

@@ -503,7 +503,7 @@ fn c5() -> &'static C5 {
                 "--board",
                 "c5",
                 "--stack",
-                "base",
+                "consul",
                 "--sources",
                 "debian",
             ])
@@ -513,12 +513,12 @@ fn c5() -> &'static C5 {
             .output()
             .unwrap();
         assert!(o.status.success(), "picoimg build c5 failed: {}", o.status);
-        eprintln!("c5-base built in {:.0}s", started.elapsed().as_secs_f64());
+        eprintln!("c5-consul built in {:.0}s", started.elapsed().as_secs_f64());
         let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("c5-base.manifest.json")).unwrap())
+            serde_json::from_slice(&std::fs::read(out.join("c5-consul.manifest.json")).unwrap())
                 .unwrap();
         C5 {
-            raw: out.join("c5-base.img"),
+            raw: out.join("c5-consul.img"),
             blob,
             manifest,
             _data: data,
@@ -633,6 +633,76 @@ fn c5_boot_partition_has_extlinux_boot_scr_and_an_arm64_kernel() {
 #[test]
 fn c5_boots_in_qemu_to_ready() {
     boots_through_extlinux(&c5().raw);
+}
+
+/// The cross-compiled (aarch64, musl) first-boot agent on the C5 image configures a one-server
+/// Consul from a cluster file and reports `picoimg: ready` (`picoimg run --cluster
+/// --expect-ready`, on a private VDE switch).
+#[test]
+fn c5_consul_one_node_cluster_reaches_ready() {
+    let c = c5();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("image-tests/c5-cluster");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let init = run_ok(picoimg().args([
+        "cluster",
+        "init",
+        "--name",
+        "solo",
+        "--nodes",
+        "1",
+        "--subnet",
+        "10.78.0.0/24",
+    ]));
+    let text = init
+        .replace("policy = \"sync\"", "policy = \"skip\"")
+        .replace("dns = [\"10.78.0.1\"]", "dns = []");
+    let file = dir.join("solo.toml");
+    std::fs::write(&file, text).unwrap();
+    let o = picoimg()
+        .args([
+            "run",
+            "--accel",
+            "tcg",
+            "--expect-ready",
+            "--timeout",
+            "1200",
+        ])
+        .arg("--cluster")
+        .arg(&file)
+        .arg("--dir")
+        .arg(dir.join("run"))
+        .arg(&c.raw)
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(dir.join("run/pc0.log")).unwrap_or_default();
+    assert!(
+        o.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        tail(&log)
+    );
+    let summary = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        summary.contains("pc0") && summary.contains("ready after"),
+        "{summary}"
+    );
+    assert!(
+        log.contains("picoimg: step consul ok: Consul 1.8.7"),
+        "{}",
+        tail(&log)
+    );
+    assert!(
+        log.contains(
+            "picoimg: step health ok: consul server: member, leader elected, 1 raft voter(s)"
+        ),
+        "{}",
+        tail(&log)
+    );
+    // The manifest records the aarch64 agent that did it.
+    let agent = c.manifest["firstboot"]["path"].as_str().unwrap();
+    assert!(agent.contains("aarch64-unknown-linux-musl"), "{agent}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -73,9 +73,12 @@ pub struct Network {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TimePolicy {
-    /// Wait for the clock to be synchronised before cluster steps (bounded by `timeout`).
+    /// Wait for the clock to be synchronised before cluster steps, up to `timeout` seconds;
+    /// then go on with a warning.
     #[default]
     Sync,
+    /// As `sync`, but a clock still unsynchronised after `timeout` fails the node.
+    Require,
     /// Do not wait (for clusters without a time source; TLS and Ceph may complain).
     Skip,
 }
@@ -168,11 +171,21 @@ pub struct FirstBoot {
     /// Remove the secret from the boot partition's copy once a node has applied the file.
     #[serde(default = "yes")]
     pub scrub_secret: bool,
+    /// Seconds a node waits for its cluster services to be healthy before it reports failure.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout: u64,
+}
+
+fn default_health_timeout() -> u64 {
+    900
 }
 
 impl Default for FirstBoot {
     fn default() -> Self {
-        FirstBoot { scrub_secret: true }
+        FirstBoot {
+            scrub_secret: true,
+            health_timeout: default_health_timeout(),
+        }
     }
 }
 
@@ -194,6 +207,12 @@ fn at<T>(text: &str, s: &Spanned<T>) -> usize {
 
 /// Parses and checks a cluster file: every problem found, each with its line.
 pub fn check(text: &str) -> Result<Checked, Vec<Problem>> {
+    check_with(text, None)
+}
+
+/// As [`check`], with the secret a node kept from an earlier run for a file whose secret
+/// was scrubbed from the boot partition (`secret = ""`).
+pub fn check_with(text: &str, kept_secret: Option<[u8; 32]>) -> Result<Checked, Vec<Problem>> {
     let mut warnings = Vec::new();
     // The schema first, so a file from another major version gets that message, not a list
     // of fields this version does not know.
@@ -248,7 +267,7 @@ pub fn check(text: &str) -> Result<Checked, Vec<Problem>> {
         }
     };
     let mut p = Vec::new();
-    let secret = check_cluster(text, &file, &mut p);
+    let secret = check_cluster(text, &file, kept_secret, &mut p);
     let subnet = check_network(text, &file, &mut p);
     check_users(text, &file, &mut p);
     check_nodes(text, &file, subnet, &mut p);
@@ -270,7 +289,12 @@ fn schema_version(s: &str) -> Option<(u32, u32)> {
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
-fn check_cluster(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) -> Option<[u8; 32]> {
+fn check_cluster(
+    text: &str,
+    f: &ClusterFile,
+    kept: Option<[u8; 32]>,
+    p: &mut Vec<Problem>,
+) -> Option<[u8; 32]> {
     let c = f.cluster.get_ref();
     if !is_hostname(c.name.get_ref()) {
         p.push(Problem {
@@ -290,6 +314,18 @@ fn check_cluster(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) -> Option<[u
         });
     }
     match &c.secret {
+        Some(s) if s.get_ref().trim().is_empty() && kept.is_some() => kept,
+        Some(s) if s.get_ref().trim().is_empty() => {
+            p.push(Problem {
+                line: at(text, s),
+                field: "cluster.secret".into(),
+                message: "empty: a configured node removed it from this copy; a new node needs \
+                          the file with its secret (keep the original, or `picoimg cluster \
+                          init` for a new cluster)"
+                    .into(),
+            });
+            None
+        }
         None => {
             p.push(Problem {
                 line: at(text, &f.cluster),
@@ -535,11 +571,17 @@ fn check_nodes(text: &str, f: &ClusterFile, subnet: Option<Subnet>, p: &mut Vec<
                 message: "no roles: give it at least one, e.g. [\"consul-client\"]".into(),
             });
         }
-        servers += n
-            .roles
-            .iter()
-            .filter(|r| *r.get_ref() == Role::ConsulServer)
-            .count();
+        let is_server = n.roles.iter().any(|r| *r.get_ref() == Role::ConsulServer);
+        if is_server && address == "dhcp" {
+            p.push(Problem {
+                line: at(text, &n.address),
+                field: format!("node[{i}].address"),
+                message: "a consul-server needs a static address: the other nodes join the \
+                          servers by address"
+                    .into(),
+            });
+        }
+        servers += usize::from(is_server);
     }
     let uses_consul = f.consul.is_some()
         || f.nodes
@@ -643,7 +685,8 @@ dns = ["{gateway}"]
 ntp = []
 
 [time]
-# "sync": wait (up to `timeout` seconds) for a synchronised clock before cluster steps.
+# Before cluster steps, wait up to `timeout` seconds for a synchronised clock. "sync": then go
+# on with a warning; "require": then fail; "skip": do not wait (no time source at all).
 policy = "sync"
 timeout = 180
 
@@ -655,7 +698,15 @@ timeout = 180
 
 [consul]
 datacenter = "dc1"
+# ACLs on with default deny; the management token is derived from the secret
+# (`picoimg cluster token FILE` prints it).
 acl = true
+
+[firstboot]
+# Remove the secret from the boot partition's copy once a node has applied the file.
+scrub_secret = true
+# Seconds a node waits for its cluster services to be healthy before it reports failure.
+health_timeout = 900
 "#,
         name = o.name,
         subnet_s = o.subnet,
@@ -686,6 +737,30 @@ roles = ["{role}"]
         ));
     }
     Ok(s)
+}
+
+/// The file as a node leaves it on the boot partition: the secret's value emptied, everything
+/// else (comments, order) as written.
+pub fn scrubbed(text: &str, file: &ClusterFile) -> String {
+    with_secret(text, file, "")
+}
+
+/// The file with the secret's value set to `secret` (base64), everything else as written.
+pub fn with_secret(text: &str, file: &ClusterFile, secret: &str) -> String {
+    match &file.cluster.get_ref().secret {
+        Some(s) => {
+            let span = s.span();
+            format!("{}\"{secret}\"{}", &text[..span.start], &text[span.end..])
+        }
+        None => text.to_owned(),
+    }
+}
+
+/// What identifies one version of a cluster file: sha256 of its scrubbed text, so the file
+/// before and after a node scrubs its secret has the same fingerprint.
+pub fn fingerprint(text: &str, file: &ClusterFile) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(scrubbed(text, file).as_bytes()))
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
-//! picoimg-firstboot: the cluster-file library shared by the builder and the device agent.
-//!
-//! Issue 4 fills this in (schema, validation, secret derivation, first-boot steps). Until then
-//! the crate only carries the version both sides report.
+//! picoimg-firstboot: the cluster-file library shared by the builder and the device agent
+//! (schema, validation, secret derivation, node identification), the command wrapper both
+//! use, and the first-boot steps the device runs (`agent`).
 
 /// Version of the first-boot agent, reported by the device binary and recorded in manifests.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub mod agent;
 pub mod cluster;
+pub mod cmd;
+pub mod consul;
 pub mod identify;
 pub mod secrets;

@@ -1,4 +1,4 @@
-//! The one way picoimg runs external programs.
+//! The one way picoimg (the builder and the device agent) runs external programs.
 //!
 //! Every failure names the full argv and the tail of the program's stderr, so a user sees what
 //! ran and why it failed without rerunning anything. Running children are registered so an
@@ -7,7 +7,8 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result};
 
@@ -30,6 +31,24 @@ pub enum CommandError {
 }
 
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static INSTALL_HINT: OnceLock<fn(&str) -> String> = OnceLock::new();
+
+/// Records that an interrupt arrived, so failures of the children it stopped read
+/// "interrupted" rather than a signal number.
+pub fn mark_interrupted() -> bool {
+    INTERRUPTED.swap(true, Ordering::SeqCst)
+}
+
+/// Whether an interrupt arrived.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Sets how a missing program's error says to install it (the builder names packages).
+pub fn set_install_hint(f: fn(&str) -> String) {
+    let _ = INSTALL_HINT.set(f);
+}
 
 /// Process ids of the children running now (for the interrupt handler).
 pub fn running_children() -> Vec<u32> {
@@ -114,7 +133,10 @@ impl Cmd {
         (err.kind() == std::io::ErrorKind::NotFound).then(|| {
             let program = self.program.to_string_lossy().into_owned();
             CommandError::NotFound {
-                hint: crate::doctor::install_hint(&program),
+                hint: match INSTALL_HINT.get() {
+                    Some(f) => f(&program),
+                    None => "install it, or put it on PATH".to_owned(),
+                },
                 program,
             }
         })
@@ -226,7 +248,7 @@ impl Cmd {
             .map(|l| format!("  | {l}"))
             .collect::<Vec<_>>()
             .join("\n");
-        let status = if crate::interrupt::requested() {
+        let status = if interrupted() {
             "interrupted".to_owned()
         } else {
             status.to_string()

@@ -1,0 +1,116 @@
+//! The first-boot agent binary that goes into every image: a static musl build of the
+//! `picoimg-firstboot` crate for the board's architecture.
+//!
+//! Looked up, in order: `--firstboot FILE`, `$PICOIMG_FIRSTBOOT`, beside the running
+//! `picoimg` (`picoimg-firstboot-<triple>`, as a release archive ships it), an installed layout
+//! (`../lib/picoimg/<triple>/picoimg-firstboot`), and the cargo target directory the running
+//! `picoimg` was built in (`<target>/<triple>/{release,debug}/picoimg-firstboot`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::board::Arch;
+
+/// The Rust target the agent is built for on boards of `arch`.
+pub fn triple(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Amd64 => "x86_64-unknown-linux-musl",
+        Arch::Arm64 => "aarch64-unknown-linux-musl",
+    }
+}
+
+/// ELF `e_machine` of `arch`.
+fn elf_machine(arch: Arch) -> u16 {
+    match arch {
+        Arch::Amd64 => 0x3e,
+        Arch::Arm64 => 0xb7,
+    }
+}
+
+/// The agent binary chosen for a build.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentBinary {
+    pub path: PathBuf,
+    pub sha256: String,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+}
+
+fn candidates(arch: Arch) -> Vec<PathBuf> {
+    let t = triple(arch);
+    let mut out = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            out.push(dir.join(format!("picoimg-firstboot-{t}")));
+            out.push(dir.join("../lib/picoimg").join(t).join("picoimg-firstboot"));
+            // <target>/<profile>/picoimg, or <target>/<profile>/deps/<test binary>
+            for target in dir.ancestors().skip(1).take(2) {
+                for profile in ["release", "debug"] {
+                    out.push(target.join(t).join(profile).join("picoimg-firstboot"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Finds and checks the agent for `arch`.
+pub fn find(arch: Arch, explicit: Option<&Path>) -> Result<AgentBinary> {
+    let env = std::env::var_os("PICOIMG_FIRSTBOOT").map(PathBuf::from);
+    let (path, named) = match explicit.map(Path::to_path_buf).or(env) {
+        Some(p) => (p, true),
+        None => match candidates(arch).into_iter().find(|p| p.is_file()) {
+            Some(p) => (p, false),
+            None => bail!(
+                "no picoimg-firstboot binary for {} boards: build it with \
+                 `cargo build --release -p picoimg-firstboot --target {t}` \
+                 (ci/setup-host.sh adds the target), or pass --firstboot FILE",
+                arch.as_str(),
+                t = triple(arch)
+            ),
+        },
+    };
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("reading the first-boot agent {}", path.display()))?;
+    let machine = (bytes.len() > 20 && bytes.starts_with(b"\x7fELF"))
+        .then(|| u16::from_le_bytes([bytes[18], bytes[19]]));
+    if machine != Some(elf_machine(arch)) {
+        bail!(
+            "{} is not an {} ELF program (the {} agent is built with --target {}){}",
+            path.display(),
+            arch.as_str(),
+            arch.as_str(),
+            triple(arch),
+            if named { "" } else { "; rebuild it" }
+        );
+    }
+    Ok(AgentBinary {
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        path,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_architecture_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent");
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[18] = 0x3e;
+        std::fs::write(&p, &elf).unwrap();
+        assert_eq!(find(Arch::Amd64, Some(&p)).unwrap().sha256.len(), 64);
+        let e = format!("{:#}", find(Arch::Arm64, Some(&p)).unwrap_err());
+        assert!(e.contains("is not an arm64 ELF program"), "{e}");
+        assert!(e.contains("aarch64-unknown-linux-musl"), "{e}");
+        std::fs::write(&p, "#!/bin/sh\n").unwrap();
+        assert!(find(Arch::Amd64, Some(&p)).is_err());
+    }
+}

@@ -1,0 +1,382 @@
+//! Tier 4, clusters: one h4-consul image (Consul from Debian bullseye, the substitute for
+//! HashiCorp's repository), one cluster file, three QEMU VMs told apart by MAC on a private VDE
+//! switch (unix sockets; no host network). Assertions are made from inside the VMs over SSH
+//! (a restricted user-mode NIC forwards 127.0.0.1:PORT to each VM's port 22), with the key the
+//! cluster file gives user `pico`.
+//!
+//! The two cluster tests take turns (six TCG VMs at once on two cores would only be slower).
+#![cfg(feature = "image-tests")]
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use picoimg::rehearsal::{ClusterOptions, NodeState, Rehearsal};
+
+static TURN: Mutex<()> = Mutex::new(());
+
+struct Fixture {
+    image: PathBuf,
+    dir: PathBuf,
+    key: PathBuf,
+    cluster: PathBuf,
+    token: String,
+}
+
+fn picoimg() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_picoimg"))
+}
+
+/// Builds h4-consul once and writes a three-node cluster file with a fresh SSH key.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cluster-tests");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        let started = Instant::now();
+        let st = picoimg()
+            .args([
+                "build",
+                "--board",
+                "h4",
+                "--stack",
+                "consul",
+                "--sources",
+                "debian",
+            ])
+            .args(["--keep-raw", "--xz-level", "0", "--out"])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success(), "picoimg build h4-consul failed");
+        eprintln!("h4-consul built in {:.0}s", started.elapsed().as_secs_f64());
+        let key = dir.join("id_ed25519");
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "picoimg-test", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let init = picoimg()
+            .args(["cluster", "init", "--name", "lab", "--nodes", "3"])
+            .args(["--subnet", "10.77.0.0/24"])
+            .output()
+            .unwrap();
+        assert!(init.status.success());
+        // The VDE segment has no gateway, DNS or NTP server: do not wait for a clock.
+        let text = String::from_utf8(init.stdout)
+            .unwrap()
+            .replace(
+                "# [[user]]\n# name = \"pico\"\n# ssh_keys = [\"ssh-ed25519 AAAA... you@laptop\"]",
+                &format!(
+                    "[[user]]\nname = \"pico\"\nssh_keys = [\"{}\"]",
+                    pubkey.trim()
+                ),
+            )
+            .replace("policy = \"sync\"", "policy = \"skip\"")
+            .replace("dns = [\"10.77.0.1\"]", "dns = []");
+        assert!(text.contains("name = \"pico\""), "{text}");
+        let cluster = dir.join("lab.toml");
+        std::fs::write(&cluster, &text).unwrap();
+        let token = picoimg()
+            .args(["cluster", "token"])
+            .arg(&cluster)
+            .output()
+            .unwrap();
+        assert!(token.status.success());
+        Fixture {
+            image: out.join("h4-consul.img"),
+            dir,
+            key,
+            cluster,
+            token: String::from_utf8(token.stdout).unwrap().trim().to_owned(),
+        }
+    })
+}
+
+/// Three free consecutive ports on 127.0.0.1.
+fn free_ports() -> u16 {
+    for base in (20000u16..60000)
+        .step_by(97)
+        .skip((std::process::id() % 300) as usize)
+    {
+        let ok = (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if ok {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+/// Runs a command in a VM as `pico`, through its forwarded SSH port.
+fn ssh(f: &Fixture, port: u16, command: &str) -> std::process::Output {
+    Command::new("ssh")
+        .arg("-i")
+        .arg(&f.key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=20",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .args(["-p", &port.to_string(), "pico@127.0.0.1", command])
+        .output()
+        .unwrap()
+}
+
+fn ssh_ok(f: &Fixture, port: u16, command: &str) -> String {
+    // Bounded retries: sshd may still be generating host keys on a slow TCG boot.
+    let mut last = None;
+    for _ in 0..10 {
+        let o = ssh(f, port, command);
+        if o.status.success() {
+            return String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        last = Some(o);
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let o = last.unwrap();
+    panic!(
+        "`{command}` on port {port}: {}\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Everything the issue asks of a formed cluster, checked from inside node `port`.
+fn assert_cluster_formed(f: &Fixture, port: u16) {
+    let members = ssh_ok(f, port, "consul members");
+    let alive: Vec<&str> = members.lines().filter(|l| l.contains(" alive ")).collect();
+    assert_eq!(alive.len(), 3, "consul members:\n{members}");
+    let peers = ssh_ok(
+        f,
+        port,
+        &format!(
+            "CONSUL_HTTP_TOKEN={} consul operator raft list-peers",
+            f.token
+        ),
+    );
+    let voters = peers
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(4) == Some("true"))
+        .count();
+    let leaders = peers
+        .lines()
+        .filter(|l| l.split_whitespace().nth(3) == Some("leader"))
+        .count();
+    assert_eq!((voters, leaders), (3, 1), "raft peers:\n{peers}");
+    // The node's normal resolver (glibc -> resolved stub -> ~consul -> 127.0.0.1:8600).
+    let hosts = ssh_ok(
+        f,
+        port,
+        "getent ahostsv4 consul.service.consul | awk '{print $1}' | sort -u",
+    );
+    let addrs: Vec<&str> = hosts.lines().collect();
+    assert_eq!(addrs, ["10.77.0.10", "10.77.0.11", "10.77.0.12"], "{hosts}");
+    // ACLs: default deny for the anonymous token, the derived management token may write.
+    let anon = ssh(f, port, "consul kv put picoimg/anonymous yes");
+    assert!(!anon.status.success(), "anonymous KV write was allowed");
+    let err = String::from_utf8_lossy(&anon.stderr);
+    assert!(
+        err.contains("Permission denied") || err.contains("403"),
+        "{err}"
+    );
+    let put = ssh_ok(
+        f,
+        port,
+        &format!(
+            "CONSUL_HTTP_TOKEN={} consul kv put picoimg/with-token yes",
+            f.token
+        ),
+    );
+    assert!(put.contains("Success"), "{put}");
+}
+
+/// `picoimg run --cluster lab.toml --nodes 3`: the three nodes form the cluster by themselves.
+#[test]
+fn three_nodes_form_a_consul_cluster() {
+    let f = fixture();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_ports();
+    let dir = f.dir.join("run-3");
+    let started = Instant::now();
+    let mut child = picoimg()
+        .args(["run", "--accel", "tcg", "--timeout", "1500", "--nodes", "3"])
+        .arg("--cluster")
+        .arg(&f.cluster)
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--ssh-port-base", &port.to_string()])
+        .arg(&f.image)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The summary: one line per node once every node has reported.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut summary = Vec::new();
+    while summary.len() < 3 {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        summary.push(line);
+    }
+    let last_ready = started.elapsed();
+    let stop = |child: &mut std::process::Child| {
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = child.kill();
+        panic!("picoimg run did not stop within 60 s of Ctrl-C");
+    };
+    let ready = summary.iter().filter(|l| l.contains("ready after")).count();
+    if ready != 3 {
+        stop(&mut child);
+        let logs: String = ["pc0", "pc1", "pc2"]
+            .iter()
+            .map(|n| {
+                let t = std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(40).collect();
+                format!(
+                    "---- {n}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        panic!(
+            "not every node reported ready:\n{}\n{logs}",
+            summary.join("")
+        );
+    }
+    eprintln!(
+        "three nodes ready {:.0}s after start",
+        last_ready.as_secs_f64()
+    );
+    assert_cluster_formed(f, port);
+    // Each console is in its own log, with the node's step lines.
+    let log = std::fs::read_to_string(dir.join("pc2.log")).unwrap();
+    assert!(
+        log.contains("picoimg: this is node pc2 of cluster lab (MAC 52:54:00:70:00:03)"),
+        "{log}"
+    );
+    // The secret is gone from the boot partitions' copies but the nodes still have it.
+    let secret_line = std::fs::read_to_string(&f.cluster)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("secret = "))
+        .unwrap()
+        .to_owned();
+    let on_node = ssh_ok(
+        f,
+        port,
+        "sudo cat /etc/picoimg/cluster.toml /boot/efi/picoimg/cluster.toml",
+    );
+    assert_eq!(on_node.matches(&secret_line).count(), 1, "{on_node}");
+    assert!(on_node.contains("secret = \"\""), "{on_node}");
+    let modes = ssh_ok(
+        f,
+        port,
+        "sudo stat -c '%a %U' /etc/picoimg/cluster.toml /var/lib/picoimg/state.json",
+    );
+    assert_eq!(modes, "600 root\n600 root\n");
+    // A rerun on a configured node: every step already done, and quick.
+    let rerun = ssh_ok(
+        f,
+        port + 1,
+        "sudo bash -c 'time -p /usr/lib/picoimg/picoimg-firstboot apply' 2>&1",
+    );
+    assert_eq!(rerun.matches("ok: already done").count(), 7, "{rerun}");
+    let secs: f64 = rerun
+        .lines()
+        .find_map(|l| l.strip_prefix("real "))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap();
+    eprintln!("firstboot rerun on a configured node: {secs:.2}s (TCG)");
+    stop(&mut child);
+    let st = child.wait().unwrap();
+    assert!(st.success() || st.code() == Some(130), "picoimg run: {st}");
+    assert!(!switch_alive(&dir), "the VDE switch outlived picoimg run");
+}
+
+fn switch_alive(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("switch.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// A node loses power in the middle of its first boot; booted again, it resumes from its
+/// recorded steps and the cluster still converges to three members.
+#[test]
+fn power_cut_during_first_boot_still_converges() {
+    let f = fixture();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_ports();
+    let dir = f.dir.join("power-cut");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut r = Rehearsal::start(&ClusterOptions {
+        image: f.image.clone(),
+        board: None,
+        data_dir: None,
+        cluster: f.cluster.clone(),
+        nodes: Some(3),
+        dir: Some(dir.clone()),
+        timeout: Duration::from_secs(1500),
+        expect_ready: false,
+        ssh_port_base: Some(port),
+        accel: picoimg::qemu::Accel::Tcg,
+    })
+    .unwrap();
+    // Cut pc1 as soon as its network step is recorded (users, time, consul still to do).
+    let cut = r.watch(Duration::from_secs(900), |_, i, line| {
+        i == 1 && line.contains("picoimg: step network ok")
+    });
+    assert!(cut, "pc1 never reached its network step:\n{}", r.summary());
+    r.power_cut(1);
+    std::thread::sleep(Duration::from_secs(2));
+    r.power_on(1).unwrap();
+    assert!(
+        r.wait_all(Duration::from_secs(1500)),
+        "timed out:\n{}",
+        r.summary()
+    );
+    assert!(r.all_ready(), "{}", r.summary());
+    assert!(matches!(r.nodes[1].state, NodeState::Ready(_)));
+    let log = std::fs::read_to_string(dir.join("pc1.log")).unwrap();
+    let second = log.split("power on (boot 2)").nth(1).unwrap();
+    assert!(
+        second.contains("picoimg: step hostname ok: already done"),
+        "{second}"
+    );
+    assert!(
+        second.contains("picoimg: step network ok: already done"),
+        "{second}"
+    );
+    assert!(
+        second.contains("picoimg: step consul ok: Consul 1.8.7"),
+        "{second}"
+    );
+    assert_cluster_formed(f, port);
+}

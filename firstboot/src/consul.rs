@@ -1,0 +1,237 @@
+//! Consul on a node: the agent configuration derived from the cluster file, written with the
+//! key names of the installed Consul's version, and the health test the node waits for.
+
+use std::net::Ipv4Addr;
+
+use serde_json::json;
+
+use crate::cluster::{ClusterFile, Node, Role};
+use crate::secrets;
+
+/// Where the node's Consul configuration goes. Consul reads a config directory in lexical
+/// order, later files winning, so this file overrides a package's defaults (`consul.hcl`).
+pub const CONFIG: &str = "etc/consul.d/50-picoimg.json";
+/// systemd-resolved drop-in sending `.consul` names to the local agent.
+pub const RESOLVED_DROPIN: &str = "etc/systemd/resolved.conf.d/50-picoimg-consul.conf";
+/// The anonymous token's id (fixed in every Consul since 1.4).
+pub const ANONYMOUS_TOKEN: &str = "00000000-0000-0000-0000-000000000002";
+/// The policy that lets anonymous requests (DNS) read nodes and services, nothing else.
+pub const DNS_POLICY: &str = "picoimg-dns";
+pub const DNS_RULES: &str =
+    "node_prefix \"\" { policy = \"read\" }\nservice_prefix \"\" { policy = \"read\" }\n";
+
+/// A Consul version as `consul version` prints it (`Consul v1.8.7`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pub u32, pub u32, pub u32);
+
+impl Version {
+    pub fn parse(output: &str) -> Option<Version> {
+        let v = output
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('v'))?;
+        let v = v.split(['+', '-']).next()?;
+        let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
+        Some(Version(
+            it.next()??,
+            it.next()??,
+            it.next().flatten().unwrap_or(0),
+        ))
+    }
+
+    /// The config key of the initial management token: `master` before 1.11.
+    pub fn initial_token_key(self) -> &'static str {
+        if self >= Version(1, 11, 0) {
+            "initial_management"
+        } else {
+            "master"
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+/// What this node runs: a server, a client, or no Consul at all.
+pub fn role(node: &Node) -> Option<Role> {
+    let roles: Vec<Role> = node.roles.iter().map(|r| *r.get_ref()).collect();
+    if roles.contains(&Role::ConsulServer) {
+        Some(Role::ConsulServer)
+    } else if roles.contains(&Role::ConsulClient) {
+        Some(Role::ConsulClient)
+    } else {
+        None
+    }
+}
+
+/// The servers' addresses (checked: every server has a static one).
+pub fn server_addresses(file: &ClusterFile) -> Vec<String> {
+    file.nodes
+        .iter()
+        .filter(|n| role(n) == Some(Role::ConsulServer))
+        .map(|n| n.address.get_ref().clone())
+        .collect()
+}
+
+/// The agent configuration for `node`, as JSON (every Consul version reads it).
+pub fn config(
+    file: &ClusterFile,
+    node: &Node,
+    secret: &[u8; 32],
+    version: Version,
+) -> serde_json::Value {
+    let id = file.cluster.get_ref().id.get_ref();
+    let defaults = crate::cluster::Consul {
+        datacenter: "dc1".into(),
+        acl: true,
+    };
+    let c = file.consul.as_ref().unwrap_or(&defaults);
+    let servers = server_addresses(file);
+    let server = role(node) == Some(Role::ConsulServer);
+    // Bind to the cluster address: with a second interface (a laptop's USB NIC, a VM's
+    // management NIC) Consul would refuse to choose.
+    let bind = match node.address.get_ref().parse::<Ipv4Addr>() {
+        Ok(a) => a.to_string(),
+        Err(_) => format!(
+            "{{{{ GetPrivateInterfaces | include \"network\" \"{}\" | attr \"address\" }}}}",
+            file.network.subnet.get_ref()
+        ),
+    };
+    let mut v = json!({
+        "datacenter": c.datacenter,
+        "primary_datacenter": c.datacenter,
+        "node_name": node.name.get_ref(),
+        "data_dir": "/var/lib/consul",
+        "bind_addr": bind,
+        "client_addr": "127.0.0.1",
+        "server": server,
+        "retry_join": servers,
+        "encrypt": secrets::consul_gossip_key(secret, id),
+        "disable_update_check": true,
+        "leave_on_terminate": false,
+        "rejoin_after_leave": true,
+    });
+    if server {
+        v["bootstrap_expect"] = json!(servers.len());
+    }
+    if c.acl {
+        let token = secrets::consul_management_token(secret, id);
+        let mut tokens = json!({ "agent": token });
+        if server {
+            tokens[version.initial_token_key()] = json!(token);
+        }
+        v["acl"] = json!({
+            "enabled": true,
+            "default_policy": "deny",
+            "down_policy": "extend-cache",
+            "enable_token_persistence": true,
+            "tokens": tokens,
+        });
+    }
+    v
+}
+
+/// The resolved drop-in: `.consul` names go to the agent's DNS port.
+pub fn resolved_dropin() -> &'static str {
+    "# Written by picoimg-firstboot: .consul names are answered by the local Consul agent.\n\
+     [Resolve]\nDNS=127.0.0.1:8600\nDNSSEC=false\nDomains=~consul\n"
+}
+
+/// Counts `consul operator raft list-peers` output: (voters, leader present).
+pub fn raft_peers(output: &str) -> (usize, bool) {
+    let mut voters = 0;
+    let mut leader = false;
+    for line in output.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 5 {
+            continue;
+        }
+        if cols[3] == "leader" {
+            leader = true;
+        }
+        if cols[4] == "true" {
+            voters += 1;
+        }
+    }
+    (voters, leader)
+}
+
+/// Whether `consul members` lists `node` as alive.
+pub fn member_alive(output: &str, node: &str) -> bool {
+    output.lines().skip(1).any(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        cols.first() == Some(&node) && cols.get(2) == Some(&"alive")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{check, render_init, InitOptions};
+
+    fn lab() -> crate::cluster::Checked {
+        let t = render_init(&InitOptions {
+            name: "lab",
+            nodes: 3,
+            subnet: "10.42.0.0/24",
+        })
+        .unwrap();
+        check(&t).unwrap()
+    }
+
+    #[test]
+    fn versions_and_token_keys() {
+        let v = Version::parse("Consul v1.8.7\nRevision \nProtocol 2 spoken by default").unwrap();
+        assert_eq!(v, Version(1, 8, 7));
+        assert_eq!(v.initial_token_key(), "master");
+        let v = Version::parse("Consul v1.20.2\nRevision 33e5727a").unwrap();
+        assert_eq!(v.initial_token_key(), "initial_management");
+        assert_eq!(
+            Version::parse("Consul v1.11.0+ent")
+                .unwrap()
+                .initial_token_key(),
+            "initial_management"
+        );
+        assert_eq!(Version::parse("nothing here"), None);
+    }
+
+    #[test]
+    fn server_config_has_expect_join_encrypt_and_version_keyed_token() {
+        let c = lab();
+        let node = &c.file.nodes[1];
+        let old = config(&c.file, node, &c.secret, Version(1, 8, 7));
+        assert_eq!(old["bootstrap_expect"], 3);
+        assert_eq!(old["server"], true);
+        assert_eq!(old["bind_addr"], "10.42.0.11");
+        assert_eq!(
+            old["retry_join"],
+            json!(["10.42.0.10", "10.42.0.11", "10.42.0.12"])
+        );
+        let id = c.file.cluster.get_ref().id.get_ref();
+        assert_eq!(old["encrypt"], secrets::consul_gossip_key(&c.secret, id));
+        let token = secrets::consul_management_token(&c.secret, id);
+        assert_eq!(old["acl"]["default_policy"], "deny");
+        assert_eq!(old["acl"]["tokens"]["master"], token.as_str());
+        assert!(old["acl"]["tokens"].get("initial_management").is_none());
+        let new = config(&c.file, node, &c.secret, Version(1, 20, 1));
+        assert_eq!(new["acl"]["tokens"]["initial_management"], token.as_str());
+        assert!(new["acl"]["tokens"].get("master").is_none());
+    }
+
+    #[test]
+    fn parses_raft_peers_and_members() {
+        let peers = "Node  ID                                    Address          State     Voter  RaftProtocol\n\
+                     pc0   1b1c...                               10.42.0.10:8300  leader    true   3\n\
+                     pc1   2c2d...                               10.42.0.11:8300  follower  true   3\n\
+                     pc2   3d3e...                               10.42.0.12:8300  follower  false  3\n";
+        assert_eq!(raft_peers(peers), (2, true));
+        let members = "Node  Address          Status  Type    Build  Protocol  DC   Segment\n\
+                       pc0   10.42.0.10:8301  alive   server  1.8.7  2         dc1  <all>\n\
+                       pc1   10.42.0.11:8301  failed  server  1.8.7  2         dc1  <all>\n";
+        assert!(member_alive(members, "pc0"));
+        assert!(!member_alive(members, "pc1"));
+        assert!(!member_alive(members, "pc9"));
+    }
+}
