@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn picoimg() -> Command {
@@ -466,4 +466,178 @@ fn cluster_check_lists_every_problem_with_its_line() {
         "{out}"
     );
     assert!(stderr(&o).contains("2 problem(s)"), "{}", stderr(&o));
+}
+
+/// A 40 MiB image with an MBR and one FAT32 partition at 1 MiB, made by sfdisk and mkfs.fat.
+fn fat_image(dir: &Path) -> PathBuf {
+    let img = dir.join("card.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(40 << 20).unwrap();
+    let mut sfdisk = Command::new("/usr/sbin/sfdisk")
+        .args(["--quiet"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, type=c, bootable\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let st = Command::new("/usr/sbin/mkfs.fat")
+        .args(["-F", "32", "-n", "BOOT", "--offset", "2048"])
+        .arg(&img)
+        .arg((((40 << 20) - (1 << 20)) / 1024).to_string())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    img
+}
+
+fn cluster_file(dir: &Path) -> PathBuf {
+    let o = picoimg()
+        .args(["cluster", "init", "--name", "lab", "--nodes", "3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let p = dir.join("lab.toml");
+    std::fs::write(&p, &o.stdout).unwrap();
+    p
+}
+
+/// Runs `picoimg personalise IMG --cluster FILE [--node NAME]`.
+fn personalise(img: &Path, cluster: &Path, node: Option<&str>) -> Output {
+    let mut c = picoimg();
+    c.arg("personalise").arg(img).arg("--cluster").arg(cluster);
+    if let Some(n) = node {
+        c.args(["--node", n]);
+    }
+    c.output().unwrap()
+}
+
+/// `personalise` writes through the FAT library; mtools reads the files back, fsck.fat finds
+/// the filesystem clean.
+#[test]
+fn personalise_puts_cluster_and_node_on_the_boot_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = fat_image(dir.path());
+    let cluster = cluster_file(dir.path());
+    let o = personalise(&img, &cluster, Some("pc1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |name: &str| {
+        let o = Command::new("mtype")
+            .arg("-i")
+            .arg(format!("{}@@1M", img.display()))
+            .arg(format!("::picoimg/{name}"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "mtype {name}: {}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert_eq!(
+        read("cluster.toml"),
+        std::fs::read_to_string(&cluster).unwrap()
+    );
+    assert!(read("node.toml").contains("name = \"pc1\""));
+    let part = dir.path().join("part.img");
+    let st = Command::new("dd")
+        .arg(format!("if={}", img.display()))
+        .arg(format!("of={}", part.display()))
+        .args(["bs=1M", "skip=1", "status=none"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let fsck = Command::new("/usr/sbin/fsck.fat")
+        .arg("-n")
+        .arg(&part)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+#[test]
+fn personalise_refuses_bad_input_and_leaves_the_image_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = fat_image(dir.path());
+    let before = std::fs::read(&img).unwrap();
+    let cluster = cluster_file(dir.path());
+    // A node the file does not list.
+    let o = personalise(&img, &cluster, Some("pc9"));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("node `pc9` is not in"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("pc0, pc1, pc2"), "{}", stderr(&o));
+    // A file with a problem: named with its line, nothing written.
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    std::fs::write(
+        &bad,
+        text.replace("address = \"10.42.0.11\"", "address = \"10.99.0.11\""),
+    )
+    .unwrap();
+    let o = personalise(&img, &bad, None);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("node[1].address: 10.99.0.11 is outside the subnet"),
+        "{}",
+        stderr(&o)
+    );
+    // A compressed image.
+    let o = picoimg()
+        .args(["personalise", "x.img.xz", "--cluster"])
+        .arg(&cluster)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is compressed"), "{}", stderr(&o));
+    // Something without a FAT partition.
+    let plain = dir.path().join("plain.img");
+    std::fs::write(&plain, vec![0u8; 1 << 20]).unwrap();
+    let o = personalise(&plain, &cluster, None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no partition table"), "{}", stderr(&o));
+    assert!(std::fs::read(&img).unwrap() == before, "image changed");
+}
+
+#[test]
+fn cluster_token_is_the_derived_one_and_run_cluster_checks_node_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = cluster_file(dir.path());
+    let o = picoimg()
+        .args(["cluster", "token"])
+        .arg(&cluster)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let token = String::from_utf8(o.stdout).unwrap();
+    assert!(uuid::Uuid::parse_str(token.trim()).is_ok(), "{token}");
+    let o = picoimg()
+        .args(["run", "--nodes", "5", "--cluster"])
+        .arg(&cluster)
+        .arg("missing.img")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--nodes 5:") && stderr(&o).contains("lists 3 node(s)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = picoimg()
+        .args(["run", "--nodes", "2", "x.img"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "--nodes without --cluster");
+    assert!(stderr(&o).contains("--cluster"), "{}", stderr(&o));
 }

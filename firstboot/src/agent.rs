@@ -270,18 +270,21 @@ impl<'a> Agent<'a> {
             result: result.to_owned(),
             detail: self.redact(detail),
         });
-        // Steps found done are published with the final state (each write syncs the FAT).
-        if detail != "already done" {
-            self.publish();
-        }
+        self.publish_to(false);
     }
 
     /// Writes /run/picoimg/status.json and picoimg/status.txt on the boot partition.
-    fn publish(&mut self) {
+    /// Writes /run/picoimg/status.json (after every step) and, with `boot`, picoimg/status.txt
+    /// on the boot partition (at the end only: every FAT write is a chance for a power cut to
+    /// damage the partition a user must then repair).
+    fn publish_to(&mut self, boot: bool) {
         self.status.updated = now();
         if let Ok(json) = serde_json::to_vec_pretty(&self.status) {
             let json = self.redact(&String::from_utf8_lossy(&json));
             let _ = write_atomic(&self.p(STATUS_JSON), json.as_bytes(), 0o644);
+        }
+        if !boot {
+            return;
         }
         let mut txt = format!(
             "# picoimg first-boot status (secrets redacted), updated {} (unix time)\nstate: {}\ncluster: {}\nnode: {}\n",
@@ -319,7 +322,7 @@ impl<'a> Agent<'a> {
         } else {
             self.say(format!("picoimg: {word}: {message}"));
         }
-        self.publish();
+        self.publish_to(true);
         state
     }
 
@@ -620,13 +623,20 @@ impl<'a> Agent<'a> {
             let boot_copy = self.boot.join("picoimg/cluster.toml");
             let scrubbed = cluster::scrubbed(text, file);
             if scrubbed != text {
-                write_atomic(&boot_copy, scrubbed.as_bytes(), 0o600)
-                    .context("removing the secret from the boot partition's cluster file")?;
-                self.step_line(
-                    "scrub",
-                    "ok",
-                    "secret removed from picoimg/cluster.toml on the boot partition (kept in /etc/picoimg/cluster.toml, root only)",
-                );
+                // Not a reason to fail the node (its services are configured): say so, and
+                // the next boot tries again.
+                match write_atomic(&boot_copy, scrubbed.as_bytes(), 0o600) {
+                    Ok(()) => self.step_line(
+                        "scrub",
+                        "ok",
+                        "secret removed from picoimg/cluster.toml on the boot partition (kept in /etc/picoimg/cluster.toml, root only)",
+                    ),
+                    Err(e) => self.step_line(
+                        "scrub",
+                        "failed",
+                        &format!("the secret is still in picoimg/cluster.toml on the boot partition ({e:#}); the next boot tries again"),
+                    ),
+                }
             }
         }
         Ok(kept)
@@ -1572,5 +1582,55 @@ mod tests {
             "{:#?}",
             a.lines
         );
+    }
+
+    /// The bad-input list, on a device: `picoimg: failed` with the same line and field
+    /// `cluster check` names, and no command run (so no service started).
+    #[test]
+    fn every_kind_of_bad_file_fails_the_node_with_its_line() {
+        let good = cluster_text();
+        let secret_line = good
+            .lines()
+            .find(|l| l.starts_with("secret = "))
+            .unwrap()
+            .to_owned();
+        let cases: Vec<(String, &str)> = vec![
+            (good.replace("[network]", "[network"), "cluster.toml:"),
+            (
+                good.replace("acl = true", "acl = true\nacls = false"),
+                "unknown field `acls`",
+            ),
+            (
+                good.replace("picoimg.cluster/1", "picoimg.cluster/2"),
+                "cluster.toml:1: schema: picoimg.cluster/2 is major version 2",
+            ),
+            (
+                good.replace(
+                    "# match = { mac = \"52:54:00:00:00:01\" }",
+                    "match = { mac = \"52:54:00:00:00:02\" }",
+                ),
+                "node[1].match.mac: duplicate MAC 52:54:00:00:00:02",
+            ),
+            (
+                good.replace("address = \"10.42.0.12\"", "address = \"10.43.0.12\""),
+                "node[2].address: 10.43.0.12 is outside the subnet",
+            ),
+            (good.replace(&secret_line, ""), "cluster.secret: missing"),
+        ];
+        for (text, want) in cases {
+            let d = node_root(&text);
+            let r = d.path();
+            let fake = Fake::new(r);
+            let mut a = Agent::new(r, &fake, false);
+            assert_eq!(a.apply(), Outcome::Failed, "{want}: {:#?}", a.lines);
+            let all = a.lines.join("\n");
+            assert!(all.contains(want), "want {want}:\n{all}");
+            assert!(
+                a.lines.last().unwrap().starts_with("picoimg: failed: "),
+                "{all}"
+            );
+            assert!(fake.calls().is_empty(), "{want}: {:#?}", fake.calls());
+            assert!(!r.join(consul::CONFIG).exists() && !r.join(STATE).exists());
+        }
     }
 }
