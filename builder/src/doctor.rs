@@ -46,6 +46,16 @@ pub const TOOLS: &[Tool] = &[
         needed_for: "run: disk overlays",
     },
     Tool {
+        program: "vde_switch",
+        package: "vde2",
+        needed_for: "run --cluster: the rehearsal's private switch",
+    },
+    Tool {
+        program: "ssh",
+        package: "openssh-client",
+        needed_for: "tests: commands inside cluster VMs",
+    },
+    Tool {
         program: "sfdisk",
         package: "fdisk",
         needed_for: "tests: partition table check",
