@@ -49,6 +49,35 @@ pub enum Command {
     /// Write or check the cluster file that nodes read on first boot.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Write an image to an SD card, eMMC or USB disk (or a file): only the blocks its .bmap
+    /// maps, each checked by sha256, the first MiB last, then read back and compared.
+    Flash {
+        /// The image: .img or .img.xz.
+        image: PathBuf,
+        /// Whole block device (/dev/sdX, /dev/mmcblkN) or a regular file.
+        target: PathBuf,
+        /// Block map to follow (default: the .bmap beside the image, ours or bmaptool's).
+        #[arg(long, value_name = "FILE")]
+        bmap: Option<PathBuf>,
+        /// Write every byte even if a block map is there.
+        #[arg(long, conflicts_with = "bmap")]
+        no_bmap: bool,
+        /// Skip reading back what was written.
+        #[arg(long)]
+        no_verify: bool,
+        /// Do not ask before writing a device.
+        #[arg(long, short)]
+        yes: bool,
+        /// Write a device that does not say it is removable (an internal disk).
+        #[arg(long)]
+        force: bool,
+        /// Cluster file to put on the boot partition as picoimg/cluster.toml (checked first).
+        #[arg(long, value_name = "FILE")]
+        cluster: Option<PathBuf>,
+        /// Node name to write to picoimg/node.toml (with --cluster).
+        #[arg(long, value_name = "NAME", requires = "cluster")]
+        node: Option<String>,
+    },
     /// Put a cluster file (and a node's name) on the boot partition of a raw image or a
     /// written card, without mounting it.
     Personalise {
@@ -318,6 +347,27 @@ pub fn main() -> Result<()> {
         )?,
         Command::Cluster(ClusterCommand::Check { file }) => crate::cluster::check(&file)?,
         Command::Cluster(ClusterCommand::Token { file }) => crate::cluster::token(&file)?,
+        Command::Flash {
+            image,
+            target,
+            bmap,
+            no_bmap,
+            no_verify,
+            yes,
+            force,
+            cluster,
+            node,
+        } => crate::flash::flash(&crate::flash::FlashOptions {
+            image,
+            target,
+            bmap,
+            no_bmap,
+            verify: !no_verify,
+            yes,
+            force,
+            cluster,
+            node,
+        })?,
         Command::Personalise {
             image,
             cluster,

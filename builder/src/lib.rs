@@ -17,6 +17,7 @@ pub mod component;
 pub mod data;
 pub mod disk;
 pub mod doctor;
+pub mod flash;
 pub mod interrupt;
 pub mod output;
 pub mod personalise;

@@ -380,3 +380,78 @@ fn power_cut_during_first_boot_still_converges() {
     );
     assert_cluster_formed(f, port);
 }
+
+/// `picoimg flash --cluster --node` onto a file, then boot it: the node takes its name from
+/// picoimg/node.toml (its MAC is in no `match`) and forms a one-server cluster.
+#[test]
+fn flashed_and_personalised_card_boots_as_its_node() {
+    let f = fixture();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = f.dir.join("flash");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let init = picoimg()
+        .args([
+            "cluster",
+            "init",
+            "--name",
+            "solo",
+            "--nodes",
+            "1",
+            "--subnet",
+            "10.0.2.0/24",
+        ])
+        .output()
+        .unwrap();
+    // User-mode networking's subnet: the node's static address is the one QEMU expects.
+    let text = String::from_utf8(init.stdout)
+        .unwrap()
+        .replace("name = \"pc0\"", "name = \"edge7\"")
+        .replace("address = \"10.0.2.10\"", "address = \"10.0.2.15\"")
+        .replace("gateway = \"10.0.2.1\"", "gateway = \"10.0.2.2\"")
+        .replace("dns = [\"10.0.2.1\"]", "dns = []")
+        .replace("policy = \"sync\"", "policy = \"skip\"");
+    let cluster = dir.join("solo.toml");
+    std::fs::write(&cluster, text).unwrap();
+    let card = dir.join("card.img");
+    let xz = f.image.with_extension("img.xz");
+    let o = picoimg()
+        .arg("flash")
+        .arg(&xz)
+        .arg(&card)
+        .arg("--cluster")
+        .arg(&cluster)
+        .args(["--node", "edge7"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = picoimg()
+        .args([
+            "run",
+            "--board",
+            "h4",
+            "--accel",
+            "tcg",
+            "--net",
+            "restricted",
+        ])
+        .args(["--expect-ready", "--timeout", "900"])
+        .arg(&card)
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        console
+    );
+    assert!(
+        console.contains("picoimg: this is node edge7 of cluster solo (picoimg/node.toml)"),
+        "{console}"
+    );
+    assert!(
+        console.contains("picoimg: ready: node edge7 of cluster solo"),
+        "{console}"
+    );
+}

@@ -249,6 +249,43 @@ fn bmaptool_copy_gives_the_raw_image() {
     run_ok(Command::new("cmp").arg(&b.raw).arg(&dst));
 }
 
+/// `picoimg flash` with the image's own block map writes only the mapped bytes and gives the
+/// raw image back, byte for byte.
+#[test]
+fn picoimg_flash_gives_the_raw_image_writing_only_mapped_bytes() {
+    let b = h4();
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("flashed.img");
+    let o = picoimg()
+        .arg("flash")
+        .arg(&b.xz)
+        .arg(&dst)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_ok(Command::new("cmp").arg(&b.raw).arg(&dst));
+    let e = String::from_utf8_lossy(&o.stderr);
+    let written: u64 = e
+        .lines()
+        .find_map(|l| {
+            l.split("wrote ")
+                .nth(1)?
+                .split(" bytes")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    let bmap = std::fs::read_to_string(b.out.join("h4-base.img.bmap")).unwrap();
+    let mapped: u64 = bmap
+        .split("<MappedBlocksCount>")
+        .nth(1)
+        .and_then(|x| x.split('<').next())
+        .and_then(|x| x.trim().parse().ok())
+        .unwrap();
+    assert_eq!(written, mapped * 4096, "{e}");
+}
+
 #[test]
 fn sha256sums_verify() {
     let b = h4();
