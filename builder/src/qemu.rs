@@ -254,7 +254,10 @@ pub fn qemu_cmd(
         ])
         .args(["-m", &q.memory])
         .args(["-smp", &q.cpus.to_string()])
-        .arg("-no-reboot");
+        .arg("-no-reboot")
+        // No default devices: q35's default CD-ROM on its AHCI port once hung a guest's libata
+        // probe for minutes under TCG (every device we need is added explicitly below).
+        .arg("-nodefaults");
     c = c.args(fw);
     let file = format!("file={},format={format}", disk.display());
     c = match q.disk {
