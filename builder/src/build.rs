@@ -109,6 +109,11 @@ fn resolve(opts: &BuildOptions) -> Result<(PathBuf, BuildPlan, Vec<crate::compon
     Ok((data, plan, components))
 }
 
+/// Hash of everything that goes into an image: the plan and the first-boot agent.
+pub fn image_inputs_hash(plan: &BuildPlan, agent: &crate::agentbin::AgentBinary) -> String {
+    crate::plan::json_key(&(plan.inputs_hash(), &agent.sha256))
+}
+
 pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     let (data, plan, components) = resolve(opts)?;
     crate::doctor::preflight_build(plan.board.arch).context("checking host tools")?;
@@ -132,7 +137,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     };
     // The agent is part of every image's inputs (its disk ids too).
     let agent = crate::agentbin::find(board.arch, opts.firstboot.as_deref())?;
-    let inputs_hash = crate::plan::json_key(&(plan.inputs_hash(), &agent.sha256));
+    let inputs_hash = image_inputs_hash(&plan, &agent);
     log(format!(
         "inputs {} (first-boot agent {})",
         &inputs_hash[..12],

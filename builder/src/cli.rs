@@ -269,9 +269,21 @@ pub fn main() -> Result<()> {
             }
         }
         Command::Plan(a) => {
-            let plan = crate::build::plan(&a.target.options(data_dir))?;
+            let opts = a.target.options(data_dir);
+            let plan = crate::build::plan(&opts)?;
             let mut v = serde_json::to_value(&plan)?;
-            v["inputs_hash"] = plan.inputs_hash().into();
+            // The image's inputs include the agent that `build` would install.
+            match crate::agentbin::find(plan.board.arch, opts.firstboot.as_deref()) {
+                Ok(agent) => {
+                    v["inputs_hash"] = crate::build::image_inputs_hash(&plan, &agent).into();
+                    v["firstboot"] = serde_json::to_value(&agent)?;
+                }
+                Err(e) => {
+                    eprintln!("picoimg: note: {e:#}; inputs_hash covers the plan only");
+                    v["inputs_hash"] = plan.inputs_hash().into();
+                    v["firstboot"] = serde_json::Value::Null;
+                }
+            }
             v["rootfs_key"] = plan.rootfs_key().into();
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
