@@ -462,7 +462,11 @@ pub fn device(path: &Path) -> Result<Device> {
         .join(" ")
         .trim()
         .to_owned(),
-        removable: read_sys(&sys.join("removable")) == "1",
+        // The kernel's flag, or a USB-attached disk, or an SD card in a built-in slot (which
+        // the mmc driver reports as not removable).
+        removable: read_sys(&sys.join("removable")) == "1"
+            || sys.to_string_lossy().contains("/usb")
+            || read_sys(&sys.join("device/type")) == "SD",
         partitions,
         mounts,
         holds_root,
