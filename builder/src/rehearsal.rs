@@ -81,17 +81,18 @@ impl Drop for Switch {
     }
 }
 
+// Fields drop in order: the VMs (in `nodes`) stop first, then the switch (which reads its
+// pid file), then the temporary directory holding both goes.
 pub struct Rehearsal {
     pub nodes: Vec<Node>,
     pub dir: PathBuf,
+    _switch: Switch,
     _tmp: Option<tempfile::TempDir>,
     board: crate::board::Board,
     socket: PathBuf,
     accel: Accel,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
-    // Last, so the VMs (in `nodes`) stop before the switch.
-    _switch: Switch,
 }
 
 /// The MAC a rehearsal VM gets when its node has no `match.mac`.
