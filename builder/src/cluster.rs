@@ -113,33 +113,10 @@ pub fn personalise(image: &Path, cluster_file: &Path, node: Option<&str>) -> Res
         );
     }
     let (text, c) = load(cluster_file)?;
-    let node_toml = match node {
-        Some(n) if c.file.nodes.iter().any(|x| x.name.get_ref() == n) => Some(format!(
-            "# Written by picoimg personalise: this node's name in cluster.toml.\nname = \"{n}\"\n"
-        )),
-        Some(n) => bail!(
-            "node `{n}` is not in {} (nodes: {})",
-            cluster_file.display(),
-            c.file
-                .nodes
-                .iter()
-                .map(|x| x.name.get_ref().as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        None => None,
-    };
-    let mut files = vec![crate::disk::FatFile {
-        path: "picoimg/cluster.toml",
-        data: text.as_bytes(),
-    }];
-    if let Some(t) = &node_toml {
-        files.push(crate::disk::FatFile {
-            path: "picoimg/node.toml",
-            data: t.as_bytes(),
-        });
+    if let Some(n) = node {
+        crate::personalise::check_node(&c, cluster_file, n)?;
     }
-    crate::personalise::put_boot_files(image, &files)?;
+    crate::personalise::put_cluster(image, &text, node)?;
     eprintln!(
         "picoimg: wrote picoimg/cluster.toml{} to the boot partition of {}",
         if node.is_some() {

@@ -539,10 +539,8 @@ pub fn flash(o: &FlashOptions) -> Result<()> {
         None if o.node.is_some() => bail!("--node needs --cluster (the file that lists the node)"),
         None => None,
     };
-    if let (Some(n), Some((_, c))) = (&o.node, &cluster) {
-        if !c.file.nodes.iter().any(|x| x.name.get_ref() == n) {
-            bail!("node `{n}` is not in the cluster file");
-        }
+    if let (Some(n), Some((_, c)), Some(path)) = (&o.node, &cluster, &o.cluster) {
+        crate::personalise::check_node(c, path, n)?;
     }
     let meta = std::fs::metadata(&o.target);
     let is_block = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
@@ -640,22 +638,7 @@ pub fn flash(o: &FlashOptions) -> Result<()> {
                 .arg(&o.target)
                 .run();
         }
-        let node_toml = o.node.as_ref().map(|n| {
-            format!(
-                "# Written by picoimg flash: this node's name in cluster.toml.\nname = \"{n}\"\n"
-            )
-        });
-        let mut files = vec![crate::disk::FatFile {
-            path: "picoimg/cluster.toml",
-            data: text.as_bytes(),
-        }];
-        if let Some(t) = &node_toml {
-            files.push(crate::disk::FatFile {
-                path: "picoimg/node.toml",
-                data: t.as_bytes(),
-            });
-        }
-        crate::personalise::put_boot_files(&o.target, &files)?;
+        crate::personalise::put_cluster(&o.target, text, o.node.as_deref())?;
         log("wrote picoimg/cluster.toml to the boot partition");
     }
     log(format!("{} is ready", o.target.display()));

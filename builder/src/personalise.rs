@@ -80,3 +80,43 @@ pub fn put_boot_files(image: &Path, files: &[FatFile<'_>]) -> Result<()> {
     crate::disk::add_fat_files(image, start, size, files)
         .with_context(|| format!("writing to the boot partition of {}", image.display()))
 }
+
+/// Fails unless the cluster file lists `node` (the error lists the nodes it has).
+pub fn check_node(
+    checked: &picoimg_firstboot::cluster::Checked,
+    cluster_file: &Path,
+    node: &str,
+) -> Result<()> {
+    let nodes = &checked.file.nodes;
+    if nodes.iter().any(|x| x.name.get_ref() == node) {
+        return Ok(());
+    }
+    bail!(
+        "node `{node}` is not in {} (nodes: {})",
+        cluster_file.display(),
+        nodes
+            .iter()
+            .map(|x| x.name.get_ref().as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Puts the cluster file's text as picoimg/cluster.toml and, with `node`, picoimg/node.toml
+/// onto the boot partition of `target` (a raw image or a written device).
+pub fn put_cluster(target: &Path, text: &str, node: Option<&str>) -> Result<()> {
+    let node_toml = node.map(|n| {
+        format!("# Written by picoimg: this node's name in cluster.toml.\nname = \"{n}\"\n")
+    });
+    let mut files = vec![FatFile {
+        path: "picoimg/cluster.toml",
+        data: text.as_bytes(),
+    }];
+    if let Some(t) = &node_toml {
+        files.push(FatFile {
+            path: "picoimg/node.toml",
+            data: t.as_bytes(),
+        });
+    }
+    put_boot_files(target, &files)
+}

@@ -293,12 +293,13 @@ pub fn qemu_cmd(
     Ok(c)
 }
 
-/// Streams the console to stdout until the ready marker (Ok), the failed marker or the timeout
-/// (Err with the last 50 console lines).
-fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<()> {
-    let child = cmd.spawn_reader().context("starting QEMU")?;
-    let (tx, rx) = mpsc::channel::<Option<String>>();
-    let reader = child.reader();
+/// Reads a VM's console on a thread of its own: each line (CR and trailing space removed) to
+/// `each` until it returns false or the console closes, then `done`.
+pub fn read_console(
+    reader: std::sync::Arc<duct::ReaderHandle>,
+    mut each: impl FnMut(String) -> bool + Send + 'static,
+    done: impl FnOnce() + Send + 'static,
+) {
     std::thread::spawn(move || {
         let mut r = BufReader::new(&*reader);
         let mut line = Vec::new();
@@ -308,14 +309,29 @@ fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<()> {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&line).replace('\r', "");
-                    if tx.send(Some(text.trim_end().to_owned())).is_err() {
+                    if !each(text.trim_end().to_owned()) {
                         break;
                     }
                 }
             }
         }
-        let _ = tx.send(None);
+        done();
     });
+}
+
+/// Streams the console to stdout until the ready marker (Ok), the failed marker or the timeout
+/// (Err with the last 50 console lines).
+fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<()> {
+    let child = cmd.spawn_reader().context("starting QEMU")?;
+    let (tx, rx) = mpsc::channel::<Option<String>>();
+    let end = tx.clone();
+    read_console(
+        child.reader(),
+        move |line| tx.send(Some(line)).is_ok(),
+        move || {
+            let _ = end.send(None);
+        },
+    );
     let started = Instant::now();
     let mut tail: VecDeque<String> = VecDeque::with_capacity(50);
     let stdout = std::io::stdout();

@@ -6,7 +6,7 @@
 //! `--ssh-port-base P`, node i also gets a restricted user-mode NIC with 127.0.0.1:P+i
 //! forwarded to its SSH port. Each console goes to `<dir>/<node>.log`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -284,27 +284,18 @@ impl Rehearsal {
             .open(&node.log)
             .with_context(|| format!("opening {}", node.log.display()))?;
         let _ = writeln!(logf, "==== picoimg run: power on (boot {}) ====", node.boot);
-        let tx = self.tx.clone();
+        let (tx, end) = (self.tx.clone(), self.tx.clone());
         let boot = node.boot;
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(&*reader);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match r.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&line).replace('\r', "");
-                        let text = text.trim_end().to_owned();
-                        let _ = writeln!(logf, "{text}");
-                        if tx.send(Event::Line(i, boot, text)).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = tx.send(Event::Exit(i, boot));
-        });
+        crate::qemu::read_console(
+            reader,
+            move |line| {
+                let _ = writeln!(logf, "{line}");
+                tx.send(Event::Line(i, boot, line)).is_ok()
+            },
+            move || {
+                let _ = end.send(Event::Exit(i, boot));
+            },
+        );
         node.vm = Some(vm);
         node.state = NodeState::Booting;
         node.started = Instant::now();

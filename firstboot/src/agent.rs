@@ -186,25 +186,22 @@ pub fn boot_mount(root: &Path) -> PathBuf {
     root.join(rel.trim_start_matches('/'))
 }
 
-/// A parsed `/etc/passwd` or `/etc/group` line's ids.
-fn lookup_ids(root: &Path, file: &str, name: &str) -> Option<(u32, u32)> {
+/// The fields of `name`'s line in a colon-separated account file (`etc/passwd`, `etc/group`).
+fn account(root: &Path, file: &str, name: &str) -> Option<Vec<String>> {
     let text = std::fs::read_to_string(root.join(file)).ok()?;
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&name) && f.len() > 3)
-            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-            .flatten()
-    })
+    text.lines()
+        .map(|l| l.split(':').map(str::to_owned).collect::<Vec<_>>())
+        .find(|f| f.first().is_some_and(|n| n == name))
+}
+
+/// A user's uid and gid from `etc/passwd`.
+fn lookup_ids(root: &Path, name: &str) -> Option<(u32, u32)> {
+    let f = account(root, "etc/passwd", name)?;
+    Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
 }
 
 fn gid_of(root: &Path, group: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(root.join("etc/group")).ok()?;
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&group) && f.len() > 2)
-            .then(|| f[2].parse().ok())
-            .flatten()
-    })
+    account(root, "etc/group", group)?.get(2)?.parse().ok()
 }
 
 /// One step's plan: its name, what it was given, and whether a changed input may be applied
@@ -699,7 +696,7 @@ impl<'a> Agent<'a> {
         let mut names = Vec::new();
         for u in &file.users {
             let name = u.name.get_ref();
-            if lookup_ids(&self.root, "etc/passwd", name).is_none() {
+            if lookup_ids(&self.root, name).is_none() {
                 // `*`: no password can match, yet the account is not locked, so SSH keys work.
                 self.sys.run(
                     &Cmd::new("useradd")
@@ -708,7 +705,7 @@ impl<'a> Agent<'a> {
                         .arg(name),
                 )?;
             }
-            let (uid, gid) = lookup_ids(&self.root, "etc/passwd", name)
+            let (uid, gid) = lookup_ids(&self.root, name)
                 .ok_or_else(|| anyhow!("user {name} is missing from /etc/passwd after useradd"))?;
             let home = format!("home/{name}");
             let ssh = self.p(&format!("{home}/.ssh"));
