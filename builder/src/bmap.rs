@@ -9,7 +9,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 pub const BLOCK: u64 = 4096;
@@ -110,6 +110,151 @@ pub fn create(image: &Path) -> Result<String> {
     );
     let sum = hex::encode(Sha256::digest(xml.as_bytes()));
     Ok(xml.replacen(&zero, &sum, 1))
+}
+
+/// A block map as read: image size and the byte ranges that hold data, each with its sha256.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bmap {
+    pub image_size: u64,
+    pub block_size: u64,
+    /// (start byte, end byte exclusive, sha256 hex), sorted, not overlapping, not empty.
+    pub ranges: Vec<(u64, u64, String)>,
+}
+
+impl Bmap {
+    pub fn mapped_bytes(&self) -> u64 {
+        self.ranges.iter().map(|(a, b, _)| b - a).sum()
+    }
+}
+
+fn child_text<'a>(root: roxmltree::Node<'a, 'a>, name: &str) -> Result<&'a str> {
+    let mut found = root.children().filter(|n| n.has_tag_name(name));
+    let node = found
+        .next()
+        .with_context(|| format!("no <{name}> element"))?;
+    if found.next().is_some() {
+        bail!("more than one <{name}> element");
+    }
+    Ok(node.text().unwrap_or("").trim())
+}
+
+fn number(root: roxmltree::Node<'_, '_>, name: &str) -> Result<u64> {
+    let t = child_text(root, name)?;
+    t.parse()
+        .with_context(|| format!("<{name}> \"{t}\" is not a whole number"))
+}
+
+fn block_number(s: &str, what: &str) -> Result<u64> {
+    s.trim()
+        .parse()
+        .with_context(|| format!("<Range> {what} \"{}\" is not a block number", s.trim()))
+}
+
+/// Reads a block map in bmaptool's format 2.x (sha256), at least as strictly as bmaptool:
+/// its own checksum (required), block size a power of two, every range inside `BlocksCount`,
+/// sorted and disjoint, `BlocksCount` consistent with `ImageSize`, `MappedBlocksCount` equal
+/// to the ranges' sum, at least one range, checked arithmetic throughout.
+pub fn parse(xml: &str) -> Result<Bmap> {
+    let doc = roxmltree::Document::parse(xml).context("not well-formed XML")?;
+    let root = doc.root_element();
+    if !root.has_tag_name("bmap") {
+        bail!(
+            "the root element is <{}>, not <bmap>",
+            root.tag_name().name()
+        );
+    }
+    let version = root
+        .attribute("version")
+        .context("<bmap> has no version attribute")?;
+    if !version.starts_with("2.") {
+        bail!("bmap format {version} is not supported (2.x with sha256 is); regenerate it with `bmaptool create`");
+    }
+    let kind = child_text(root, "ChecksumType")?;
+    if kind != "sha256" {
+        bail!("bmap checksum type `{kind}` is not supported (sha256 is)");
+    }
+    let sum = child_text(root, "BmapFileChecksum")
+        .context("format 2 requires the bmap's own checksum")?;
+    if sum.len() != 64 || !sum.bytes().all(|c| c.is_ascii_hexdigit()) {
+        bail!("<BmapFileChecksum> \"{sum}\" is not a sha256 (64 hex digits)");
+    }
+    let zeroed = xml.replacen(sum, &"0".repeat(sum.len()), 1);
+    if hex::encode(Sha256::digest(zeroed.as_bytes())) != sum.to_ascii_lowercase() {
+        bail!("the bmap's own checksum does not match: the file is damaged or was edited");
+    }
+    let image_size = number(root, "ImageSize")?;
+    let block_size = number(root, "BlockSize")?;
+    if !block_size.is_power_of_two() {
+        bail!("<BlockSize> {block_size} is not a positive power of two");
+    }
+    let blocks = number(root, "BlocksCount")?;
+    if blocks != image_size.div_ceil(block_size) {
+        bail!(
+            "<BlocksCount> {blocks} does not match <ImageSize> {image_size} / <BlockSize> {block_size} (= {})",
+            image_size.div_ceil(block_size)
+        );
+    }
+    let mapped = number(root, "MappedBlocksCount")?;
+    let map = root
+        .children()
+        .find(|n| n.has_tag_name("BlockMap"))
+        .context("no <BlockMap> element")?;
+    let mut ranges: Vec<(u64, u64, String)> = Vec::new();
+    let mut sum_blocks: u64 = 0;
+    let mut next_free: u64 = 0;
+    for r in map.children().filter(|n| n.is_element()) {
+        if !r.has_tag_name("Range") {
+            bail!("<BlockMap> holds a <{}>, not <Range>", r.tag_name().name());
+        }
+        let body = r.text().unwrap_or("").trim();
+        let sha = r
+            .attribute("chksum")
+            .with_context(|| format!("<Range> {body} has no chksum"))?;
+        if sha.len() != 64 || !sha.bytes().all(|c| c.is_ascii_hexdigit()) {
+            bail!("<Range> {body}: chksum \"{sha}\" is not a sha256 (64 hex digits)");
+        }
+        let (a, b) = match body.split_once('-') {
+            Some((a, b)) => (block_number(a, "start")?, block_number(b, "end")?),
+            None => {
+                let a = block_number(body, "block")?;
+                (a, a)
+            }
+        };
+        if b < a {
+            bail!("<Range> {body} runs backwards");
+        }
+        if b >= blocks {
+            bail!("<Range> {body} goes past <BlocksCount> {blocks}");
+        }
+        if a < next_free {
+            bail!("<Range> {body} overlaps or precedes the range before it");
+        }
+        next_free = b + 1;
+        sum_blocks = sum_blocks
+            .checked_add(b - a + 1)
+            .context("mapped block count overflows")?;
+        // In range: b < blocks = ceil(image_size / block_size), so (b + 1) * block_size fits
+        // in image_size + block_size.
+        let start = a.checked_mul(block_size).context("range start overflows")?;
+        let end = (b + 1)
+            .checked_mul(block_size)
+            .context("range end overflows")?
+            .min(image_size);
+        ranges.push((start, end, sha.to_ascii_lowercase()));
+    }
+    if sum_blocks != mapped {
+        bail!(
+            "<MappedBlocksCount> {mapped} does not match the ranges, which map {sum_blocks} blocks"
+        );
+    }
+    if ranges.is_empty() {
+        bail!("the block map maps no blocks: nothing would be written (an empty or damaged bmap)");
+    }
+    Ok(Bmap {
+        image_size,
+        block_size,
+        ranges,
+    })
 }
 
 #[cfg(test)]

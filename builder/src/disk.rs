@@ -183,11 +183,18 @@ pub fn write_fat(
     )
     .context("formatting FAT32")?;
     slice.seek(SeekFrom::Start(0))?;
-    put_files(&mut slice, files)
+    put_files(&mut slice, files, &[]).map(|_| ())
 }
 
-/// Writes (or replaces) files on the FAT filesystem that starts `start` bytes into `image`.
-pub fn add_fat_files(image: &Path, start: u64, size: u64, files: &[FatFile<'_>]) -> Result<()> {
+/// Writes (or replaces) `files` on the FAT filesystem that starts `start` bytes into `image`
+/// and removes the files named in `remove` where they exist; returns those it removed.
+pub fn add_fat_files(
+    image: &Path,
+    start: u64,
+    size: u64,
+    files: &[FatFile<'_>],
+    remove: &[&str],
+) -> Result<Vec<String>> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -195,15 +202,20 @@ pub fn add_fat_files(image: &Path, start: u64, size: u64, files: &[FatFile<'_>])
         .with_context(|| format!("opening {}", image.display()))?;
     let slice = fscommon::StreamSlice::new(file, start, start + size)?;
     let mut slice = fscommon::BufStream::new(slice);
-    put_files(&mut slice, files)?;
+    let removed = put_files(&mut slice, files, remove)?;
     drop(slice);
     std::fs::File::open(image)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", image.display()))?;
-    Ok(())
+    Ok(removed)
 }
 
-fn put_files<S: std::io::Read + Write + Seek>(slice: &mut S, files: &[FatFile<'_>]) -> Result<()> {
+fn put_files<S: std::io::Read + Write + Seek>(
+    slice: &mut S,
+    files: &[FatFile<'_>],
+    remove: &[&str],
+) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
     {
         let fs = fatfs::FileSystem::new(&mut *slice, fatfs::FsOptions::new())
             .context("opening the FAT filesystem")?;
@@ -229,6 +241,14 @@ fn put_files<S: std::io::Read + Write + Seek>(slice: &mut S, files: &[FatFile<'_
                     format!("writing FAT file {} ({} bytes)", f.path, f.data.len())
                 })?;
             }
+            for path in remove {
+                let path = path.trim_start_matches('/');
+                if root.open_file(path).is_ok() {
+                    root.remove(path)
+                        .with_context(|| format!("removing FAT file {path}"))?;
+                    removed.push(path.to_owned());
+                }
+            }
         }
         // Counting free clusters also records the count in the FSInfo sector.
         fs.stats().context("counting free FAT clusters")?;
@@ -237,7 +257,7 @@ fn put_files<S: std::io::Read + Write + Seek>(slice: &mut S, files: &[FatFile<'_
     slice.flush()?;
     fix_dot_entries(slice).context("repairing FAT directory entries")?;
     slice.flush()?;
-    Ok(())
+    Ok(removed)
 }
 
 /// fatfs 0.3.6 writes a long-name entry in front of the `.` and `..` entries of every new
@@ -252,9 +272,17 @@ fn fix_dot_entries<S: std::io::Read + Write + Seek>(disk: &mut S) -> Result<()> 
     let u32_at = |o: usize| u32::from_le_bytes([bs[o], bs[o + 1], bs[o + 2], bs[o + 3]]) as u64;
     let bps = u16_at(11);
     let spc = bs[13] as u64;
+    if bps == 0 || spc == 0 || bps * spc > 1 << 20 {
+        anyhow::bail!("implausible FAT geometry ({bps} bytes per sector, {spc} per cluster)");
+    }
     let data_start = (u16_at(14) + bs[16] as u64 * u32_at(36)) * bps;
     let cluster_bytes = (bps * spc) as usize;
-    let offset = |c: u64| data_start + (c - 2) * cluster_bytes as u64;
+    let offset = |c: u64| -> Result<u64> {
+        c.checked_sub(2)
+            .and_then(|c| c.checked_mul(cluster_bytes as u64))
+            .and_then(|o| o.checked_add(data_start))
+            .with_context(|| format!("FAT cluster {c} is out of range"))
+    };
     // (directory cluster, is the root, parent is the root)
     let mut todo = vec![(u32_at(44), true, false)];
     let mut visited = 0;
@@ -264,7 +292,7 @@ fn fix_dot_entries<S: std::io::Read + Write + Seek>(disk: &mut S) -> Result<()> 
             anyhow::bail!("FAT directory walk did not end");
         }
         let mut buf = vec![0u8; cluster_bytes];
-        disk.seek(SeekFrom::Start(offset(cluster)))?;
+        disk.seek(SeekFrom::Start(offset(cluster)?))?;
         disk.read_exact(&mut buf)?;
         let entries: Vec<[u8; 32]> = buf
             .chunks_exact(32)
@@ -316,7 +344,7 @@ fn fix_dot_entries<S: std::io::Read + Write + Seek>(disk: &mut S) -> Result<()> 
         for (i, e) in kept.iter().enumerate() {
             out[i * 32..i * 32 + 32].copy_from_slice(e);
         }
-        disk.seek(SeekFrom::Start(offset(cluster)))?;
+        disk.seek(SeekFrom::Start(offset(cluster)?))?;
         disk.write_all(&out)?;
     }
     Ok(())

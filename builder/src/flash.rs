@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::bmap::Bmap;
 use crate::progress::{log, Step};
 
 /// Bytes at the start of the target written last.
@@ -37,96 +38,6 @@ pub struct FlashOptions {
     pub node: Option<String>,
 }
 
-/// A block map: image size and the byte ranges that hold data, each with its sha256.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Bmap {
-    pub image_size: u64,
-    pub block_size: u64,
-    /// (start byte, end byte exclusive, sha256 hex)
-    pub ranges: Vec<(u64, u64, String)>,
-}
-
-impl Bmap {
-    pub fn mapped_bytes(&self) -> u64 {
-        self.ranges.iter().map(|(a, b, _)| b - a).sum()
-    }
-}
-
-fn tag<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
-    let open = format!("<{name}>");
-    let close = format!("</{name}>");
-    let s = xml.find(&open)? + open.len();
-    let e = xml[s..].find(&close)? + s;
-    Some(xml[s..e].trim())
-}
-
-/// Parses a bmap (format 2.x, sha256: ours and bmaptool 3's), checking its own checksum.
-pub fn parse_bmap(xml: &str) -> Result<Bmap> {
-    let version = xml
-        .split("<bmap version=\"")
-        .nth(1)
-        .and_then(|v| v.split('"').next())
-        .context("no <bmap version=...> element")?;
-    if !version.starts_with("2.") {
-        bail!("bmap format {version} is not supported (2.x with sha256 is); regenerate it with `bmaptool create`");
-    }
-    let kind = tag(xml, "ChecksumType").unwrap_or("");
-    if kind != "sha256" {
-        bail!("bmap checksum type `{kind}` is not supported (sha256 is)");
-    }
-    if let Some(sum) = tag(xml, "BmapFileChecksum") {
-        let zeroed = xml.replacen(sum, &"0".repeat(sum.len()), 1);
-        let actual = hex::encode(Sha256::digest(zeroed.as_bytes()));
-        if actual != sum {
-            bail!("the bmap's own checksum does not match: the file is damaged or was edited");
-        }
-    }
-    let num = |name: &str| -> Result<u64> {
-        tag(xml, name)
-            .with_context(|| format!("no <{name}>"))?
-            .parse()
-            .with_context(|| format!("<{name}> is not a number"))
-    };
-    let image_size = num("ImageSize")?;
-    let block_size = num("BlockSize")?;
-    let mut ranges = Vec::new();
-    for part in xml.split("<Range").skip(1) {
-        let sha = part
-            .split("chksum=\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .context("a <Range> has no chksum")?
-            .to_owned();
-        let body = part
-            .split('>')
-            .nth(1)
-            .and_then(|s| s.split('<').next())
-            .context("malformed <Range>")?
-            .trim();
-        let (a, b) = body.split_once('-').unwrap_or((body, body));
-        let (a, b): (u64, u64) = (
-            a.trim().parse().context("bad range start")?,
-            b.trim().parse().context("bad range end")?,
-        );
-        if b < a {
-            bail!("range {body} runs backwards");
-        }
-        let start = a * block_size;
-        let end = ((b + 1) * block_size).min(image_size);
-        if let Some((_, prev_end, _)) = ranges.last() {
-            if start < *prev_end {
-                bail!("range {body} overlaps or precedes the one before it");
-            }
-        }
-        ranges.push((start, end, sha));
-    }
-    Ok(Bmap {
-        image_size,
-        block_size,
-        ranges,
-    })
-}
-
 /// The block map beside an image, if there is one.
 pub fn find_bmap(image: &Path) -> Option<PathBuf> {
     let name = image.file_name()?.to_string_lossy().into_owned();
@@ -147,7 +58,7 @@ enum Source {
 impl Source {
     fn open(image: &Path) -> Result<Source> {
         let f = File::open(image).with_context(|| format!("opening {}", image.display()))?;
-        Ok(if image.extension().is_some_and(|e| e == "xz") {
+        Ok(if is_xz(image) {
             Source::Xz(Box::new(xz2::read::XzDecoder::new_multi_decoder(
                 BufReader::with_capacity(CHUNK, f),
             )))
@@ -400,6 +311,8 @@ pub struct Device {
     /// Mount points of the device or its partitions.
     pub mounts: Vec<String>,
     pub holds_root: bool,
+    /// For a loop device: the file behind it.
+    pub backing_file: Option<PathBuf>,
 }
 
 fn read_sys(p: &Path) -> String {
@@ -470,6 +383,9 @@ pub fn device(path: &Path) -> Result<Device> {
         partitions,
         mounts,
         holds_root,
+        backing_file: Some(read_sys(&sys.join("loop/backing_file")))
+            .filter(|b| !b.is_empty())
+            .map(PathBuf::from),
         name,
     })
 }
@@ -516,49 +432,130 @@ fn human(bytes: u64) -> String {
     }
 }
 
-/// `picoimg flash`.
-pub fn flash(o: &FlashOptions) -> Result<()> {
-    if !o.image.is_file() {
-        bail!("image {} does not exist", o.image.display());
+/// The image and its block map, checked as far as they can be before the target is touched:
+/// the image a regular file whose size (an .xz's from its index) is the map's, the map strict.
+struct Inputs {
+    meta: std::fs::Metadata,
+    bmap_path: Option<PathBuf>,
+    bmap: Option<Bmap>,
+    bmap_meta: Option<std::fs::Metadata>,
+    image_size: u64,
+}
+
+fn check_inputs(o: &FlashOptions) -> Result<Inputs> {
+    let meta =
+        std::fs::metadata(&o.image).with_context(|| format!("image {}", o.image.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "image {} is {}, not an image file",
+            o.image.display(),
+            picoimg_firstboot::input::kind_of(&meta)
+        );
     }
+    let image_size = if is_xz(&o.image) {
+        let mut f =
+            File::open(&o.image).with_context(|| format!("opening {}", o.image.display()))?;
+        crate::xz::uncompressed_size(&mut f, meta.len())
+            .with_context(|| format!("image {}", o.image.display()))?
+    } else {
+        meta.len()
+    };
     let bmap_path = if o.no_bmap {
         None
     } else {
         o.bmap.clone().or_else(|| find_bmap(&o.image))
     };
-    let bmap = match &bmap_path {
+    let (bmap, bmap_meta) = match &bmap_path {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading block map {}", p.display()))?;
-            Some(parse_bmap(&text).with_context(|| format!("block map {}", p.display()))?)
+            let text = picoimg_firstboot::input::read_text(
+                p,
+                picoimg_firstboot::input::BMAP_LIMIT,
+                "block map",
+            )?;
+            let b =
+                crate::bmap::parse(&text).with_context(|| format!("block map {}", p.display()))?;
+            if b.image_size != image_size {
+                bail!(
+                    "{} holds {image_size} bytes of image but its block map {} says {}: a truncated image, or the map of another image",
+                    o.image.display(),
+                    p.display(),
+                    b.image_size
+                );
+            }
+            (Some(b), std::fs::metadata(p).ok())
         }
-        None => None,
+        None => (None, None),
     };
-    let cluster = match &o.cluster {
-        Some(c) => Some(crate::cluster::load(c)?),
-        None if o.node.is_some() => bail!("--node needs --cluster (the file that lists the node)"),
-        None => None,
+    Ok(Inputs {
+        meta,
+        bmap_path,
+        bmap,
+        bmap_meta,
+        image_size,
+    })
+}
+
+fn is_xz(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "xz")
+}
+
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+/// Where the image goes.
+enum Target {
+    /// A whole block device, written in place.
+    Device,
+    /// A regular file, written beside it and renamed over it (the real path, symlinks followed).
+    File(PathBuf),
+}
+
+fn classify_target(o: &FlashOptions, inputs: &Inputs) -> Result<Target> {
+    let t = &o.target;
+    let meta = match std::fs::metadata(t) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let abs = std::path::absolute(t).unwrap_or_else(|_| t.clone());
+            let parent = abs
+                .parent()
+                .map(|p| p.canonicalize().unwrap_or(p.to_owned()));
+            if abs.starts_with("/dev") || parent.as_deref().is_some_and(|p| p.starts_with("/dev")) {
+                bail!(
+                    "{} does not exist: no such device (`lsblk` lists the disks); picoimg creates files only outside /dev",
+                    t.display()
+                );
+            }
+            return Ok(Target::File(abs));
+        }
+        Err(e) => return Err(e).with_context(|| format!("{}", t.display())),
     };
-    if let (Some(n), Some((_, c)), Some(path)) = (&o.node, &cluster, &o.cluster) {
-        crate::personalise::check_node(c, path, n)?;
+    let itself = |m: &std::fs::Metadata| {
+        same_file(m, &inputs.meta) || inputs.bmap_meta.as_ref().is_some_and(|b| same_file(m, b))
+    };
+    if itself(&meta) {
+        bail!(
+            "{} is the image (or its block map) itself: writing it would destroy it; give another target",
+            t.display()
+        );
     }
-    let meta = std::fs::metadata(&o.target);
-    let is_block = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
-    // The size to check the target against: the map's, or a raw image's own (an .xz without a
-    // map tells its size only once decompressed).
-    let image_size = bmap.as_ref().map(|b| b.image_size).or_else(|| {
-        (o.image.extension().is_none_or(|e| e != "xz"))
-            .then(|| std::fs::metadata(&o.image).map(|m| m.len()).ok())
-            .flatten()
-    });
-    if is_block {
-        let dev = device(&o.target)?;
-        if let Some(why) = refuse(&dev, &o.target, image_size.unwrap_or(0), o.force) {
+    if meta.file_type().is_block_device() {
+        let dev = device(t)?;
+        if let Some(backing) = &dev.backing_file {
+            if std::fs::metadata(backing).is_ok_and(|m| itself(&m)) {
+                bail!(
+                    "{} is a loop device backed by the image itself ({}): writing it would destroy the image",
+                    t.display(),
+                    backing.display()
+                );
+            }
+        }
+        if let Some(why) = refuse(&dev, t, inputs.image_size, o.force) {
             bail!("{why}");
         }
         let msg = format!(
             "{}: {}, {}{}, partitions: {}",
-            o.target.display(),
+            t.display(),
             if dev.model.is_empty() {
                 "unknown model"
             } else {
@@ -577,45 +574,96 @@ pub fn flash(o: &FlashOptions) -> Result<()> {
             confirm(&format!(
                 "write {} to {}, destroying everything on it? [y/N] ",
                 o.image.display(),
-                o.target.display()
+                t.display()
             ))?;
         }
-    } else if meta.as_ref().is_ok_and(|m| !m.is_file()) {
+        return Ok(Target::Device);
+    }
+    if !meta.is_file() {
         bail!(
-            "{} is neither a block device nor a regular file",
-            o.target.display()
+            "{} is {}: give a whole block device or a regular file",
+            t.display(),
+            picoimg_firstboot::input::kind_of(&meta)
         );
     }
-    let target = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(!is_block)
-        .truncate(false)
-        .open(&o.target)
-        .with_context(|| format!("opening {} for writing", o.target.display()))?;
-    if !is_block {
-        // A file target is the image: old contents go, unmapped blocks are holes.
-        target.set_len(0)?;
-        if let Some(s) = image_size {
-            target.set_len(s)?;
-        }
+    if meta.len() > 0 && !o.force {
+        bail!(
+            "{} exists and holds {} bytes: pass --force to replace it (it is replaced only once the new image is completely written)",
+            t.display(),
+            meta.len()
+        );
     }
-    let total = bmap.as_ref().map_or(0, Bmap::mapped_bytes);
-    log(match &bmap_path {
+    Ok(Target::File(
+        t.canonicalize()
+            .with_context(|| format!("{}", t.display()))?,
+    ))
+}
+
+/// `picoimg flash`.
+pub fn flash(o: &FlashOptions) -> Result<()> {
+    let inputs = check_inputs(o)?;
+    let cluster = match &o.cluster {
+        Some(c) => Some(crate::cluster::load(c)?),
+        None if o.node.is_some() => bail!("--node needs --cluster (the file that lists the node)"),
+        None => None,
+    };
+    if let (Some(n), Some((_, c)), Some(path)) = (&o.node, &cluster, &o.cluster) {
+        crate::personalise::check_node(c, path, n)?;
+    }
+    let target_kind = classify_target(o, &inputs)?;
+    let image_size = inputs.image_size;
+    // A file target is written under a temporary name beside it and renamed into place when
+    // complete: a failure or Ctrl-C leaves the old file (or nothing), never a partial image.
+    let (target, tmp) = match &target_kind {
+        Target::Device => (
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&o.target)
+                .with_context(|| format!("opening {} for writing", o.target.display()))?,
+            None,
+        ),
+        Target::File(path) => {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!(".{name}.picoimg-"))
+                .tempfile_in(dir)
+                .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+            let f = tmp.as_file().try_clone()?;
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            // Unmapped blocks stay holes.
+            f.set_len(image_size)
+                .with_context(|| format!("sizing {}", tmp.path().display()))?;
+            (f, Some(tmp))
+        }
+    };
+    let total = inputs.bmap.as_ref().map_or(image_size, Bmap::mapped_bytes);
+    log(match &inputs.bmap_path {
         Some(p) => format!(
             "block map {}: {} of {} mapped",
             p.display(),
             human(total),
-            human(image_size.unwrap_or(0))
+            human(image_size)
         ),
-        None => "no block map: writing the whole image".to_owned(),
+        None => format!(
+            "no block map: writing the whole image ({})",
+            human(image_size)
+        ),
     });
     let started = std::time::Instant::now();
     let mut step = Step::bytes(format!("writing {}", o.target.display()), total);
-    let written = write_image(&o.image, &target, bmap.as_ref(), &mut step)?;
-    if !is_block {
-        target.set_len(written.image_size)?;
-        target.sync_all()?;
+    let written = write_image(&o.image, &target, inputs.bmap.as_ref(), &mut step)?;
+    if written.image_size != image_size {
+        bail!(
+            "{} decoded to {} bytes, but its index says {image_size}: damaged image",
+            o.image.display(),
+            written.image_size
+        );
     }
     step.done();
     log(format!(
@@ -629,8 +677,9 @@ pub fn flash(o: &FlashOptions) -> Result<()> {
         step.done();
     }
     drop(target);
+    let written_to = tmp.as_ref().map_or(o.target.as_path(), |t| t.path());
     if let Some((text, _)) = &cluster {
-        if is_block {
+        if tmp.is_none() {
             // Let the kernel see the new partitions (best effort: personalising reads the
             // table itself).
             let _ = crate::cmd::Cmd::new("blockdev")
@@ -638,8 +687,17 @@ pub fn flash(o: &FlashOptions) -> Result<()> {
                 .arg(&o.target)
                 .run();
         }
-        crate::personalise::put_cluster(&o.target, text, o.node.as_deref())?;
+        crate::personalise::put_cluster(written_to, text, o.node.as_deref())?;
         log("wrote picoimg/cluster.toml to the boot partition");
+    }
+    if let (Some(tmp), Target::File(path)) = (tmp, &target_kind) {
+        crate::interrupt::check()?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path)
+            .with_context(|| format!("renaming the written image to {}", path.display()))?;
+        if let Some(dir) = path.parent() {
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
     }
     log(format!("{} is ready", o.target.display()));
     Ok(())
@@ -673,12 +731,14 @@ mod tests {
         f.write_all_at(&[7u8; 5000], 8192).unwrap();
         drop(f);
         let xml = crate::bmap::create(&p).unwrap();
-        let b = parse_bmap(&xml).unwrap();
+        let b = crate::bmap::parse(&xml).unwrap();
         assert_eq!(b.image_size, 64 * 4096);
         assert_eq!(b.ranges.len(), 1);
         assert_eq!((b.ranges[0].0, b.ranges[0].1), (8192, 16384));
         let tampered = xml.replacen("<Range chksum=\"", "<Range chksum=\"0", 1);
-        assert!(format!("{:#}", parse_bmap(&tampered).unwrap_err()).contains("own checksum"));
+        assert!(
+            format!("{:#}", crate::bmap::parse(&tampered).unwrap_err()).contains("own checksum")
+        );
     }
 
     #[test]
@@ -690,7 +750,7 @@ mod tests {
         f.write_all_at(b"MBR!", 0).unwrap();
         f.write_all_at(&[9u8; 4096], 3 << 20).unwrap();
         drop(f);
-        let b = parse_bmap(&crate::bmap::create(&img).unwrap()).unwrap();
+        let b = crate::bmap::parse(&crate::bmap::create(&img).unwrap()).unwrap();
         let out = dir.path().join("t.img");
         let t = std::fs::OpenOptions::new()
             .read(true)

@@ -23,12 +23,14 @@ pub mod output;
 pub mod personalise;
 pub mod plan;
 pub mod progress;
+pub mod ptable;
 pub mod qemu;
 pub mod rehearsal;
 pub mod rootfs;
 pub mod size;
 pub mod tarfs;
 pub mod uimage;
+pub mod xz;
 
 /// The command wrapper, shared with the device agent.
 pub use picoimg_firstboot::cmd;

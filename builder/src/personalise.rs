@@ -9,63 +9,42 @@ use anyhow::{bail, Context, Result};
 use crate::disk::FatFile;
 
 /// Byte offset and size of the first partition that holds a FAT filesystem (the boot
-/// partition of every picoimg board), from the MBR or the GPT.
+/// partition of every picoimg board). The partition table is checked first (see
+/// [`crate::ptable`]): a truncated or damaged image is refused before anything is written, and
+/// the FAT filesystem must fit inside its partition, so a write never grows the file.
 pub fn boot_partition(image: &Path) -> Result<(u64, u64)> {
     let mut f =
         std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
-    let mut sector = [0u8; 512];
-    f.read_exact(&mut sector)
-        .with_context(|| format!("reading the partition table of {}", image.display()))?;
-    if sector[510..512] != [0x55, 0xaa] {
-        bail!(
-            "{} has no partition table (no MBR signature)",
+    let size = crate::ptable::size_of(&mut f)?;
+    let table = crate::ptable::read(&mut f, size).with_context(|| {
+        format!(
+            "{}: not a complete disk image or card with a valid partition table",
             image.display()
-        );
-    }
-    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-    let mut parts: Vec<(u64, u64)> = Vec::new();
-    let mbr: Vec<(u8, u64, u64)> = (0..4)
-        .map(|i| {
-            let e = &sector[446 + 16 * i..446 + 16 * (i + 1)];
-            (e[4], u32_at(e, 8) as u64, u32_at(e, 12) as u64)
-        })
-        .filter(|(t, _, n)| *t != 0 && *n != 0)
-        .collect();
-    if mbr.iter().any(|(t, _, _)| *t == 0xee) {
-        let mut hdr = [0u8; 512];
-        f.seek(SeekFrom::Start(512))?;
-        f.read_exact(&mut hdr)?;
-        if &hdr[..8] != b"EFI PART" {
-            bail!("{}: protective MBR but no GPT header", image.display());
-        }
-        let (lba, count, size) = (u64_at(&hdr, 72), u32_at(&hdr, 80), u32_at(&hdr, 84));
-        if !(128..=4096).contains(&size) || count > 1024 {
-            bail!("{}: implausible GPT entry table", image.display());
-        }
-        let mut table = vec![0u8; count as usize * size as usize];
-        f.seek(SeekFrom::Start(lba * 512))?;
-        f.read_exact(&mut table)?;
-        for e in table.chunks_exact(size as usize) {
-            if e[..16].iter().any(|b| *b != 0) {
-                let (first, last) = (u64_at(e, 32), u64_at(e, 40));
-                parts.push((first * 512, (last + 1 - first) * 512));
-            }
-        }
-    } else {
-        parts.extend(mbr.iter().map(|(_, s, n)| (s * 512, n * 512)));
-    }
-    for (start, size) in parts {
+        )
+    })?;
+    for p in &table.parts {
         let mut bs = [0u8; 512];
-        f.seek(SeekFrom::Start(start))?;
-        if f.read_exact(&mut bs).is_err() {
-            continue;
-        }
+        f.seek(SeekFrom::Start(p.start))?;
+        f.read_exact(&mut bs)
+            .with_context(|| format!("reading partition {} of {}", p.number, image.display()))?;
         let fat =
             bs[510..512] == [0x55, 0xaa] && (&bs[82..87] == b"FAT32" || &bs[54..57] == b"FAT");
-        if fat {
-            return Ok((start, size));
+        if !fat {
+            continue;
         }
+        let bps = u64::from(u16::from_le_bytes([bs[11], bs[12]]));
+        let small = u64::from(u16::from_le_bytes([bs[19], bs[20]]));
+        let large = u64::from(u32::from_le_bytes([bs[32], bs[33], bs[34], bs[35]]));
+        let fs_bytes = bps * if small != 0 { small } else { large };
+        if fs_bytes == 0 || fs_bytes > p.size {
+            bail!(
+                "{}: the FAT filesystem on partition {} claims {fs_bytes} bytes but the partition has {}: damaged boot partition",
+                image.display(),
+                p.number,
+                p.size
+            );
+        }
+        return Ok((p.start, p.size));
     }
     bail!(
         "{} has no FAT boot partition to put picoimg/ files on",
@@ -74,10 +53,10 @@ pub fn boot_partition(image: &Path) -> Result<(u64, u64)> {
 }
 
 /// Writes `files` (paths relative to the boot partition's root) into the image's boot
-/// partition.
-pub fn put_boot_files(image: &Path, files: &[FatFile<'_>]) -> Result<()> {
+/// partition and removes the `remove` paths there; returns the paths it removed.
+pub fn put_boot_files(image: &Path, files: &[FatFile<'_>], remove: &[&str]) -> Result<Vec<String>> {
     let (start, size) = boot_partition(image)?;
-    crate::disk::add_fat_files(image, start, size, files)
+    crate::disk::add_fat_files(image, start, size, files, remove)
         .with_context(|| format!("writing to the boot partition of {}", image.display()))
 }
 
@@ -103,7 +82,9 @@ pub fn check_node(
 }
 
 /// Puts the cluster file's text as picoimg/cluster.toml and, with `node`, picoimg/node.toml
-/// onto the boot partition of `target` (a raw image or a written device).
+/// onto the boot partition of `target` (a raw image or a written device). Without `node`, a
+/// node.toml left by an earlier run is removed (it would name a node of another file), and
+/// this says so.
 pub fn put_cluster(target: &Path, text: &str, node: Option<&str>) -> Result<()> {
     let node_toml = node.map(|n| {
         format!("# Written by picoimg: this node's name in cluster.toml.\nname = \"{n}\"\n")
@@ -114,9 +95,17 @@ pub fn put_cluster(target: &Path, text: &str, node: Option<&str>) -> Result<()> 
     }];
     if let Some(t) = &node_toml {
         files.push(FatFile {
-            path: "picoimg/node.toml",
+            path: NODE_TOML,
             data: t.as_bytes(),
         });
     }
-    put_boot_files(target, &files)
+    let stale: &[&str] = if node.is_none() { &[NODE_TOML] } else { &[] };
+    for removed in put_boot_files(target, &files, stale)? {
+        crate::progress::log(format!(
+            "removed {removed} left by an earlier run: without --node, the node finds itself by MAC, serial or DMI UUID"
+        ));
+    }
+    Ok(())
 }
+
+const NODE_TOML: &str = "picoimg/node.toml";

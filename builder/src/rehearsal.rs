@@ -193,6 +193,7 @@ impl Rehearsal {
                 path: "picoimg/cluster.toml",
                 data: rehearsal_text.as_bytes(),
             }],
+            &[],
         )?;
         let socket = dir.join("switch");
         let pidfile = dir.join("switch.pid");

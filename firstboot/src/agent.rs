@@ -696,14 +696,22 @@ impl<'a> Agent<'a> {
         let mut names = Vec::new();
         for u in &file.users {
             let name = u.name.get_ref();
-            if lookup_ids(&self.root, name).is_none() {
+            match lookup_ids(&self.root, name) {
+                // The cluster file's check refuses the usual system names; this image may
+                // have more (accounts its packages made).
+                Some((uid, _)) if uid < 1000 => bail!(
+                    "user {name} is a system account of this image (uid {uid}): pick another name under [[user]]"
+                ),
+                Some(_) => {}
+                None => {
                 // `*`: no password can match, yet the account is not locked, so SSH keys work.
                 self.sys.run(
                     &Cmd::new("useradd")
                         .args(["--create-home", "--shell", "/bin/bash", "--password", "*"])
                         .args(["--comment", "picoimg cluster user"])
                         .arg(name),
-                )?;
+                    )?;
+                }
             }
             let (uid, gid) = lookup_ids(&self.root, name)
                 .ok_or_else(|| anyhow!("user {name} is missing from /etc/passwd after useradd"))?;
@@ -1060,7 +1068,7 @@ fn network_file(file: &ClusterFile, node: &Node, mac: Option<&str>) -> Option<St
         s.push_str(&format!("DNS={}\n", d.get_ref()));
     }
     for n in &file.network.ntp {
-        s.push_str(&format!("NTP={n}\n"));
+        s.push_str(&format!("NTP={}\n", n.get_ref()));
     }
     Some(s)
 }
@@ -1069,7 +1077,12 @@ fn timesync_dropin(file: &ClusterFile) -> Option<String> {
     (!file.network.ntp.is_empty()).then(|| {
         format!(
             "# Written by picoimg-firstboot from the cluster file.\n[Time]\nNTP={}\n",
-            file.network.ntp.join(" ")
+            file.network
+                .ntp
+                .iter()
+                .map(|n| n.get_ref().as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
         )
     })
 }

@@ -65,9 +65,10 @@ pub struct Network {
     pub gateway: Spanned<String>,
     #[serde(default)]
     pub dns: Vec<Spanned<String>>,
-    /// NTP servers; empty: the DHCP-provided or distribution defaults.
+    /// NTP servers (host names or addresses); empty: the DHCP-provided or distribution
+    /// defaults.
     #[serde(default)]
-    pub ntp: Vec<String>,
+    pub ntp: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -155,14 +156,14 @@ pub enum Role {
 #[serde(deny_unknown_fields)]
 pub struct Consul {
     #[serde(default = "default_dc")]
-    pub datacenter: String,
+    pub datacenter: Spanned<String>,
     /// ACLs on, default deny, with the derived management token.
     #[serde(default = "yes")]
     pub acl: bool,
 }
 
-fn default_dc() -> String {
-    "dc1".into()
+fn default_dc() -> Spanned<String> {
+    Spanned::new(0..0, "dc1".into())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,26 +252,15 @@ pub fn check_with(text: &str, kept_secret: Option<[u8; 32]>) -> Result<Checked, 
     }
     let file: ClusterFile = match toml::from_str(text) {
         Ok(f) => f,
-        Err(e) => {
-            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
-            let msg = e.message().to_owned();
-            let field = msg
-                .split('`')
-                .nth(1)
-                .map(str::to_owned)
-                .unwrap_or_else(|| "file".into());
-            return Err(vec![Problem {
-                line,
-                field,
-                message: msg,
-            }]);
-        }
+        Err(e) => return Err(parse_problems(text, &e)),
     };
     let mut p = Vec::new();
     let secret = check_cluster(text, &file, kept_secret, &mut p);
     let subnet = check_network(text, &file, &mut p);
     check_users(text, &file, &mut p);
     check_nodes(text, &file, subnet, &mut p);
+    check_consul(text, &file, &mut p);
+    check_limits(text, &file, &mut p);
     if !p.is_empty() {
         p.sort_by_key(|x| x.line);
         return Err(p);
@@ -280,6 +270,176 @@ pub fn check_with(text: &str, kept_secret: Option<[u8; 32]>) -> Result<Checked, 
         secret: secret.expect("no problems means a secret"),
         warnings,
     })
+}
+
+type Val<'i> = Spanned<toml::de::DeValue<'i>>;
+
+fn span_in(outer: &std::ops::Range<usize>, inner: &std::ops::Range<usize>) -> bool {
+    outer.start <= inner.start && inner.end <= outer.end
+}
+
+/// The key path (`node[2].match.mac`) of the value at `span` below `v`, and the table keys
+/// that lead to it (what to remove to get past the problem).
+fn locate(v: &Val<'_>, span: &std::ops::Range<usize>, path: &mut String, keys: &mut Vec<String>) {
+    match v.get_ref() {
+        toml::de::DeValue::Table(t) => {
+            for (k, child) in t.iter() {
+                let in_value = span_in(&child.span(), span);
+                if in_value || span_in(&k.span(), span) {
+                    path.push('.');
+                    path.push_str(k.get_ref());
+                    keys.push(k.get_ref().to_string());
+                    if in_value {
+                        locate(child, span, path, keys);
+                    }
+                    return;
+                }
+            }
+        }
+        toml::de::DeValue::Array(a) => {
+            for (i, child) in a.iter().enumerate() {
+                if span_in(&child.span(), span) {
+                    path.push_str(&format!("[{i}]"));
+                    // Array elements are not removed one by one: the key holding the array is.
+                    locate(child, span, path, &mut Vec::new());
+                    return;
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn remove_key(v: &mut Val<'_>, keys: &[String]) -> bool {
+    let toml::de::DeValue::Table(t) = v.get_mut() else {
+        return false;
+    };
+    match keys {
+        [] => false,
+        [last] => t.remove(last.as_str()).is_some(),
+        [first, rest @ ..] => t
+            .get_mut(first.as_str())
+            .is_some_and(|child| remove_key(child, rest)),
+    }
+}
+
+/// Every problem a section (`[consul]`, one `[[node]]`, ...) has: deserialises it, and on an
+/// error records it with its full key path and line, removes the offending key and tries
+/// again, so one run reports all of them.
+fn section_problems<T: serde::de::DeserializeOwned>(
+    text: &str,
+    name: &str,
+    value: &Val<'_>,
+    p: &mut Vec<Problem>,
+) {
+    use serde::de::IntoDeserializer;
+    let mut v = value.clone();
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..256 {
+        let e = match T::deserialize(v.clone().into_deserializer()) {
+            Ok(_) => return,
+            Err(e) => e,
+        };
+        let span = e.span().unwrap_or_else(|| v.span());
+        let mut path = name.to_owned();
+        let mut keys = Vec::new();
+        locate(&v, &span, &mut path, &mut keys);
+        let msg = e.message().trim().to_owned();
+        // A key removed below reappears as a missing field: already reported.
+        if let Some(missing) = msg
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next())
+        {
+            if removed.contains(&format!("{path}.{missing}")) {
+                return;
+            }
+        }
+        p.push(Problem {
+            line: line_of(text, span.start),
+            field: path.clone(),
+            message: msg,
+        });
+        if keys.is_empty() || !remove_key(&mut v, &keys) {
+            return;
+        }
+        removed.push(format!("{name}.{}", keys.join(".")));
+    }
+}
+
+/// Every problem of a file that does not deserialise: all syntax errors, else every section's
+/// type errors and unknown keys, each with its key path and line. `first` is the error of
+/// deserialising the whole file, used if nothing more precise is found.
+fn parse_problems(text: &str, first: &toml::de::Error) -> Vec<Problem> {
+    let (doc, errors) = toml::de::DeTable::parse_recoverable(text);
+    let line = |e: &toml::de::Error| e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+    if !errors.is_empty() {
+        return errors
+            .iter()
+            .map(|e| Problem {
+                line: line(e),
+                field: "syntax".into(),
+                message: e.message().trim().to_owned(),
+            })
+            .collect();
+    }
+    let mut p = Vec::new();
+    let root = doc.get_ref();
+    for (key, value) in root.iter() {
+        let k = key.get_ref().as_ref();
+        match k {
+            "schema" => section_problems::<String>(text, k, value, &mut p),
+            "cluster" => section_problems::<Cluster>(text, k, value, &mut p),
+            "network" => section_problems::<Network>(text, k, value, &mut p),
+            "time" => section_problems::<Time>(text, k, value, &mut p),
+            "consul" => section_problems::<Consul>(text, k, value, &mut p),
+            "firstboot" => section_problems::<FirstBoot>(text, k, value, &mut p),
+            "user" | "node" => match value.get_ref() {
+                toml::de::DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let name = format!("{k}[{i}]");
+                        if k == "user" {
+                            section_problems::<User>(text, &name, item, &mut p);
+                        } else {
+                            section_problems::<Node>(text, &name, item, &mut p);
+                        }
+                    }
+                }
+                _ => p.push(Problem {
+                    line: line_of(text, value.span().start),
+                    field: k.to_owned(),
+                    message: format!("must be a list of tables: write each as [[{k}]]"),
+                }),
+            },
+            other => p.push(Problem {
+                line: line_of(text, key.span().start),
+                field: other.to_owned(),
+                message: format!(
+                    "unknown key `{other}`; the file takes schema, [cluster], [network], [time], \
+                     [[user]], [[node]], [consul], [firstboot]"
+                ),
+            }),
+        }
+    }
+    for required in ["schema", "cluster", "network"] {
+        if !root.contains_key(required) {
+            p.push(Problem {
+                line: 0,
+                field: required.into(),
+                message: format!(
+                    "missing: the file needs `{required}` (`picoimg cluster init` writes a complete file)"
+                ),
+            });
+        }
+    }
+    if p.is_empty() {
+        p.push(Problem {
+            line: line(first),
+            field: "file".into(),
+            message: first.message().trim().to_owned(),
+        });
+    }
+    p.sort_by_key(|x| x.line);
+    p
 }
 
 /// `picoimg.cluster/1` -> (1, 0); `picoimg.cluster/1.2` -> (1, 2).
@@ -301,8 +461,8 @@ fn check_cluster(
             line: at(text, &c.name),
             field: "cluster.name".into(),
             message: format!(
-                "\"{}\" must be letters, digits and '-', 1-63 characters",
-                c.name.get_ref()
+                "{} must be letters, digits and '-', 1-63 characters",
+                quoted(c.name.get_ref())
             ),
         });
     }
@@ -419,18 +579,187 @@ fn check_network(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) -> Option<Su
             });
         }
     }
+    for (i, n) in n.ntp.iter().enumerate() {
+        let v = n.get_ref();
+        if v.parse::<std::net::IpAddr>().is_err() && !is_dns_name(v) {
+            p.push(Problem {
+                line: at(text, n),
+                field: format!("network.ntp[{i}]"),
+                message: format!(
+                    "{} is neither an IP address nor a host name (letters, digits, '-' and dots)",
+                    quoted(v)
+                ),
+            });
+        }
+    }
     subnet
 }
 
+/// A value quoted for a message, with control characters made visible.
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// A DNS host name: dot-separated labels of letters, digits and '-', at most 253 characters.
+pub fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_hostname)
+}
+
+/// User names that are system accounts or groups on Debian-based images (base-passwd's static
+/// list, the accounts the images' packages create, and the stacks' service users): a cluster
+/// user of that name would take over, or fail to create, a system account.
+const SYSTEM_NAMES: &[&str] = &[
+    "root",
+    "daemon",
+    "bin",
+    "sys",
+    "sync",
+    "games",
+    "man",
+    "lp",
+    "mail",
+    "news",
+    "uucp",
+    "proxy",
+    "www-data",
+    "backup",
+    "list",
+    "irc",
+    "gnats",
+    "nobody",
+    "nogroup",
+    "messagebus",
+    "sshd",
+    "polkitd",
+    "tss",
+    "dnsmasq",
+    "avahi",
+    "statd",
+    "adm",
+    "tty",
+    "disk",
+    "kmem",
+    "dialout",
+    "fax",
+    "voice",
+    "cdrom",
+    "floppy",
+    "tape",
+    "sudo",
+    "audio",
+    "dip",
+    "operator",
+    "src",
+    "shadow",
+    "utmp",
+    "video",
+    "sasl",
+    "plugdev",
+    "staff",
+    "users",
+    "input",
+    "sgx",
+    "kvm",
+    "render",
+    "netdev",
+    "crontab",
+    "consul",
+    "nomad",
+    "ceph",
+    "docker",
+    "incus",
+    "incus-admin",
+    "lxd",
+    "libvirt",
+    "libvirt-qemu",
+    "etcd",
+    "picoimg",
+];
+
+fn system_account(name: &str) -> bool {
+    SYSTEM_NAMES.contains(&name) || name.starts_with("systemd-") || name.starts_with('_')
+}
+
+fn check_consul(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
+    let Some(c) = &f.consul else { return };
+    let dc = c.datacenter.get_ref();
+    // Consul's own rule (agent/config/builder.go, Validate): ^[a-z0-9_-]+$; it also becomes a
+    // DNS label (`.dc1.consul`), so at most 63 characters.
+    let valid = !dc.is_empty()
+        && dc.len() <= 63
+        && dc
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !valid {
+        p.push(Problem {
+            line: at(text, &c.datacenter),
+            field: "consul.datacenter".into(),
+            message: format!(
+                "{} is not a Consul datacenter name: lowercase letters, digits, '-' and '_', 1-63 characters",
+                quoted(dc)
+            ),
+        });
+    }
+}
+
+/// Numbers that end up as waits: bounded, so a typo does not wait for years (or overflow).
+fn check_limits(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
+    const DAY: u64 = 86_400;
+    if f.time.timeout > DAY {
+        p.push(Problem {
+            line: find_line(text, "timeout"),
+            field: "time.timeout".into(),
+            message: format!("{} seconds: give at most {DAY} (a day)", f.time.timeout),
+        });
+    }
+    let h = f.firstboot.health_timeout;
+    if h == 0 || h > DAY {
+        p.push(Problem {
+            line: find_line(text, "health_timeout"),
+            field: "firstboot.health_timeout".into(),
+            message: format!("{h} seconds: give 1 to {DAY} (a day)"),
+        });
+    }
+}
+
+/// The first line that sets `key` (for values deserialised without a span).
+fn find_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(0, |i| i + 1)
+}
+
 fn check_users(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, u) in f.users.iter().enumerate() {
-        if !is_username(u.name.get_ref()) {
+        let name = u.name.get_ref();
+        if let Some(first) = seen.insert(name, at(text, &u.name)) {
+            p.push(Problem {
+                line: at(text, &u.name),
+                field: format!("user[{i}].name"),
+                message: format!("duplicate user \"{name}\" (also on line {first})"),
+            });
+        }
+        if system_account(name) {
             p.push(Problem {
                 line: at(text, &u.name),
                 field: format!("user[{i}].name"),
                 message: format!(
-                    "\"{}\" is not a valid user name (lowercase letters, digits, '-', '_')",
-                    u.name.get_ref()
+                    "\"{name}\" is a system account or group name: pick a personal name such as \"pico\""
+                ),
+            });
+        } else if !is_username(name) {
+            p.push(Problem {
+                line: at(text, &u.name),
+                field: format!("user[{i}].name"),
+                message: format!(
+                    "{} is not a valid user name (lowercase letters, digits, '-', '_')",
+                    quoted(name)
                 ),
             });
         }
@@ -456,6 +785,11 @@ pub fn ssh_public_key(line: &str) -> Result<(), String> {
         "ecdsa-sha2-nistp521",
         "sk-ssh-ed25519@openssh.com",
     ];
+    if let Some(c) = line.chars().find(|c| c.is_control() && *c != '\t') {
+        return Err(format!(
+            "contains the control character {c:?}: give one key per entry, on one line"
+        ));
+    }
     let mut parts = line.split_whitespace();
     let kind = parts.next().ok_or("empty")?;
     if !TYPES.contains(&kind) {
@@ -497,15 +831,24 @@ fn check_nodes(text: &str, f: &ClusterFile, subnet: Option<Subnet>, p: &mut Vec<
             p.push(Problem {
                 line: at(text, &n.name),
                 field: format!("node[{i}].name"),
-                message: format!("\"{name}\" must be a host name: letters, digits and '-'"),
+                message: format!(
+                    "{} must be a host name: letters, digits and '-', 1-63 characters",
+                    quoted(name)
+                ),
             });
         }
-        if let Some(first) = names.insert(name.clone(), at(text, &n.name)) {
+        // Host names ignore case: `pc0` and `PC0` are one name on the network.
+        if let Some(first) = names.insert(name.to_ascii_lowercase(), at(text, &n.name)) {
             p.push(Problem {
                 line: at(text, &n.name),
                 field: format!("node[{i}].name"),
-                message: format!("duplicate node name \"{name}\" (also on line {first})"),
+                message: format!(
+                    "duplicate node name \"{name}\" (also on line {first}; host names ignore case)"
+                ),
             });
+        }
+        if let Some(m) = &n.matcher {
+            check_match(text, i, m, p);
         }
         let address = n.address.get_ref();
         if address != "dhcp" {
@@ -549,8 +892,16 @@ fn check_nodes(text: &str, f: &ClusterFile, subnet: Option<Subnet>, p: &mut Vec<
                     line: at(text, mac),
                     field: format!("node[{i}].match.mac"),
                     message: format!(
-                        "\"{}\" is not a MAC address like \"52:54:00:12:34:56\"",
-                        mac.get_ref()
+                        "{} is not a MAC address like \"52:54:00:12:34:56\"",
+                        quoted(mac.get_ref())
+                    ),
+                }),
+                Some(m) if mac_kind_problem(&m).is_some() => p.push(Problem {
+                    line: at(text, mac),
+                    field: format!("node[{i}].match.mac"),
+                    message: format!(
+                        "{m} is {}: give the address of the node's network port",
+                        mac_kind_problem(&m).unwrap_or_default()
                     ),
                 }),
                 Some(m) => {
@@ -603,6 +954,50 @@ fn check_nodes(text: &str, f: &ClusterFile, subnet: Option<Subnet>, p: &mut Vec<
                 "{servers} consul-server nodes: use an odd number (1, 3, 5) so a majority survives a failure"
             ),
         });
+    }
+}
+
+/// Why a (normalised) MAC cannot be a node's port: all zeros, broadcast or multicast.
+fn mac_kind_problem(m: &str) -> Option<&'static str> {
+    let first = u8::from_str_radix(&m[..2], 16).ok()?;
+    if m == "00:00:00:00:00:00" {
+        Some("the zero address")
+    } else if m == "ff:ff:ff:ff:ff:ff" {
+        Some("the broadcast address")
+    } else if first & 1 == 1 {
+        Some("a multicast address (its first byte is odd)")
+    } else {
+        None
+    }
+}
+
+/// A node's Raspberry Pi serial (hex digits, as in /proc/device-tree/serial-number) and DMI
+/// UUID (as in /sys/class/dmi/id/product_uuid).
+fn check_match(text: &str, i: usize, m: &Match, p: &mut Vec<Problem>) {
+    if let Some(serial) = &m.serial {
+        let v = serial.get_ref();
+        if v.is_empty() || v.len() > 32 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+            p.push(Problem {
+                line: at(text, serial),
+                field: format!("node[{i}].match.serial"),
+                message: format!(
+                    "{} is not a Raspberry Pi serial number (hex digits, e.g. \"10000000abcdef01\")",
+                    quoted(v)
+                ),
+            });
+        }
+    }
+    if let Some(uuid) = &m.dmi_uuid {
+        if uuid::Uuid::parse_str(uuid.get_ref()).is_err() {
+            p.push(Problem {
+                line: at(text, uuid),
+                field: format!("node[{i}].match.dmi_uuid"),
+                message: format!(
+                    "{} is not a UUID like /sys/class/dmi/id/product_uuid shows",
+                    quoted(uuid.get_ref())
+                ),
+            });
+        }
     }
 }
 
@@ -929,5 +1324,146 @@ mod tests {
             normalise_mac("52-54-00-AB-cd-01").as_deref(),
             Some("52:54:00:ab:cd:01")
         );
+    }
+
+    /// Each hostile or mistaken value is refused with its field and line, and nothing else in
+    /// the file is blamed for it.
+    #[test]
+    fn values_are_checked_for_where_they_go() {
+        const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@laptop";
+        let with_user = |user: &str| {
+            init(3).replace(
+                "# [[user]]\n# name = \"pico\"\n# ssh_keys = [\"ssh-ed25519 AAAA... you@laptop\"]",
+                user,
+            )
+        };
+        let mac = |m: &str| {
+            init(3).replace(
+                "# match = { mac = \"52:54:00:00:00:01\" }",
+                &format!("match = {{ mac = \"{m}\" }}"),
+            )
+        };
+        let cases: Vec<(&str, String, &str, &str)> = vec![
+            (
+                "newline in an SSH key",
+                with_user(&format!("[[user]]\nname = \"pico\"\nssh_keys = [\"{KEY}\\nssh-rsa AAAA evil\"]")),
+                "user[0].ssh_keys[0]",
+                "control character",
+            ),
+            (
+                "newline in an NTP server",
+                init(3).replace("ntp = []", "ntp = [\"pool.example\\n[Network]\\nDNS=6.6.6.6\"]"),
+                "network.ntp[0]",
+                "neither an IP address nor a host name",
+            ),
+            (
+                "datacenter Consul rejects",
+                init(3).replace("datacenter = \"dc1\"", "datacenter = \"Main DC\""),
+                "consul.datacenter",
+                "not a Consul datacenter name",
+            ),
+            (
+                "node names differing in case",
+                init(3).replace("name = \"pc1\"", "name = \"PC0\""),
+                "node[1].name",
+                "host names ignore case",
+            ),
+            (
+                "root as a user",
+                with_user(&format!("[[user]]\nname = \"root\"\nssh_keys = [\"{KEY}\"]")),
+                "user[0].name",
+                "system account",
+            ),
+            (
+                "a systemd account as a user",
+                with_user(&format!("[[user]]\nname = \"systemd-network\"\nssh_keys = [\"{KEY}\"]")),
+                "user[0].name",
+                "system account",
+            ),
+            (
+                "duplicate users",
+                with_user(&format!(
+                    "[[user]]\nname = \"pico\"\nssh_keys = [\"{KEY}\"]\n[[user]]\nname = \"pico\"\nssh_keys = [\"{KEY}\"]"
+                )),
+                "user[1].name",
+                "duplicate user",
+            ),
+            ("broadcast MAC", mac("ff:ff:ff:ff:ff:ff"), "node[0].match.mac", "broadcast"),
+            ("zero MAC", mac("00:00:00:00:00:00"), "node[0].match.mac", "zero address"),
+            ("multicast MAC", mac("01:00:5e:00:00:01"), "node[0].match.mac", "multicast"),
+            (
+                "Pi serial with a newline",
+                init(3).replace(
+                    "# match = { mac = \"52:54:00:00:00:01\" }",
+                    "match = { serial = \"1000\\n\" }",
+                ),
+                "node[0].match.serial",
+                "not a Raspberry Pi serial",
+            ),
+            (
+                "health timeout of zero",
+                init(3).replace("health_timeout = 900", "health_timeout = 0"),
+                "firstboot.health_timeout",
+                "give 1 to",
+            ),
+        ];
+        for (what, text, field, message) in cases {
+            let p = problems(&text);
+            let hit = p.iter().find(|x| x.field == field);
+            let hit = hit.unwrap_or_else(|| panic!("{what}: no problem for {field}: {p:?}"));
+            assert!(hit.message.contains(message), "{what}: {hit}");
+            assert!(hit.line > 0, "{what}: no line: {hit}");
+            assert_eq!(p.len(), 1, "{what}: other problems too: {p:?}");
+        }
+    }
+
+    /// Type errors name the full key path and line, and every one of them comes back at once.
+    #[test]
+    fn type_errors_name_full_paths_all_at_once() {
+        let t = init(3)
+            .replace("acl = true", "acl = \"yes\"")
+            .replace("timeout = 180", "timeout = \"three minutes\"")
+            .replace("address = \"10.42.0.11\"", "address = 11")
+            .replace("[network]", "[network]\nvlan = 7");
+        let p = problems(&t);
+        let find = |f: &str| {
+            p.iter()
+                .find(|x| x.field == f)
+                .unwrap_or_else(|| panic!("no problem for {f}: {p:?}"))
+        };
+        assert_eq!(find("consul.acl").line, line_with(&t, "acl = \"yes\""));
+        assert_eq!(find("time.timeout").line, line_with(&t, "three minutes"));
+        assert_eq!(find("node[1].address").line, line_with(&t, "address = 11"));
+        assert!(find("network.vlan").message.contains("unknown field"));
+        assert_eq!(p.len(), 4, "{p:?}");
+        let t = init(1).replace("[consul]", "[consol]");
+        let p = problems(&t);
+        assert!(
+            p.iter()
+                .any(|x| x.field == "consol" && x.message.contains("unknown key")),
+            "{p:?}"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// No input makes the parser panic: random text, and the init file with bytes changed.
+        #[test]
+        fn parser_never_panics_on_random_text(s in "\\PC{0,400}") {
+            let _ = check(&s);
+        }
+
+        #[test]
+        fn parser_never_panics_on_mutated_files(
+            edits in proptest::collection::vec((0usize..4000, proptest::char::any()), 1..8)
+        ) {
+            let mut chars: Vec<char> = init(3).chars().collect();
+            for (at, c) in edits {
+                let i = at % chars.len();
+                chars[i] = c;
+            }
+            let text: String = chars.into_iter().collect();
+            let _ = check(&text);
+        }
     }
 }

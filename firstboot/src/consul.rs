@@ -84,7 +84,7 @@ pub fn config(
 ) -> serde_json::Value {
     let id = file.cluster.get_ref().id.get_ref();
     let defaults = crate::cluster::Consul {
-        datacenter: "dc1".into(),
+        datacenter: toml::Spanned::new(0..0, "dc1".into()),
         acl: true,
     };
     let c = file.consul.as_ref().unwrap_or(&defaults);
@@ -100,8 +100,8 @@ pub fn config(
         ),
     };
     let mut v = json!({
-        "datacenter": c.datacenter,
-        "primary_datacenter": c.datacenter,
+        "datacenter": c.datacenter.get_ref(),
+        "primary_datacenter": c.datacenter.get_ref(),
         "node_name": node.name.get_ref(),
         "data_dir": "/var/lib/consul",
         "bind_addr": bind,

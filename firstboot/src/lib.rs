@@ -9,4 +9,5 @@ pub mod cluster;
 pub mod cmd;
 pub mod consul;
 pub mod identify;
+pub mod input;
 pub mod secrets;
