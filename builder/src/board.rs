@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::size::{Bytes, MIB};
@@ -369,8 +369,11 @@ pub const GPT_TAIL: u64 = 33 * 512;
 impl Board {
     /// Reads and checks a board file.
     pub fn load(path: &Path) -> Result<Board> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading board file {}", path.display()))?;
+        let text = picoimg_firstboot::input::read_text(
+            path,
+            picoimg_firstboot::input::CONFIG_LIMIT,
+            "board file",
+        )?;
         Board::parse(&text, path)
     }
 
@@ -465,7 +468,42 @@ impl Board {
                 bail!("boot.blob.sha256 = \"{}\": must be 64 hex digits", b.sha256);
             }
         }
+        let mut names = std::collections::BTreeSet::new();
+        let mut mounts = std::collections::BTreeSet::new();
         for p in &self.disk.partitions {
+            if !names.insert(&p.name) {
+                bail!(
+                    "disk.partition: two partitions are named `{}`: give each its own name",
+                    p.name
+                );
+            }
+            if !mounts.insert(&p.mount) {
+                bail!(
+                    "disk.partition `{}`: mount = \"{}\" is another partition's mount point too",
+                    p.name,
+                    p.mount
+                );
+            }
+            if !p.mount.starts_with('/')
+                || p.mount.split('/').any(|c| c == ".." || c == ".")
+                || p.mount.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                bail!(
+                    "disk.partition `{}`: mount = {:?} must be an absolute path without `..` or spaces",
+                    p.name,
+                    p.mount
+                );
+            }
+            // GPT partition names are 36 UTF-16 code units.
+            if p.name.is_empty()
+                || p.name.encode_utf16().count() > 36
+                || p.name.chars().any(char::is_control)
+            {
+                bail!(
+                    "disk.partition name {:?} must be 1-36 characters (a GPT name is 36 UTF-16 units), without control characters",
+                    p.name
+                );
+            }
             let max = match p.fs {
                 Filesystem::Vfat => 11,
                 Filesystem::Ext4 => 16,
@@ -478,6 +516,16 @@ impl Board {
                     p.fs
                 );
             }
+        }
+        if self
+            .disk
+            .partitions
+            .iter()
+            .filter(|p| p.kind == PartType::Esp)
+            .count()
+            > 1
+        {
+            bail!("disk.partition: more than one has type = \"esp\"; firmware expects one EFI system partition");
         }
         if self.disk.align.0 == 0 || !self.disk.align.0.is_multiple_of(512) {
             bail!(
@@ -589,8 +637,8 @@ impl Board {
                     usable_end - start
                 }
             };
-            let end = start + size;
-            if end > usable_end {
+            let end = start.checked_add(size).filter(|e| *e <= usable_end);
+            let Some(end) = end else {
                 bail!(
                     "disk.partition `{}` ({} at {}) ends past the usable end of a {} image ({}): \
                      shrink the partition or raise disk.size",
@@ -600,7 +648,7 @@ impl Board {
                     self.disk.size,
                     Bytes(usable_end)
                 );
-            }
+            };
             for q in &placed {
                 if start < q.start + q.size && q.start < end {
                     let other = &self.disk.partitions[q.index].name;
@@ -619,6 +667,7 @@ impl Board {
                 start,
                 size,
             });
+            // end <= usable_end, which is a multiple of align.
             next = end.div_ceil(align) * align;
         }
         Ok(placed)

@@ -98,6 +98,15 @@ fn resolve(opts: &BuildOptions) -> Result<(PathBuf, BuildPlan, Vec<crate::compon
             .layout()
             .with_context(|| format!("--image-size {size} does not fit board `{}`", board.name))?;
     }
+    if opts.uboot.is_some() && board.boot.blob.is_none() {
+        bail!(
+            "--uboot: board `{}` has no bootloader blob to replace (only boards with boot.blob, such as c5, take it)",
+            board.name
+        );
+    }
+    if let Some(m) = &opts.mirror {
+        check_mirror(m)?;
+    }
     let components = crate::component::resolve(&data, &opts.stack, &board)?;
     let plan = BuildPlan::new(
         board,
@@ -107,6 +116,22 @@ fn resolve(opts: &BuildOptions) -> Result<(PathBuf, BuildPlan, Vec<crate::compon
         opts.sources.as_deref(),
     )?;
     Ok((data, plan, components))
+}
+
+/// `--mirror` must be an http(s) or file URL apt can use.
+fn check_mirror(m: &str) -> Result<()> {
+    let rest = ["http://", "https://", "file:///"]
+        .iter()
+        .find_map(|p| m.strip_prefix(p));
+    let ok = rest
+        .is_some_and(|r| !r.is_empty() && !r.starts_with('/') || m.starts_with("file:///"))
+        && !m.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !ok {
+        bail!(
+            "--mirror {m:?} is not a URL: give an http://, https:// or file:/// URL of a Debian mirror (e.g. http://HOST/debian)"
+        );
+    }
+    Ok(())
 }
 
 /// Hash of everything that goes into an image: the plan and the first-boot agent.

@@ -261,11 +261,11 @@ pub fn main() -> Result<()> {
             o.uboot = a.uboot;
             o.firstboot = a.firstboot;
             let out = crate::build::build(&o)?;
-            println!("{}", out.image_xz.display());
-            println!("{}", out.bmap.display());
-            println!("{}", out.manifest.display());
+            crate::outln!("{}", out.image_xz.display())?;
+            crate::outln!("{}", out.bmap.display())?;
+            crate::outln!("{}", out.manifest.display())?;
             if let Some(r) = out.raw {
-                println!("{}", r.display());
+                crate::outln!("{}", r.display())?;
             }
         }
         Command::Plan(a) => {
@@ -285,7 +285,7 @@ pub fn main() -> Result<()> {
                 }
             }
             v["rootfs_key"] = plan.rootfs_key().into();
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
         }
         Command::Run(a) if a.cluster.is_some() => {
             crate::rehearsal::run(&crate::rehearsal::ClusterOptions {
@@ -319,7 +319,7 @@ pub fn main() -> Result<()> {
             for name in crate::data::board_names(&data) {
                 match crate::data::board(&data, &name) {
                     Ok(b) => {
-                        println!("{:16} {:6} {}", b.name, b.arch.as_str(), b.description);
+                        crate::outln!("{:16} {:6} {}", b.name, b.arch.as_str(), b.description)?;
                         if sources {
                             let default = b.sources.get_key_value(&b.default_sources);
                             let others = b.sources.iter().filter(|(k, _)| **k != b.default_sources);
@@ -329,18 +329,18 @@ pub fn main() -> Result<()> {
                                 } else {
                                     ""
                                 };
-                                println!("  --sources {k}{mark}: {}", set.description);
+                                crate::outln!("  --sources {k}{mark}: {}", set.description)?;
                             }
                         }
                     }
-                    Err(e) => println!("{name:16} ?      (invalid: {e:#})"),
+                    Err(e) => crate::outln!("{name:16} ?      (invalid: {e:#})")?,
                 }
             }
         }
         Command::Stacks => {
             let data = crate::data::find(data_dir.as_deref())?;
             for (name, (desc, comps)) in crate::component::stacks(&data)? {
-                println!("{name:12} {desc} [{}]", comps.join(", "));
+                crate::outln!("{name:12} {desc} [{}]", comps.join(", "))?;
             }
         }
         Command::Doctor => crate::doctor::run()?,

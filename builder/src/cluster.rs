@@ -11,7 +11,7 @@ use picoimg_firstboot::cluster::{self, InitOptions, Role};
 pub fn init(opts: &InitOptions<'_>, out: Option<&Path>) -> Result<()> {
     let text = cluster::render_init(opts).map_err(anyhow::Error::msg)?;
     match out {
-        None => print!("{text}"),
+        None => crate::progress::print(format_args!("{text}"))?,
         Some(p) => {
             if p.exists() {
                 bail!(
@@ -34,8 +34,7 @@ pub fn init(opts: &InitOptions<'_>, out: Option<&Path>) -> Result<()> {
 
 /// Checks a cluster file and prints every problem as `FILE:LINE: field: message`.
 pub fn check(path: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading cluster file {}", path.display()))?;
+    let text = read(path)?;
     let shown = path.display();
     match cluster::check(&text) {
         Ok(c) => {
@@ -49,12 +48,12 @@ pub fn check(path: &Path) -> Result<()> {
                 .filter(|n| n.roles.iter().any(|r| *r.get_ref() == Role::ConsulServer))
                 .count();
             let users = c.file.users.len();
-            println!(
+            crate::outln!(
                 "{shown}: cluster {} ({}): {} nodes, {servers} consul servers, {users} users: ok",
                 c.file.cluster.get_ref().name.get_ref(),
                 c.file.cluster.get_ref().id.get_ref(),
                 c.file.nodes.len(),
-            );
+            )?;
             if users == 0 {
                 eprintln!(
                     "{shown}: note: no [[user]] with SSH keys: nobody will be able to log in"
@@ -64,17 +63,26 @@ pub fn check(path: &Path) -> Result<()> {
         }
         Err(problems) => {
             for p in &problems {
-                println!("{shown}:{}: {}: {}", p.line, p.field, p.message);
+                crate::outln!("{shown}:{}: {}: {}", p.line, p.field, p.message)?;
             }
             bail!("{shown}: {} problem(s)", problems.len())
         }
     }
 }
 
+/// Reads a cluster file: a regular file of at most 1 MiB of text.
+fn read(path: &Path) -> Result<String> {
+    picoimg_firstboot::input::read_text(
+        path,
+        picoimg_firstboot::input::CONFIG_LIMIT,
+        "cluster file",
+    )
+    .context("reading the cluster file")
+}
+
 /// Reads and checks a cluster file, printing every problem as `check` does.
 pub fn load(path: &Path) -> Result<(String, cluster::Checked)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading cluster file {}", path.display()))?;
+    let text = read(path)?;
     match cluster::check(&text) {
         Ok(c) => Ok((text, c)),
         Err(problems) => {
@@ -94,13 +102,13 @@ pub fn load(path: &Path) -> Result<(String, cluster::Checked)> {
 /// Prints the Consul management token of a cluster file.
 pub fn token(path: &Path) -> Result<()> {
     let (_, c) = load(path)?;
-    println!(
+    crate::outln!(
         "{}",
         picoimg_firstboot::secrets::consul_management_token(
             &c.secret,
             c.file.cluster.get_ref().id.get_ref()
         )
-    );
+    )?;
     Ok(())
 }
 
@@ -110,6 +118,15 @@ pub fn personalise(image: &Path, cluster_file: &Path, node: Option<&str>) -> Res
         bail!(
             "{} is compressed: personalise a raw .img or a written card (or use `picoimg flash --cluster`)",
             image.display()
+        );
+    }
+    let meta = std::fs::metadata(image).with_context(|| format!("{}", image.display()))?;
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        bail!(
+            "{} is {}: give a raw .img file or a card's block device",
+            image.display(),
+            picoimg_firstboot::input::kind_of(&meta)
         );
     }
     let (text, c) = load(cluster_file)?;

@@ -99,8 +99,11 @@ struct StackEntry {
 /// The stacks a user can pick, with their descriptions.
 pub fn stacks(data: &Path) -> Result<BTreeMap<String, (String, Vec<String>)>> {
     let path = data.join("overlays/stacks.toml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = picoimg_firstboot::input::read_text(
+        &path,
+        picoimg_firstboot::input::CONFIG_LIMIT,
+        "stacks file",
+    )?;
     let raw: BTreeMap<String, StackEntry> =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
     Ok(raw
@@ -109,12 +112,46 @@ pub fn stacks(data: &Path) -> Result<BTreeMap<String, (String, Vec<String>)>> {
         .collect())
 }
 
+/// Whether `u` is a valid systemd unit name (systemd.unit(5)): a name of ASCII letters, digits
+/// and `:-_.\\@`, at most 255 characters, with a unit type suffix; no path separators.
+pub fn valid_unit_name(u: &str) -> bool {
+    const TYPES: [&str; 11] = [
+        "service",
+        "socket",
+        "device",
+        "mount",
+        "automount",
+        "swap",
+        "target",
+        "path",
+        "timer",
+        "slice",
+        "scope",
+    ];
+    let Some((stem, kind)) = u.rsplit_once('.') else {
+        return false;
+    };
+    u.len() <= 255
+        && !stem.is_empty()
+        && TYPES.contains(&kind)
+        && u.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
+}
+
 /// Loads one component by name.
 pub fn load(data: &Path, name: &str) -> Result<Component> {
+    if !crate::data::plain_name(name) {
+        bail!(
+            "component name {name:?} must be lowercase letters, digits and '-' (a folder in overlays/)"
+        );
+    }
     let dir = data.join("overlays").join(name);
     let path = dir.join("component.toml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading component file {}", path.display()))?;
+    let text = picoimg_firstboot::input::read_text(
+        &path,
+        picoimg_firstboot::input::CONFIG_LIMIT,
+        "component file",
+    )?;
     let file: ComponentFile = toml::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
             "{}: {}\nhint: see overlays/base/component.toml for the keys a component takes",
@@ -122,6 +159,22 @@ pub fn load(data: &Path, name: &str) -> Result<Component> {
             e.to_string().trim_end()
         )
     })?;
+    for u in &file.enable {
+        if !valid_unit_name(u) {
+            bail!(
+                "{}: enable: {u:?} is not a systemd unit name (like \"consul.service\"; see systemd.unit(5))",
+                path.display()
+            );
+        }
+    }
+    for d in &file.requires {
+        if !crate::data::plain_name(d) {
+            bail!(
+                "{}: requires: {d:?} is not a component name (lowercase letters, digits, '-')",
+                path.display()
+            );
+        }
+    }
     let rootfs = dir.join("rootfs");
     Ok(Component {
         name: name.to_owned(),

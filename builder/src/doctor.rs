@@ -188,13 +188,13 @@ pub fn run() -> Result<()> {
     let mut missing: Vec<&str> = Vec::new();
     for t in TOOLS {
         let found = find_program(t.program);
-        println!(
+        crate::outln!(
             "{:4} {:20} {:18} {}",
             if found.is_some() { "ok" } else { "MISS" },
             t.program,
             t.package,
             t.needed_for
-        );
+        )?;
         if found.is_none() && !missing.contains(&t.package) {
             missing.push(t.package);
         }
@@ -203,38 +203,38 @@ pub fn run() -> Result<()> {
         let ok = std::path::Path::new(path).exists();
         let name = path.rsplit('/').next().unwrap_or(path);
         let mark = if ok { "ok" } else { "MISS" };
-        println!("{mark:4} {name:20} {pkg:18} {why} ({path})");
+        crate::outln!("{mark:4} {name:20} {pkg:18} {why} ({path})")?;
         if !ok {
             missing.push(pkg);
         }
     }
     if find_program("mke2fs").is_some() {
         match mke2fs_reads_tar() {
-            Ok(()) => println!(
+            Ok(()) => crate::outln!(
                 "ok   mke2fs -d TARBALL    e2fsprogs          build: ext4 root from a tarball"
-            ),
+            )?,
             Err(_) => {
-                println!("MISS mke2fs -d TARBALL    e2fsprogs          needs e2fsprogs >= 1.47.1 and libarchive13");
+                crate::outln!("MISS mke2fs -d TARBALL    e2fsprogs          needs e2fsprogs >= 1.47.1 and libarchive13")?;
                 missing.push("libarchive13");
             }
         }
     }
     let binfmt = std::path::Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists();
-    println!(
+    crate::outln!(
         "{:4} {:20} {:18} build: arm64 boards on x86-64 (ci/setup-host.sh registers it)",
         if binfmt { "ok" } else { "info" },
         "binfmt qemu-aarch64",
         "qemu-user-static"
-    );
+    )?;
     if missing.is_empty() {
-        println!("\nall host tools are present");
+        crate::outln!("\nall host tools are present")?;
         Ok(())
     } else {
-        println!(
+        crate::outln!(
             "\nto install what is missing:\n  sudo apt-get install -y {}",
             missing.join(" ")
-        );
-        println!("or set up everything (also binfmt and backports): sudo ci/setup-host.sh");
+        )?;
+        crate::outln!("or set up everything (also binfmt and backports): sudo ci/setup-host.sh")?;
         bail!("missing: {}", missing.join(", "))
     }
 }

@@ -766,4 +766,60 @@ mod tests {
         verify(&t, &w, &mut step).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
     }
+
+    /// The refusals, from device facts given as data: no test aims a write at a real disk.
+    #[test]
+    fn refuses_unsafe_devices_from_their_facts() {
+        let card = Device {
+            name: "mmcblk0".into(),
+            size: 32 << 30,
+            model: "SD card".into(),
+            removable: true,
+            partitions: vec!["mmcblk0p1".into()],
+            mounts: vec![],
+            holds_root: false,
+            backing_file: None,
+        };
+        let p = Path::new("/dev/x");
+        assert_eq!(refuse(&card, p, 2 << 30, false), None);
+        let cases = [
+            (
+                Device {
+                    holds_root: true,
+                    removable: false,
+                    ..card.clone()
+                },
+                true,
+                "holds the running system's root filesystem",
+            ),
+            (
+                Device {
+                    mounts: vec!["/media/pi/bootfs".into()],
+                    ..card.clone()
+                },
+                true,
+                "is mounted (at /media/pi/bootfs)",
+            ),
+            (
+                Device {
+                    size: 1 << 30,
+                    ..card.clone()
+                },
+                true,
+                "less than the image",
+            ),
+            (
+                Device {
+                    removable: false,
+                    ..card.clone()
+                },
+                false,
+                "not a removable device",
+            ),
+        ];
+        for (dev, force, message) in cases {
+            let why = refuse(&dev, p, 2 << 30, force).expect("refused");
+            assert!(why.contains(message), "{why}");
+        }
+    }
 }

@@ -4,6 +4,14 @@
 //! by [`cache`]) -> overlays ([`tarfs`]) -> disk image ([`disk`]) -> outputs ([`bmap`],
 //! [`output`]); [`build`] drives it. See ARCHITECTURE.md.
 
+/// `println!` that returns an error when standard output is closed instead of panicking.
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::progress::print(format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+
 pub mod agentbin;
 pub mod blob;
 pub mod bmap;

@@ -109,3 +109,20 @@ impl Drop for Step {
         }
     }
 }
+
+/// Standard output was closed early (`picoimg boards | head -1`): the command ends quietly, as
+/// Unix tools do.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct StdoutClosed;
+
+/// Writes to standard output; a closed pipe becomes [`StdoutClosed`] instead of a panic.
+pub fn print(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match o.write_fmt(args).and_then(|()| o.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
+}

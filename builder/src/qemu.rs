@@ -60,7 +60,12 @@ pub fn board_for(opts: &RunOptions) -> Result<Board> {
         .unwrap_or_default();
     let stem = name.trim_end_matches(".xz").trim_end_matches(".img");
     let manifest = opts.image.with_file_name(format!("{stem}.manifest.json"));
-    let text = std::fs::read_to_string(&manifest).with_context(|| {
+    let text = picoimg_firstboot::input::read_text(
+        &manifest,
+        picoimg_firstboot::input::BMAP_LIMIT,
+        "manifest",
+    )
+    .with_context(|| {
         format!(
             "reading {} to learn the image's board (or pass --board NAME)",
             manifest.display()
@@ -80,6 +85,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         bail!("image {} does not exist", opts.image.display());
     }
     let board = board_for(opts)?;
+    let forced_kvm = opts.accel == Accel::Kvm;
     let tmp = tempfile::Builder::new()
         .prefix("picoimg-run-")
         .tempdir()
@@ -94,6 +100,13 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     } else {
         opts.image.canonicalize()?
     };
+    // QEMU boots anything; refuse what is not a disk image before starting it.
+    crate::ptable::read_path(&raw).with_context(|| {
+        format!(
+            "{} is not a bootable disk image (a picoimg .img or .img.xz)",
+            opts.image.display()
+        )
+    })?;
     let disk = if opts.writable {
         raw
     } else {
@@ -109,12 +122,45 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         overlay
     };
     let format = if opts.writable { "raw" } else { "qcow2" };
-    let cmd = qemu_cmd(&board, &disk, format, tmp.path(), opts)?;
+    let mut opts = opts.clone();
+    opts.accel = resolve_accel(opts.accel, &board);
+    let cmd = qemu_cmd(&board, &disk, format, tmp.path(), &opts)?;
     log(format!("starting: {}", cmd.display()));
     if !opts.expect_ready {
         return cmd.run_interactive().context("running QEMU");
     }
-    expect_ready(&cmd, opts.timeout)
+    let started = Instant::now();
+    match expect_ready(&cmd, opts.timeout) {
+        Err(Stop::Kvm(line)) if opts.accel == Accel::Kvm && !forced_kvm => {
+            log(format!(
+                "KVM cannot run this guest here (QEMU: {line}): restarting under TCG (software emulation)"
+            ));
+            opts.accel = Accel::Tcg;
+            let cmd = qemu_cmd(&board, &disk, format, tmp.path(), &opts)?;
+            log(format!("starting: {}", cmd.display()));
+            expect_ready(&cmd, opts.timeout.saturating_sub(started.elapsed()))
+                .map_err(Stop::into_error)
+        }
+        r => r.map_err(Stop::into_error),
+    }
+}
+
+/// Why a boot that waits for the ready marker stopped.
+enum Stop {
+    /// QEMU reported that KVM cannot run the guest.
+    Kvm(String),
+    Other(anyhow::Error),
+}
+
+impl Stop {
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            Stop::Kvm(line) => anyhow::anyhow!(
+                "QEMU stopped: KVM cannot run this guest here ({line}); run with --accel tcg"
+            ),
+            Stop::Other(e) => e,
+        }
+    }
 }
 
 /// A raw copy of an image (`.img` copied sparsely, `.img.xz` decompressed sparsely).
@@ -150,8 +196,23 @@ pub enum Accel {
     Tcg,
 }
 
-/// Whether KVM can run a vCPU of `program`'s machine: `/dev/kvm` may open yet fail at vCPU set
-/// up (nested virtualisation), so a paused QEMU must survive a second.
+/// What QEMU prints when KVM cannot run the guest (nested virtualisation without the needed
+/// features); QEMU then pauses the VM instead of exiting.
+const KVM_FAILURES: [&str; 3] = [
+    "KVM internal error",
+    "emulation failure",
+    "KVM: entry failed",
+];
+
+/// Whether a line of QEMU's output says KVM failed to run the guest.
+pub fn kvm_failure(line: &str) -> bool {
+    KVM_FAILURES.iter().any(|m| line.contains(m))
+}
+
+/// Whether KVM can run `program`'s machine here: `/dev/kvm` may open yet fail when a vCPU is
+/// set up or when the guest runs its first instructions (nested virtualisation), so a QEMU
+/// that runs real firmware code (its default BIOS) must survive two seconds without a KVM
+/// error.
 fn kvm_works(program: &str, machine: &str) -> bool {
     let guest = if program.ends_with("aarch64") {
         "aarch64"
@@ -161,23 +222,25 @@ fn kvm_works(program: &str, machine: &str) -> bool {
     if guest != std::env::consts::ARCH {
         return false;
     }
+    // $PICOIMG_KVM_DEVICE: another device node (or, in tests, a file standing in for it).
+    let dev = std::env::var_os("PICOIMG_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/kvm")
+        .open(dev)
         .is_err()
     {
         return false;
     }
     let probe = Cmd::new("timeout")
         .args([
-            "1", program, "-accel", "kvm", "-cpu", "host", "-machine", machine,
+            "2", program, "-accel", "kvm", "-cpu", "host", "-machine", machine,
         ])
         .args([
             "-display",
             "none",
             "-nodefaults",
-            "-S",
+            "-no-reboot",
             "-monitor",
             "none",
             "-serial",
@@ -186,7 +249,28 @@ fn kvm_works(program: &str, machine: &str) -> bool {
         .run();
     match probe {
         Ok(_) => true,
-        Err(e) => format!("{e}").contains("exit status: 124"),
+        Err(e) => {
+            let e = format!("{e:#}");
+            e.contains("exit status: 124") && !kvm_failure(&e)
+        }
+    }
+}
+
+/// `Kvm` or `Tcg`: what `accel` means for this board on this machine (`Auto` probes once).
+pub fn resolve_accel(accel: Accel, board: &Board) -> Accel {
+    match accel {
+        Accel::Auto => {
+            let program = match board.qemu.firmware {
+                QemuFirmware::Ovmf => "qemu-system-x86_64",
+                QemuFirmware::UbootQemu => "qemu-system-aarch64",
+            };
+            if kvm_works(program, &board.qemu.machine) {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            }
+        }
+        a => a,
     }
 }
 
@@ -237,11 +321,7 @@ pub fn qemu_cmd(
             )
         }
     };
-    let kvm = match opts.accel {
-        Accel::Kvm => true,
-        Accel::Tcg => false,
-        Accel::Auto => kvm_works(program, &q.machine),
-    };
+    let kvm = resolve_accel(opts.accel, board) == Accel::Kvm;
     if !kvm {
         log("using TCG (software emulation): expect a slow boot");
     }
@@ -319,10 +399,13 @@ pub fn read_console(
     });
 }
 
-/// Streams the console to stdout until the ready marker (Ok), the failed marker or the timeout
-/// (Err with the last 50 console lines).
-fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<()> {
-    let child = cmd.spawn_reader().context("starting QEMU")?;
+/// Streams the console to stdout until the ready marker (Ok), the failed marker, QEMU's exit
+/// or the timeout (Err with the last 50 console lines), or QEMU's report that KVM failed.
+fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<(), Stop> {
+    let child = cmd
+        .spawn_reader()
+        .context("starting QEMU")
+        .map_err(Stop::Other)?;
     let (tx, rx) = mpsc::channel::<Option<String>>();
     let end = tx.clone();
     read_console(
@@ -347,6 +430,10 @@ fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<()> {
                     tail.pop_front();
                 }
                 tail.push_back(line.clone());
+                if kvm_failure(&line) {
+                    child.kill();
+                    return Err(Stop::Kvm(line));
+                }
                 if line.contains(READY_MARKER) {
                     log(format!(
                         "ready marker after {:.1}s",
@@ -382,10 +469,10 @@ fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<()> {
     child.kill();
     outcome.map_err(|e| {
         let lines: Vec<String> = tail.into_iter().collect();
-        anyhow::anyhow!(
+        Stop::Other(anyhow::anyhow!(
             "{e:#}\nlast {} console lines:\n{}",
             lines.len(),
             lines.join("\n")
-        )
+        ))
     })
 }

@@ -232,13 +232,14 @@ impl Rehearsal {
                 vm: None,
             });
         }
+        let accel = crate::qemu::resolve_accel(o.accel, &board);
         let mut r = Rehearsal {
             nodes,
             dir,
             _tmp: tmp,
             board,
             socket,
-            accel: o.accel,
+            accel,
             tx,
             rx,
             _switch: switch,
@@ -347,6 +348,14 @@ impl Rehearsal {
                             node.name,
                             node.started.elapsed().as_secs_f64()
                         ));
+                    } else if crate::qemu::kvm_failure(&line) {
+                        node.state = NodeState::Failed(format!(
+                            "QEMU stopped: KVM cannot run this guest here ({line}); rerun with --accel tcg"
+                        ));
+                        if let Some(vm) = node.vm.take() {
+                            vm.kill();
+                        }
+                        log(format!("{}: QEMU: {line}", node.name));
                     } else if let Some(at) = line.find(NODE_FAILED) {
                         node.state = NodeState::Failed(line[at..].to_owned());
                         log(format!("{}: {}", node.name, &line[at..]));
@@ -418,7 +427,7 @@ impl Rehearsal {
 pub fn run(o: &ClusterOptions) -> Result<()> {
     let mut r = Rehearsal::start(o)?;
     let decided = r.wait_all(o.timeout);
-    println!("{}", r.summary());
+    crate::outln!("{}", r.summary())?;
     let _ = std::io::stdout().flush();
     if o.expect_ready {
         if r.all_ready() {

@@ -121,12 +121,9 @@ fn corrupt_truncated_or_mismatched_inputs_abort_naming_the_range() {
         e.contains("bmap range blocks 1280-2047") && e.contains("does not match"),
         "{e}"
     );
-    // Nothing of the first MiB was written: the target does not look bootable.
-    let head = std::fs::read(&out).unwrap();
-    assert!(
-        head[..4096].iter().all(|b| *b == 0),
-        "first block written before the failure"
-    );
+    // A file target is written beside it and renamed when complete: after a failure there is
+    // nothing, not a partial image (the loop-device test checks a device's first MiB).
+    assert_nothing_left(dir.path(), &out);
     // A truncated image.
     let short = dir.path().join("short.img");
     std::fs::copy(&img, &short).unwrap();
@@ -143,12 +140,13 @@ fn corrupt_truncated_or_mismatched_inputs_abort_naming_the_range() {
         out.as_os_str(),
     ]);
     assert!(!o.status.success());
+    // Found before anything is written: the image is shorter than its map says.
     assert!(
-        stderr(&o).contains("truncated image")
-            && stderr(&o).contains("bmap range blocks 1280-2047"),
+        stderr(&o).contains("truncated image") && stderr(&o).contains("short.img"),
         "{}",
         stderr(&o)
     );
+    assert_nothing_left(dir.path(), &out);
     // A corrupt .xz (bytes changed in the middle of the stream).
     let xz = dir.path().join("x.img.xz");
     let mut bytes = std::fs::read(&xz).unwrap();
@@ -170,6 +168,7 @@ fn corrupt_truncated_or_mismatched_inputs_abort_naming_the_range() {
         e.contains("c.img.xz") && e.contains("bmap range blocks"),
         "{e}"
     );
+    assert_nothing_left(dir.path(), &out);
     // A bmap with a wrong range checksum but a consistent file checksum (as a buggy tool
     // would write it): the range is named.
     let text = std::fs::read_to_string(&bmap).unwrap();
@@ -222,6 +221,230 @@ fn corrupt_truncated_or_mismatched_inputs_abort_naming_the_range() {
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("own checksum"), "{}", stderr(&o));
+}
+
+/// `target` does not exist and no temporary file of a flash is left beside it.
+fn assert_nothing_left(dir: &Path, target: &Path) {
+    assert!(!target.exists(), "{} left behind", target.display());
+    let temps: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".picoimg-"))
+        .collect();
+    assert!(temps.is_empty(), "temporary files left: {temps:?}");
+}
+
+fn sha256(p: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+/// Targets that must not be written: the image itself by any path, an existing file without
+/// --force, a device path that does not exist. Each is refused, and neither the image, its
+/// map nor the target changes.
+#[test]
+fn refuses_targets_it_was_not_asked_to_destroy() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let bmap = dir.path().join("x.bmap");
+    let xz = dir.path().join("x.img.xz");
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    let hard = dir.path().join("hard.img");
+    std::fs::hard_link(&img, &hard).unwrap();
+    let precious = dir.path().join("precious.db");
+    std::fs::write(&precious, "years of data\n").unwrap();
+    let missing_dev = PathBuf::from("/dev/picoimg-test-no-such-disk");
+    let cases: Vec<(&str, Vec<&std::ffi::OsStr>, &str)> = vec![
+        (
+            "the image onto itself",
+            vec![img.as_os_str(), img.as_os_str()],
+            "is the image",
+        ),
+        (
+            "through a symlink",
+            vec![img.as_os_str(), link.as_os_str()],
+            "is the image",
+        ),
+        (
+            "through a hard link",
+            vec![img.as_os_str(), hard.as_os_str()],
+            "is the image",
+        ),
+        (
+            "onto its block map",
+            vec![xz.as_os_str(), bmap.as_os_str()],
+            "block map) itself",
+        ),
+        (
+            "over an existing file without --force",
+            vec![xz.as_os_str(), precious.as_os_str()],
+            "pass --force",
+        ),
+        (
+            "to a device path that does not exist",
+            vec![xz.as_os_str(), missing_dev.as_os_str()],
+            "no such device",
+        ),
+    ];
+    let watched = [&img, &bmap, &xz, &precious];
+    for (what, args, message) in cases {
+        let before: Vec<String> = watched.iter().map(|p| sha256(p)).collect();
+        let o = flash(&args);
+        assert!(!o.status.success(), "{what}: succeeded");
+        assert!(stderr(&o).contains(message), "{what}: {}", stderr(&o));
+        let after: Vec<String> = watched.iter().map(|p| sha256(p)).collect();
+        assert_eq!(before, after, "{what}: a file changed");
+    }
+    assert!(!missing_dev.exists(), "a file was created under /dev");
+    // With --force, a failed write (corrupt image) leaves the old file as it was.
+    let bad = dir.path().join("bad.img.xz");
+    let mut bytes = std::fs::read(&xz).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&bad, bytes).unwrap();
+    let before = sha256(&precious);
+    let o = flash(&[
+        "--force".as_ref(),
+        "--bmap".as_ref(),
+        bmap.as_os_str(),
+        bad.as_os_str(),
+        precious.as_os_str(),
+    ]);
+    assert!(!o.status.success());
+    assert_eq!(sha256(&precious), before, "the old file was damaged");
+    // And a good one replaces it, whole.
+    let o = flash(&["--force".as_ref(), xz.as_os_str(), precious.as_os_str()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(same(&img, &precious));
+}
+
+/// Re-signs an edited bmap (as a buggy tool would write it), so checks past the file's own
+/// checksum are reached.
+fn sign(text: &str) -> String {
+    use sha2::Digest;
+    let sum = tag(text, "BmapFileChecksum").trim().to_owned();
+    let zeroed = text.replacen(&sum, &"0".repeat(64), 1);
+    zeroed.replacen(
+        &"0".repeat(64),
+        &hex::encode(sha2::Sha256::digest(zeroed.as_bytes())),
+        1,
+    )
+}
+
+/// The text of element `name` (bmaptool's comments mention the tags too: the element is the
+/// occurrence followed by its closing tag).
+fn tag(t: &str, name: &str) -> String {
+    t.split(&format!("<{name}>"))
+        .skip(1)
+        .find(|rest| {
+            rest.split_once('<')
+                .is_some_and(|(_, after)| after.starts_with(&format!("/{name}>")))
+        })
+        .and_then(|rest| rest.split('<').next())
+        .unwrap()
+        .to_owned()
+}
+
+fn set(t: &str, name: &str, v: &str) -> String {
+    t.replacen(
+        &format!("<{name}>{}</{name}>", tag(t, name)),
+        &format!("<{name}> {v} </{name}>"),
+        1,
+    )
+}
+
+fn block_map(t: &str, body: &str) -> String {
+    let a = t.find("<BlockMap>").unwrap() + "<BlockMap>".len();
+    let b = t.find("</BlockMap>").unwrap();
+    format!("{}{body}{}", &t[..a], &t[b..])
+}
+
+/// Damaged, hostile or mismatched block maps are refused before the target exists, as
+/// bmaptool refuses them.
+#[test]
+fn refuses_bad_block_maps_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let good = std::fs::read_to_string(dir.path().join("x.bmap")).unwrap();
+    let no_sum = {
+        let a = good.find("<BmapFileChecksum>").unwrap();
+        let b = good.find("</BmapFileChecksum>").unwrap() + "</BmapFileChecksum>".len();
+        format!("{}{}", &good[..a], &good[b..])
+    };
+    let sha = "0".repeat(64);
+    let huge =
+        format!("<Range chksum=\"{sha}\"> 18446744073709551614-18446744073709551615 </Range>");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "block size 0",
+            sign(&set(&good, "BlockSize", "0")),
+            "power of two",
+        ),
+        (
+            "block size 3",
+            sign(&set(&good, "BlockSize", "3")),
+            "power of two",
+        ),
+        (
+            "blocks near 2^64",
+            sign(&block_map(&good, &huge)),
+            "past <BlocksCount>",
+        ),
+        (
+            "image size smaller than the ranges",
+            sign(&set(&set(&good, "ImageSize", "4096"), "BlocksCount", "1")),
+            "past <BlocksCount>",
+        ),
+        (
+            "BlocksCount inconsistent with ImageSize",
+            sign(&set(&good, "BlocksCount", "7")),
+            "does not match <ImageSize>",
+        ),
+        (
+            "MappedBlocksCount not the ranges' sum",
+            sign(&set(&good, "MappedBlocksCount", "3")),
+            "does not match the ranges",
+        ),
+        (
+            "an empty block map",
+            sign(&set(&block_map(&good, ""), "MappedBlocksCount", "0")),
+            "maps no blocks",
+        ),
+        (
+            "no own checksum",
+            no_sum,
+            "requires the bmap's own checksum",
+        ),
+        (
+            "not XML",
+            "<bmap version=\"2.0\"><ImageSize>".to_owned(),
+            "not well-formed",
+        ),
+        (
+            "format 1.4",
+            good.replace("version=\"2.0\"", "version=\"1.4\""),
+            "not supported",
+        ),
+    ];
+    let out = dir.path().join("card.img");
+    for (what, text, message) in cases {
+        let m = dir.path().join("case.bmap");
+        std::fs::write(&m, &text).unwrap();
+        let before = sha256(&img);
+        let o = flash(&[
+            "--bmap".as_ref(),
+            m.as_os_str(),
+            img.as_os_str(),
+            out.as_os_str(),
+        ]);
+        assert!(!o.status.success(), "{what}: succeeded");
+        assert!(stderr(&o).contains(message), "{what}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{what}: {}", stderr(&o));
+        assert_nothing_left(dir.path(), &out);
+        assert_eq!(sha256(&img), before, "{what}: the image changed");
+    }
 }
 
 fn is_root() -> bool {
@@ -325,32 +548,51 @@ fn flashes_a_loop_device_and_refuses_unsafe_targets() {
     let _ = Command::new("umount").arg(&mnt).status();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("is mounted"), "{}", stderr(&o));
-    // The device that holds / (this machine's system disk).
-    let root = root_disk().expect("/ is on a block device here");
+    // A failed write to a device leaves its first MiB unwritten: it does not look bootable.
+    let blank = dir.path().join("blank");
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let bdev = Loop::new(&blank);
+    let bad = dir.path().join("bad.img");
+    std::fs::copy(&img, &bad).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
+    f.write_all_at(&[0x55], (6 << 20) + 17).unwrap();
+    drop(f);
+    let o = flash(&[
+        "--force".as_ref(),
+        "--yes".as_ref(),
+        "--bmap".as_ref(),
+        dir.path().join("x.bmap").as_os_str(),
+        bad.as_os_str(),
+        bdev.0.as_ref(),
+    ]);
+    assert!(!o.status.success());
+    let mut head = vec![0u8; 1 << 20];
+    std::fs::File::open(&bdev.0)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert!(
+        head.iter().all(|b| *b == 0),
+        "first MiB written before the failure"
+    );
+    // A loop device backed by the image itself.
+    let before = sha256(&img);
+    let idev = Loop::new(&img);
     let o = flash(&[
         "--force".as_ref(),
         "--yes".as_ref(),
         img.as_os_str(),
-        root.as_os_str(),
+        idev.0.as_ref(),
     ]);
+    drop(idev);
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("holds the running system's root filesystem"),
+        stderr(&o).contains("backed by the image itself"),
         "{}",
         stderr(&o)
     );
-}
-
-/// /dev/<disk> holding the root filesystem.
-fn root_disk() -> Option<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata("/").ok()?.dev();
-    let (maj, min) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-    let sys = std::fs::canonicalize(format!("/sys/dev/block/{maj}:{min}")).ok()?;
-    let disk = if sys.join("partition").exists() {
-        sys.parent()?.to_owned()
-    } else {
-        sys
-    };
-    Some(PathBuf::from("/dev").join(disk.file_name()?))
+    assert_eq!(sha256(&img), before);
 }
