@@ -280,4 +280,69 @@ mod tests {
         assert!(!xml.contains(&"0".repeat(64)));
         Ok(())
     }
+
+    fn sample() -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("img");
+        let mut f = File::create(&p).expect("create");
+        f.set_len(64 * BLOCK).expect("size");
+        f.write_all(&[1u8; 10]).expect("write");
+        f.seek(SeekFrom::Start(40 * BLOCK)).expect("seek");
+        f.write_all(&[2u8; 2 * BLOCK as usize]).expect("write");
+        create(&p).expect("bmap")
+    }
+
+    #[test]
+    fn our_bmap_reads_back() {
+        let b = parse(&sample()).expect("parses");
+        assert_eq!(b.image_size, 64 * BLOCK);
+        assert_eq!(b.ranges[0].0, 0);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// No input makes the reader panic or overflow: random text, and a valid map with
+        /// characters changed (digits most often, to reach the arithmetic).
+        #[test]
+        fn reader_never_panics_on_random_text(s in "\\PC{0,600}") {
+            let _ = parse(&s);
+        }
+
+        #[test]
+        fn reader_never_panics_on_mutated_maps(
+            edits in proptest::collection::vec(
+                (0usize..10_000, proptest::prop_oneof![
+                    proptest::char::range('0', '9'),
+                    proptest::char::any(),
+                ]),
+                1..6,
+            ),
+            big in proptest::option::of(proptest::num::u64::ANY),
+            resign in proptest::bool::ANY,
+        ) {
+            let mut chars: Vec<char> = sample().chars().collect();
+            for (at, c) in edits {
+                let i = at % chars.len();
+                chars[i] = c;
+            }
+            let mut text: String = chars.into_iter().collect();
+            if let Some(n) = big {
+                text = text.replacen("<BlockSize> 4096 ", &format!("<BlockSize> {n} "), 1);
+            }
+            // Half the time the map is signed again, so the checks behind its checksum run.
+            if resign {
+                if let Some(sum) = text
+                    .split("<BmapFileChecksum> ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .map(str::to_owned)
+                {
+                    let zeroed = text.replacen(&sum, &"0".repeat(sum.len()), 1);
+                    let fresh = hex::encode(Sha256::digest(zeroed.as_bytes()));
+                    text = zeroed.replacen(&"0".repeat(sum.len()), &fresh, 1);
+                }
+            }
+            let _ = parse(&text);
+        }
+    }
 }

@@ -412,6 +412,43 @@ impl Board {
             }
             self.check_kernel_arch(name, set)?;
         }
+        let mut names = std::collections::BTreeSet::new();
+        let mut mounts = std::collections::BTreeSet::new();
+        for p in &self.disk.partitions {
+            if !names.insert(&p.name) {
+                bail!(
+                    "disk.partition: two partitions are named `{}`: give each its own name",
+                    p.name
+                );
+            }
+            if !mounts.insert(&p.mount) {
+                bail!(
+                    "disk.partition `{}`: mount = \"{}\" is another partition's mount point too",
+                    p.name,
+                    p.mount
+                );
+            }
+            if !p.mount.starts_with('/')
+                || p.mount.split('/').any(|c| c == ".." || c == ".")
+                || p.mount.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                bail!(
+                    "disk.partition `{}`: mount = {:?} must be an absolute path without `..` or spaces",
+                    p.name,
+                    p.mount
+                );
+            }
+            // GPT partition names are 36 UTF-16 code units.
+            if p.name.is_empty()
+                || p.name.encode_utf16().count() > 36
+                || p.name.chars().any(char::is_control)
+            {
+                bail!(
+                    "disk.partition name {:?} must be 1-36 characters (a GPT name is 36 UTF-16 units), without control characters",
+                    p.name
+                );
+            }
+        }
         let roots: Vec<_> = self
             .disk
             .partitions
@@ -468,42 +505,7 @@ impl Board {
                 bail!("boot.blob.sha256 = \"{}\": must be 64 hex digits", b.sha256);
             }
         }
-        let mut names = std::collections::BTreeSet::new();
-        let mut mounts = std::collections::BTreeSet::new();
         for p in &self.disk.partitions {
-            if !names.insert(&p.name) {
-                bail!(
-                    "disk.partition: two partitions are named `{}`: give each its own name",
-                    p.name
-                );
-            }
-            if !mounts.insert(&p.mount) {
-                bail!(
-                    "disk.partition `{}`: mount = \"{}\" is another partition's mount point too",
-                    p.name,
-                    p.mount
-                );
-            }
-            if !p.mount.starts_with('/')
-                || p.mount.split('/').any(|c| c == ".." || c == ".")
-                || p.mount.chars().any(|c| c.is_control() || c.is_whitespace())
-            {
-                bail!(
-                    "disk.partition `{}`: mount = {:?} must be an absolute path without `..` or spaces",
-                    p.name,
-                    p.mount
-                );
-            }
-            // GPT partition names are 36 UTF-16 code units.
-            if p.name.is_empty()
-                || p.name.encode_utf16().count() > 36
-                || p.name.chars().any(char::is_control)
-            {
-                bail!(
-                    "disk.partition name {:?} must be 1-36 characters (a GPT name is 36 UTF-16 units), without control characters",
-                    p.name
-                );
-            }
             let max = match p.fs {
                 Filesystem::Vfat => 11,
                 Filesystem::Ext4 => 16,

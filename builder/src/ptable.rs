@@ -268,4 +268,89 @@ mod tests {
         let e = read(&mut Cursor::new(&d), 4096).unwrap_err();
         assert!(format!("{e:#}").contains("no partition table"), "{e:#}");
     }
+
+    /// A GPT disk made by the `gpt` crate (as `picoimg build` makes them): 8 MiB, one
+    /// partition.
+    fn gpt_disk() -> Vec<u8> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("d.img");
+        let f = std::fs::File::create(&p).expect("create");
+        f.set_len(8 << 20).expect("size");
+        let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(((8 << 20) / 512 - 1) as u32);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .expect("open");
+        mbr.overwrite_lba0(&mut f).expect("pmbr");
+        let mut disk = gpt::GptConfig::new()
+            .writable(true)
+            .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
+            .create_from_device(f, None)
+            .expect("gpt");
+        disk.add_partition("boot", 2 << 20, gpt::partition_types::EFI, 0, None)
+            .expect("partition");
+        disk.write().expect("write");
+        std::fs::read(&p).expect("read")
+    }
+
+    #[test]
+    fn gpt_reads_and_damage_is_refused() {
+        let d = gpt_disk();
+        let t = read(&mut Cursor::new(&d), d.len() as u64).expect("valid GPT");
+        assert_eq!(t.kind, Kind::Gpt);
+        assert_eq!(t.parts.len(), 1);
+        assert_eq!(t.parts[0].size, 2 << 20);
+        let cases: [(&str, usize, &str); 3] = [
+            ("header byte", 512 + 40, "header's CRC"),
+            ("entry byte", 1024 + 35, "entries' CRC"),
+            ("signature", 512, "no GPT header"),
+        ];
+        for (what, at, message) in cases {
+            let mut bad = d.clone();
+            bad[at] ^= 0x40;
+            let e = read(&mut Cursor::new(&bad), bad.len() as u64).expect_err(what);
+            assert!(format!("{e:#}").contains(message), "{what}: {e:#}");
+        }
+        let cut = &d[..4 << 20];
+        let e = read(&mut Cursor::new(cut), cut.len() as u64).expect_err("truncated");
+        assert!(format!("{e:#}").contains("truncated image"), "{e:#}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// No disk makes the reader panic or overflow: MBR and GPT sectors with random bytes
+        /// written over them (the CRCs are recomputed half the time, to reach the checks
+        /// behind them).
+        #[test]
+        fn reader_never_panics(
+            gpt in proptest::bool::ANY,
+            fix_crcs in proptest::bool::ANY,
+            edits in proptest::collection::vec((0usize..2048, 0u8..=255), 1..24),
+            len in 0usize..(8 << 20),
+        ) {
+            let mut d = if gpt { gpt_disk() } else { mbr_disk(2048) };
+            for (at, b) in edits {
+                let i = at % 2048;
+                if i < d.len() {
+                    d[i] = b;
+                }
+            }
+            if gpt && fix_crcs {
+                let hsize = (u32_at(&d, 512 + 12) as usize).clamp(92, 512);
+                let esize = u32_at(&d, 512 + 84) as usize;
+                let count = u32_at(&d, 512 + 80) as usize;
+                if let Some(n) = esize.checked_mul(count).filter(|n| *n <= 16384) {
+                    let crc = crc32fast::hash(&d[1024..1024 + n]);
+                    d[512 + 88..512 + 92].copy_from_slice(&crc.to_le_bytes());
+                }
+                d[512 + 16..512 + 20].fill(0);
+                let crc = crc32fast::hash(&d[512..512 + hsize]);
+                d[512 + 16..512 + 20].copy_from_slice(&crc.to_le_bytes());
+            }
+            let size = (len as u64).min(d.len() as u64);
+            let _ = read(&mut Cursor::new(&d), size);
+            let _ = read(&mut Cursor::new(&d), u64::MAX);
+        }
+    }
 }

@@ -41,7 +41,7 @@ pub fn uncompressed_size<R: Read + Seek>(r: &mut R, len: u64) -> Result<u64> {
     loop {
         // Stream padding: zero bytes in multiples of four after a stream.
         let mut w = [0u8; 4];
-        while end >= 4 && end % 4 == 0 {
+        while end >= 4 && end.is_multiple_of(4) {
             read_at(r, end - 4, &mut w)?;
             if w != [0; 4] {
                 break;
@@ -52,7 +52,7 @@ pub fn uncompressed_size<R: Read + Seek>(r: &mut R, len: u64) -> Result<u64> {
             break;
         }
         ensure!(
-            end >= 24 && end % 4 == 0,
+            end >= 24 && end.is_multiple_of(4),
             "not a complete .xz file (truncated, or not xz)"
         );
         let mut footer = [0u8; 12];

@@ -641,3 +641,516 @@ fn cluster_token_is_the_derived_one_and_run_cluster_checks_node_count() {
     assert!(!o.status.success(), "--nodes without --cluster");
     assert!(stderr(&o).contains("--cluster"), "{}", stderr(&o));
 }
+
+// ---- Hardening: damaged, hostile and mistaken input (each case: refused, message, nothing
+// changed) ----
+
+fn sha256_of(p: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+/// `picoimg personalise` checks the image before it writes: a truncated image, a damaged GPT
+/// and a partition entry that wraps around are refused, and the file neither changes nor
+/// grows.
+#[test]
+fn personalise_refuses_damaged_images_without_touching_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = cluster_file(dir.path());
+    let good = fat_image(dir.path());
+    let truncated = dir.path().join("truncated.img");
+    std::fs::copy(&good, &truncated).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let wrapped = dir.path().join("wrapped.img");
+    std::fs::copy(&good, &wrapped).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&wrapped)
+            .unwrap();
+        // Partition 1 starting at sector 0xffffffff with 0xffffffff sectors.
+        f.write_all_at(&[0xff; 8], 446 + 8).unwrap();
+    }
+    let gpt = gpt_fat_image(dir.path());
+    let bad_gpt = dir.path().join("badgpt.img");
+    std::fs::copy(&gpt, &bad_gpt).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&bad_gpt)
+            .unwrap();
+        // A byte of the first entry's name: the entries' CRC no longer matches.
+        f.write_all_at(b"X", 1024 + 60).unwrap();
+    }
+    let cases = [
+        ("truncated to 2 MiB", &truncated, "truncated image"),
+        ("partition entry that wraps", &wrapped, "runs past the end"),
+        (
+            "GPT entries damaged",
+            &bad_gpt,
+            "entries' CRC does not match",
+        ),
+    ];
+    for (what, img, message) in cases {
+        let (sum, len) = (sha256_of(img), std::fs::metadata(img).unwrap().len());
+        let o = personalise(img, &cluster, Some("pc1"));
+        assert!(!o.status.success(), "{what}: succeeded");
+        assert!(stderr(&o).contains(message), "{what}: {}", stderr(&o));
+        assert_eq!(sha256_of(img), sum, "{what}: image changed");
+        assert_eq!(
+            std::fs::metadata(img).unwrap().len(),
+            len,
+            "{what}: file grew"
+        );
+    }
+    // The undamaged GPT image takes the files, and does not grow.
+    let len = std::fs::metadata(&gpt).unwrap().len();
+    let o = personalise(&gpt, &cluster, Some("pc1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&gpt).unwrap().len(), len);
+}
+
+/// An 80 MiB image with a GPT (sfdisk) and one 75 MiB FAT32 partition at 1 MiB (mkfs.fat).
+fn gpt_fat_image(dir: &Path) -> PathBuf {
+    let img = dir.join("gpt.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(80 << 20)
+        .unwrap();
+    let mut sfdisk = Command::new("/usr/sbin/sfdisk")
+        .args(["--quiet"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nstart=2048, size=153600, type=uefi, name=esp\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let st = Command::new("/usr/sbin/mkfs.fat")
+        .args(["-F", "32", "-s", "1", "-n", "ESP", "--offset", "2048"])
+        .arg(&img)
+        .arg("76800")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    img
+}
+
+/// Run again without --node, personalise removes the node.toml an earlier run left, and
+/// says so.
+#[test]
+fn personalise_without_node_removes_a_stale_node_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = fat_image(dir.path());
+    let cluster = cluster_file(dir.path());
+    let o = personalise(&img, &cluster, Some("pc1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mtype = |name: &str| {
+        Command::new("mtype")
+            .arg("-i")
+            .arg(format!("{}@@1M", img.display()))
+            .arg(format!("::picoimg/{name}"))
+            .output()
+            .unwrap()
+    };
+    assert!(mtype("node.toml").status.success());
+    let o = personalise(&img, &cluster, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("removed picoimg/node.toml"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !mtype("node.toml").status.success(),
+        "node.toml still there"
+    );
+    assert!(mtype("cluster.toml").status.success());
+}
+
+/// Input files are read only if regular and small: a device, a FIFO, a directory or a 10 GB
+/// file is refused at once (bounded by `timeout`, so a regression fails instead of hanging).
+#[test]
+fn input_files_are_bounded_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let big = dir.path().join("big.toml");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(10_000_000_000)
+        .unwrap();
+    let cases: [(&str, &Path, &str); 4] = [
+        ("/dev/zero", Path::new("/dev/zero"), "a character device"),
+        ("a FIFO", &fifo, "a FIFO"),
+        ("a directory", dir.path(), "a directory"),
+        ("a 10 GB file", &big, "larger than"),
+    ];
+    for (what, path, message) in cases {
+        let started = std::time::Instant::now();
+        let o = Command::new("timeout")
+            .arg("30")
+            .arg(env!("CARGO_BIN_EXE_picoimg"))
+            .args(["cluster", "check"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
+        assert!(stderr(&o).contains(message), "{what}: {}", stderr(&o));
+        assert!(started.elapsed().as_secs() < 10, "{what}: took too long");
+    }
+    // A block map that is a FIFO, for flash.
+    let img = dir.path().join("x.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let o = Command::new("timeout")
+        .arg("30")
+        .arg(env!("CARGO_BIN_EXE_picoimg"))
+        .arg("flash")
+        .arg("--bmap")
+        .arg(&fifo)
+        .arg(&img)
+        .arg(dir.path().join("out.img"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("a FIFO"), "{}", stderr(&o));
+}
+
+/// Output into a pipe that is already closed ends the command quietly, as Unix tools do.
+#[test]
+fn closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["boards", "--sources"],
+        vec!["stacks"],
+        vec!["plan", "--board", "h4"],
+        vec!["cluster", "init", "--name", "lab"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = picoimg()
+            .args(&args)
+            .current_dir(dir.path())
+            .stdout(writer)
+            .output()
+            .unwrap();
+        assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// Data files stay inside the data directory and are checked: component and unit names,
+/// partition names and mount points, one ESP, layout arithmetic; options that do not apply
+/// are refused.
+#[test]
+fn data_files_and_options_are_confined_and_checked() {
+    let edit = |file: &str, f: &dyn Fn(&str) -> String| {
+        let dir = common::data_copy();
+        let p = dir.path().join(file);
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, f(&text)).unwrap();
+        dir
+    };
+    let cases: Vec<(&str, tempfile::TempDir, Vec<&str>, &str)> = vec![
+        (
+            "component name with ..",
+            edit("overlays/stacks.toml", &|t| {
+                t.replace(
+                    "components = [\"base\", \"consul\"]",
+                    "components = [\"base\", \"../../x\"]",
+                )
+            }),
+            vec!["--board", "h4", "--stack", "consul"],
+            "component name \"../../x\"",
+        ),
+        (
+            "unit name with a path",
+            edit("overlays/base/component.toml", &|t| {
+                t.replace("\"ssh.service\",", "\"ssh.service\", \"../../etc/passwd\",")
+            }),
+            vec!["--board", "h4"],
+            "not a systemd unit name",
+        ),
+        (
+            "duplicate mount points",
+            edit("boards/h4.toml", &|t| {
+                t.replacen("mount = \"/boot/efi\"", "mount = \"/\"", 1)
+            }),
+            vec!["--board", "h4"],
+            "mount point too",
+        ),
+        (
+            "a second ESP",
+            edit("boards/h4.toml", &|t| {
+                t.replace("type = \"root-x86-64\"", "type = \"esp\"")
+            }),
+            vec!["--board", "h4"],
+            "more than one has type = \"esp\"",
+        ),
+        (
+            "a GPT name over 36 UTF-16 units",
+            edit("boards/h4.toml", &|t| {
+                t.replacen(
+                    "name = \"root\"",
+                    &format!("name = \"{}\"", "r".repeat(37)),
+                    1,
+                )
+            }),
+            vec!["--board", "h4"],
+            "36 UTF-16 units",
+        ),
+        (
+            "a start offset that overflows",
+            edit("boards/h4.toml", &|t| {
+                t.replacen(
+                    "name = \"esp\"",
+                    "name = \"esp\"\nstart = \"17592186044415MiB\"",
+                    1,
+                )
+            }),
+            vec!["--board", "h4"],
+            "ends past the usable end",
+        ),
+    ];
+    for (what, data, args, message) in cases {
+        let e = refused(&args, Some(data.path()));
+        assert!(e.contains(message), "{what}: {e}");
+    }
+    for (what, args, message) in [
+        (
+            "a board name with a path",
+            vec!["--board", "../../etc/x"],
+            "must be lowercase letters",
+        ),
+        (
+            "--uboot for a board without a blob",
+            vec!["--board", "h4", "--uboot", "/etc/hostname"],
+            "no bootloader blob",
+        ),
+        (
+            "--mirror that is not a URL",
+            vec!["--board", "h4", "--mirror", "not-a-url"],
+            "is not a URL",
+        ),
+    ] {
+        let e = refused(&args, None);
+        assert!(e.contains(message), "{what}: {e}");
+    }
+    let e = refused(
+        &["--board", "h4"],
+        Some(Path::new("/nonexistent-picoimg-data")),
+    );
+    assert!(e.contains("no such directory"), "{e}");
+}
+
+/// `picoimg run` refuses a file that is not a disk image before starting QEMU, even with a
+/// manifest beside it.
+#[test]
+fn run_refuses_a_file_without_a_partition_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("notes.img");
+    std::fs::write(&img, "not an image\n".repeat(100)).unwrap();
+    let plan = picoimg().args(["plan", "--board", "h4"]).output().unwrap();
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    std::fs::write(dir.path().join("notes.manifest.json"), &plan.stdout).unwrap();
+    let o = picoimg()
+        .arg("run")
+        .arg(&img)
+        .args(["--expect-ready", "--timeout", "5"])
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a bootable disk image")
+            && stderr(&o).contains("no partition table"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("starting:"), "QEMU was started");
+}
+
+/// A stand-in for qemu-system-x86_64 (first on PATH), as QEMU behaves on a machine where
+/// /dev/kvm opens but cannot run the guest: the KVM probe (no serial) runs until `timeout`
+/// ends it; a KVM boot prints QEMU's internal-error report and pauses; a TCG boot prints the
+/// ready marker, or with FAKE_QEMU_SILENT=1 nothing, and waits. Needs OVMF (host tier).
+#[cfg(feature = "image-tests")]
+fn fake_qemu(dir: &Path) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = bin.join("qemu-system-x86_64");
+    std::fs::write(
+        &script,
+        r#"#!/bin/sh
+case " $* " in
+  *" -serial none "*) exec sleep 5 ;;
+  *" -accel kvm "*)
+    echo "KVM internal error. Suberror: 1" >&2
+    echo "emulation failure" >&2
+    exec sleep 600 ;;
+esac
+[ -n "$FAKE_QEMU_SILENT" ] || echo "picoimg-boot: ready (fake guest under TCG)"
+exec sleep 600
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// A 16 MiB raw image with an MBR and one partition (enough for `run` to accept it).
+#[cfg(feature = "image-tests")]
+fn tiny_disk(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let img = dir.join("tiny.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(16 << 20).unwrap();
+    let mut e = [0u8; 16];
+    e[4] = 0x83;
+    e[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    e[12..16].copy_from_slice(&8192u32.to_le_bytes());
+    f.write_all_at(&e, 446).unwrap();
+    f.write_all_at(&[0x55, 0xaa], 510).unwrap();
+    img
+}
+
+#[cfg(feature = "image-tests")]
+fn run_with_fake_qemu(dir: &Path, args: &[&str]) -> Command {
+    let bin = fake_qemu(dir);
+    let kvm = dir.join("kvm-stand-in");
+    std::fs::write(&kvm, "").unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut c = picoimg();
+    c.arg("run")
+        .arg(tiny_disk(dir))
+        .args(["--board", "h4"])
+        .args(args)
+        .env("PATH", path)
+        .env("PICOIMG_KVM_DEVICE", &kvm)
+        .env("TMPDIR", dir);
+    c
+}
+
+/// QEMU's KVM failure (a paused VM) is noticed at once: with --accel auto, run restarts under
+/// TCG and says so; with --accel kvm it stops with QEMU's message instead of waiting out the
+/// timeout.
+#[cfg(feature = "image-tests")]
+#[test]
+fn kvm_failure_falls_back_to_tcg_or_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let o = run_with_fake_qemu(dir.path(), &["--expect-ready", "--timeout", "120"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("KVM cannot run this guest here")
+            && stderr(&o).contains("restarting under TCG"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "took {:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let o = run_with_fake_qemu(
+        dir.path(),
+        &["--accel", "kvm", "--expect-ready", "--timeout", "120"],
+    )
+    .output()
+    .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("KVM cannot run this guest here (KVM internal error"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// SIGTERM ends `run` like Ctrl-C: QEMU stopped, the temporary directory removed.
+#[cfg(feature = "image-tests")]
+#[test]
+fn sigterm_ends_run_and_removes_its_temporary_directory() {
+    for args in [
+        vec!["--accel", "tcg", "--expect-ready", "--timeout", "600"],
+        vec!["--accel", "tcg"],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = run_with_fake_qemu(dir.path(), &args)
+            .env("FAKE_QEMU_SILENT", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let temp_dirs = || -> Vec<String> {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("picoimg-run-"))
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while temp_dirs().is_empty() || !has_child_named(child.id(), "sleep") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{args:?}: QEMU never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{args:?}: still running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert!(!status.success(), "{args:?}");
+        assert!(temp_dirs().is_empty(), "{args:?}: left {:?}", temp_dirs());
+    }
+}
+
+/// Whether process `pid` has a child (the fake QEMU execs sleep) named `name`.
+#[cfg(feature = "image-tests")]
+fn has_child_named(pid: u32, name: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == name))
+}
