@@ -10,6 +10,13 @@ cd "$(dirname "$0")/.."
 
 ci/setup-host.sh
 
+# A normal user for the test that builds an image without root (mmdebstrap's unshare mode
+# needs a subordinate id range, which useradd allocates once /etc/subuid exists).
+if [ "$(id -u)" -eq 0 ] && ! id picoimg-ci >/dev/null 2>&1; then
+  touch /etc/subuid /etc/subgid
+  useradd --create-home --shell /bin/bash picoimg-ci
+fi
+
 step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check

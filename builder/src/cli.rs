@@ -54,7 +54,9 @@ pub enum Command {
     Flash {
         /// The image: .img or .img.xz.
         image: PathBuf,
-        /// Whole block device (/dev/sdX, /dev/mmcblkN) or a regular file.
+        /// Whole block device (/dev/sdX, /dev/mmcblkN) or a regular file. A file is written
+        /// beside it and renamed into place when complete; an existing non-empty file is
+        /// replaced only with --force.
         target: PathBuf,
         /// Block map to follow (default: the .bmap beside the image, ours or bmaptool's).
         #[arg(long, value_name = "FILE")]
@@ -68,7 +70,8 @@ pub enum Command {
         /// Do not ask before writing a device.
         #[arg(long, short)]
         yes: bool,
-        /// Write a device that does not say it is removable (an internal disk).
+        /// Write a device that does not say it is removable (an internal disk), or replace an
+        /// existing non-empty file.
         #[arg(long)]
         force: bool,
         /// Cluster file to put on the boot partition as picoimg/cluster.toml (checked first).
@@ -87,7 +90,8 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         cluster: PathBuf,
         /// Node name to write to picoimg/node.toml (must be in the cluster file); without it
-        /// the node finds itself by MAC, serial or DMI UUID.
+        /// the node finds itself by MAC, serial or DMI UUID, and a node.toml left by an
+        /// earlier run is removed.
         #[arg(long, value_name = "NAME")]
         node: Option<String>,
     },
@@ -207,7 +211,8 @@ pub struct RunArgs {
     /// Forward this port on 127.0.0.1 to the guest's SSH port.
     #[arg(long, value_name = "PORT")]
     pub ssh_port: Option<u16>,
-    /// CPU emulation.
+    /// CPU emulation. `auto` uses KVM only if a trial run of QEMU's firmware works, and
+    /// restarts under TCG if QEMU reports a KVM failure during the boot.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
     /// Rehearse a cluster: boot one VM per node of this cluster file, told apart by MAC, on a

@@ -973,3 +973,142 @@ fn rpi5_ubuntu_has_ubuntu_names_and_root_by_label() {
 fn rpi5_ubuntu_boots_in_qemu_to_ready() {
     boots_through_extlinux(&rpi5_ubuntu().raw);
 }
+
+/// The user ci/test.sh creates for this test (with a subordinate id range).
+const TEST_USER: &str = "picoimg-ci";
+
+/// (mode, uid, gid) of every entry `debugfs ls -l DIR` lists in a root filesystem image.
+fn owners(root: &Path, dir: &str) -> std::collections::BTreeMap<String, (String, u32, u32)> {
+    let out = run_ok(
+        tool("debugfs")
+            .arg("-R")
+            .arg(format!("ls -l {dir}"))
+            .arg(root),
+    );
+    out.lines()
+        .filter_map(|l| {
+            // inode  mode  (ftype)  uid  gid  size  date time name
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let mode = f.get(1)?.to_string();
+            let (uid, gid) = (f.get(3)?.parse().ok()?, f.get(4)?.parse().ok()?);
+            Some((f.last()?.to_string(), (mode, uid, gid)))
+        })
+        .filter(|(n, _)| n != "." && n != "..")
+        .collect()
+}
+
+/// The README promises builds without root: a normal user's build (mmdebstrap's unshare mode)
+/// has the ownership and modes of a root build: setuid sudo, /etc/shadow root:shadow 0640,
+/// and every entry of /etc, /usr/bin and /usr/lib/picoimg the same, read by debugfs from
+/// both images.
+#[test]
+fn a_normal_users_build_keeps_ownership_and_modes() {
+    let passwd = run_ok(Command::new("getent").args(["passwd", TEST_USER]));
+    let home = PathBuf::from(passwd.trim().split(':').nth(5).unwrap());
+    let uid: u32 = passwd.split(':').nth(2).unwrap().parse().unwrap();
+    let root_build = h4();
+    // Everything the user needs, in a directory it owns: the data (boards/, overlays/), the
+    // output. Its cache lives in its home, so later runs reuse the root filesystem.
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("user-build");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    run_ok(
+        Command::new("cp")
+            .arg("-r")
+            .arg(repo.join("boards"))
+            .arg(repo.join("overlays"))
+            .arg(&work),
+    );
+    let agent = root_build.manifest["firstboot"]["path"]
+        .as_str()
+        .map(PathBuf::from);
+    let agent_copy = work.join("picoimg-firstboot");
+    match agent.filter(|p| p.exists()) {
+        Some(p) => std::fs::copy(p, &agent_copy).map(|_| ()).unwrap(),
+        None => {
+            let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join("../x86_64-unknown-linux-musl/release/picoimg-firstboot");
+            std::fs::copy(p, &agent_copy).unwrap();
+        }
+    }
+    run_ok(Command::new("chown").arg("-R").arg(TEST_USER).arg(&work));
+    let started = Instant::now();
+    let o = Command::new("runuser")
+        .args(["-u", TEST_USER, "--"])
+        .arg("env")
+        .arg(format!("HOME={}", home.display()))
+        .arg(format!(
+            "PICOIMG_CACHE_DIR={}",
+            home.join(".cache/picoimg").display()
+        ))
+        .arg(env!("CARGO_BIN_EXE_picoimg"))
+        .arg("--data-dir")
+        .arg(&work)
+        .args([
+            "build",
+            "--board",
+            "h4",
+            "--stack",
+            "base",
+            "--keep-raw",
+            "--xz-level",
+            "0",
+            "--firstboot",
+        ])
+        .arg(&agent_copy)
+        .arg("--out")
+        .arg(work.join("out"))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "build as {TEST_USER} failed: {}",
+        o.status
+    );
+    eprintln!(
+        "h4-base built as {TEST_USER} in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    let raw = work.join("out/h4-base.img");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("out/h4-base.manifest.json")).unwrap())
+            .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let user_root = partition_of(&raw, &manifest, 2, tmp.path());
+    let root_root = extract_partition(root_build, 2, tmp.path());
+    let stat = |root: &Path, path: &str| {
+        run_ok(
+            tool("debugfs")
+                .arg("-R")
+                .arg(format!("stat {path}"))
+                .arg(root),
+        )
+    };
+    for root in [&user_root, &root_root] {
+        let sudo = stat(root, "/usr/bin/sudo");
+        assert!(
+            sudo.contains("Mode:  04755") && sudo.contains("User:     0   Group:     0"),
+            "{}: {sudo}",
+            root.display()
+        );
+        let shadow = stat(root, "/etc/shadow");
+        assert!(
+            shadow.contains("Mode:  0640") && shadow.contains("User:     0   Group:    42"),
+            "{}: {shadow}",
+            root.display()
+        );
+    }
+    for dir in ["/etc", "/usr/bin", "/usr/lib/picoimg", "/etc/ssh"] {
+        let (user, root) = (owners(&user_root, dir), owners(&root_root, dir));
+        assert!(!user.is_empty(), "{dir}: empty listing");
+        assert_eq!(user, root, "{dir}: ownership or modes differ");
+        assert!(
+            user.values()
+                .all(|(_, u, g)| *u != uid && *g != uid && *u < 65_534),
+            "{dir}: entries owned by the building user: {user:?}"
+        );
+    }
+    run_ok(tool("e2fsck").args(["-fn"]).arg(&user_root));
+}

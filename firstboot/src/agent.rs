@@ -341,9 +341,14 @@ impl<'a> Agent<'a> {
     /// Reads and checks the cluster file. `None`: there is none (the node stays unconfigured).
     fn read_cluster(&mut self) -> Result<Option<(String, Checked)>, String> {
         let path = self.boot.join("picoimg/cluster.toml");
-        let text = match std::fs::read_to_string(&path) {
+        let text = match crate::input::read_text(&path, crate::input::CONFIG_LIMIT, "cluster file")
+        {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(crate::input::InputError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(None)
+            }
             Err(e) => return Err(format!("reading picoimg/cluster.toml: {e}")),
         };
         // A secret scrubbed from the boot copy is taken from this node's own copy, if that

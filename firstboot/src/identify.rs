@@ -67,10 +67,14 @@ pub fn observe(root: &Path, boot: &Path) -> Facts {
             .find_map(|w| w.strip_prefix("picoimg.node="))
             .map(str::to_owned)
     });
-    let node_toml = std::fs::read_to_string(boot.join("picoimg/node.toml"))
-        .ok()
-        .and_then(|t| t.parse::<toml::Table>().ok())
-        .and_then(|t| t.get("name")?.as_str().map(str::to_owned));
+    let node_toml = crate::input::read_text(
+        &boot.join("picoimg/node.toml"),
+        crate::input::CONFIG_LIMIT,
+        "node file",
+    )
+    .ok()
+    .and_then(|t| t.parse::<toml::Table>().ok())
+    .and_then(|t| t.get("name")?.as_str().map(str::to_owned));
     let mut macs: Vec<String> = std::fs::read_dir(root.join("sys/class/net"))
         .into_iter()
         .flatten()
