@@ -21,12 +21,26 @@ pub struct BlobInfo {
     pub source: String,
 }
 
-/// The blob's bytes: `--uboot FILE` if given, else the cached or downloaded file at `url`,
-/// which must match the board's sha256.
+/// Largest blob taken (a bootloader is a few MiB).
+const BLOB_LIMIT: u64 = 64 << 20;
+
+/// The blob's bytes: `--uboot FILE` if given, else the cached or downloaded file at `url`;
+/// either must match the board's sha256 when it is pinned (no unverified bootloader goes into
+/// an image).
 pub fn fetch(blob: &Blob, local: Option<&Path>, cache: &Cache) -> Result<(Vec<u8>, BlobInfo)> {
     if let Some(p) = local {
-        let data = std::fs::read(p).with_context(|| format!("reading --uboot {}", p.display()))?;
+        let data = picoimg_firstboot::input::read_bytes(p, BLOB_LIMIT, "bootloader blob")
+            .with_context(|| format!("reading --uboot {}", p.display()))?;
         let sum = hex::encode(Sha256::digest(&data));
+        if !blob.sha256.is_empty() && sum != blob.sha256 {
+            bail!(
+                "--uboot {} has sha256 {sum}, but the board file pins {} for {}: not the file the board needs (it comes from {})",
+                p.display(),
+                blob.sha256,
+                blob.description,
+                blob.url
+            );
+        }
         return Ok((
             data.clone(),
             BlobInfo {
@@ -66,7 +80,15 @@ pub fn fetch(blob: &Blob, local: Option<&Path>, cache: &Cache) -> Result<(Vec<u8
             .arg(tmp.path())
             .arg(&blob.url)
             .run()
-            .with_context(|| format!("downloading {} from {}", blob.description, blob.url))?;
+            .with_context(|| {
+                format!(
+                    "downloading {} from {}; offline, pass a copy with --uboot FILE, or put it in the cache as {} (it is checked against sha256 {} either way)",
+                    blob.description,
+                    blob.url,
+                    cached.display(),
+                    blob.sha256
+                )
+            })?;
         let got = crate::output::sha256_file(tmp.path())?;
         if got != blob.sha256 {
             bail!(

@@ -330,9 +330,17 @@ fn blob_with_wrong_checksum_aborts_before_anything_is_built() {
 #[test]
 fn blob_that_would_overlap_partition_one_is_refused() {
     let big = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(big.path(), vec![0x5au8; 5 << 20]).unwrap();
+    let bytes = vec![0x5au8; 5 << 20];
+    std::fs::write(big.path(), &bytes).unwrap();
     let path = big.path().to_string_lossy().into_owned();
-    let e = refused(&["--board", "c5", "--uboot", &path], None);
+    // A board pinned to this (too large) blob.
+    let data = common::data_copy();
+    common::c5_blob_from(
+        data.path(),
+        "http://127.0.0.1:9/u-boot",
+        &sha256_hex(&bytes),
+    );
+    let e = refused(&["--board", "c5", "--uboot", &path], Some(data.path()));
     assert!(
         e.contains("would overlap partition `boot` starting at 4MiB"),
         "{e}"
@@ -341,9 +349,49 @@ fn blob_that_would_overlap_partition_one_is_refused() {
 
 #[test]
 fn unpinned_blob_asks_for_a_local_file() {
-    let e = refused(&["--board", "c5"], None);
+    let data = common::data_copy();
+    let p = data.path().join("boards/c5.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let pin = text
+        .lines()
+        .find(|l| l.starts_with("sha256 = "))
+        .unwrap()
+        .to_owned();
+    std::fs::write(&p, text.replace(&pin, "sha256 = \"\"")).unwrap();
+    let e = refused(&["--board", "c5"], Some(data.path()));
     assert!(
         e.contains("no pinned sha256") && e.contains("--uboot FILE"),
+        "{e}"
+    );
+}
+
+/// The C5's u-boot is pinned: a local copy that is not the pinned file is refused before
+/// anything is built, and an unreachable download names the offline ways in.
+#[test]
+fn pinned_c5_blob_refuses_another_file_and_names_the_offline_path() {
+    let other = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other.path(), b"some other u-boot").unwrap();
+    let e = refused(
+        &["--board", "c5", "--uboot", other.path().to_str().unwrap()],
+        None,
+    );
+    assert!(
+        e.contains("but the board file pins 8c2e66919a05921d79e130cc00a977a07cf8df6b34153e66c18c3241c0809e3c"),
+        "{e}"
+    );
+    let data = common::data_copy();
+    let p = data.path().join("boards/c5.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let url_line = text.lines().find(|l| l.starts_with("url = ")).unwrap();
+    std::fs::write(
+        &p,
+        text.replace(url_line, "url = \"http://127.0.0.1:9/u-boot.bin.signed\""),
+    )
+    .unwrap();
+    let e = refused(&["--board", "c5"], Some(data.path()));
+    assert!(
+        e.contains("--uboot FILE")
+            && e.contains("blobs/8c2e66919a05921d79e130cc00a977a07cf8df6b34153e66c18c3241c0809e3c"),
         "{e}"
     );
 }

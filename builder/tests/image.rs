@@ -505,9 +505,9 @@ fn tail(s: &str) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // Odroid C5 (arm64, MBR, u-boot blob at byte 512), built with the Debian source set. The
-// signed u-boot comes from Hardkernel in real builds; here a test blob served from a local
-// HTTP server on 127.0.0.1 stands in for it (the board file's URL and sha256 are swapped in a
-// copy of the data directory).
+// signed u-boot is Hardkernel's real file (tests/data/odroid-c5/, pinned in boards/c5.toml),
+// served from a local HTTP server on 127.0.0.1 in place of its URL, which these machines
+// cannot reach (only the URL is swapped, in a copy of the data directory; the pin stays).
 
 struct C5 {
     raw: PathBuf,
@@ -520,11 +520,19 @@ fn c5() -> &'static C5 {
     static BUILT: OnceLock<C5> = OnceLock::new();
     BUILT.get_or_init(|| {
         use sha2::Digest;
-        // A deterministic 700 KiB stand-in for the signed u-boot.
-        let blob: Vec<u8> = (0..700u32 * 1024)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-            .collect();
+        let blob = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/odroid-c5/u-boot.bin.signed"),
+        )
+        .unwrap();
         let sha = hex::encode(sha2::Sha256::digest(&blob));
+        let board = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/c5.toml"),
+        )
+        .unwrap();
+        assert!(
+            board.contains(&format!("sha256 = \"{sha}\"")),
+            "boards/c5.toml does not pin the test blob's sha256 {sha}"
+        );
         let url = common::serve(blob.clone(), 4);
         let data = common::data_copy();
         common::c5_blob_from(data.path(), &url, &sha);
@@ -596,13 +604,20 @@ fn c5_blob_sits_at_byte_512_and_the_table_survives() {
         .unwrap()
         .read_exact(&mut head)
         .unwrap();
+    assert_eq!(c.blob.len(), 3_379_200, "Hardkernel's signed u-boot");
     assert!(
         head[512..] == c.blob[..],
         "blob bytes at 512 differ from the input"
     );
+    // Bytes 440-511 (disk id, partition entries, signature) are the table sfdisk reads.
     let id = c.manifest["disk"]["ids"]["mbr_disk_id"].as_u64().unwrap() as u32;
     assert_eq!(head[440..444], id.to_le_bytes(), "disk id at 440");
+    let first_start = u32::from_le_bytes(head[446 + 8..446 + 12].try_into().unwrap());
+    assert_eq!(first_start, 4 * 2048, "partition 1 entry intact");
+    assert_eq!(head[446 + 4], 0x0c, "partition 1 type intact");
     assert_eq!(head[510..512], [0x55, 0xaa], "MBR signature");
+    // The blob ends before partition 1.
+    assert!(512 + c.blob.len() as u64 <= u64::from(first_start) * 512);
 }
 
 #[test]
