@@ -277,15 +277,17 @@ pub fn main() -> Result<()> {
             let opts = a.target.options(data_dir);
             let plan = crate::build::plan(&opts)?;
             let mut v = serde_json::to_value(&plan)?;
-            // The image's inputs include the agent that `build` would install.
+            // The image's inputs include the agent that `build` would install: without it
+            // there is no image inputs hash (null), only the plan's.
+            v["plan_hash"] = plan.inputs_hash().into();
             match crate::agentbin::find(plan.board.arch, opts.firstboot.as_deref()) {
                 Ok(agent) => {
                     v["inputs_hash"] = crate::build::image_inputs_hash(&plan, &agent).into();
                     v["firstboot"] = serde_json::to_value(&agent)?;
                 }
                 Err(e) => {
-                    eprintln!("picoimg: note: {e:#}; inputs_hash covers the plan only");
-                    v["inputs_hash"] = plan.inputs_hash().into();
+                    eprintln!("picoimg: note: {e:#}; inputs_hash is null (plan_hash covers the plan without the agent)");
+                    v["inputs_hash"] = serde_json::Value::Null;
                     v["firstboot"] = serde_json::Value::Null;
                 }
             }

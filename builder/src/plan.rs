@@ -179,17 +179,18 @@ impl BuildPlan {
         })
     }
 
-    /// Key of the cached root filesystem stage.
     /// The source set in use.
     pub fn source_set(&self) -> &crate::board::SourceSet {
         &self.board.sources[&self.sources]
     }
 
+    /// Key of the cached root filesystem stage.
     pub fn rootfs_key(&self) -> String {
         json_key(&self.rootfs)
     }
 
-    /// Hash of every input of the image.
+    /// Hash of the plan: every input of the image but the first-boot agent (the image's
+    /// inputs hash, `build::image_inputs_hash`, adds the agent).
     pub fn inputs_hash(&self) -> String {
         json_key(self)
     }

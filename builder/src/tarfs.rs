@@ -383,12 +383,12 @@ pub fn enable_units(base: &Path, changes: &mut Changes, units: &[String]) -> Res
             continue;
         }
         // Template instances (serial-getty@ttyS0.service) use the template's file.
-        let (file_name, instance) = match unit.split_once('@') {
+        let file_name = match unit.split_once('@') {
             Some((pre, rest)) if !rest.starts_with('.') => {
                 let suffix = rest.rsplit_once('.').map(|x| x.1).unwrap_or("service");
-                (format!("{pre}@.{suffix}"), true)
+                format!("{pre}@.{suffix}")
             }
-            _ => (unit.clone(), false),
+            _ => unit.clone(),
         };
         let (path, text) = find_unit(base, changes, &file_name)?;
         let inst = parse_install(&text);
@@ -396,7 +396,6 @@ pub fn enable_units(base: &Path, changes: &mut Changes, units: &[String]) -> Res
             bail!("unit `{unit}` has no [Install] section to enable it by");
         }
         let target = format!("/{path}");
-        let _ = instance;
         for (deps, kind) in [(&inst.wanted_by, "wants"), (&inst.required_by, "requires")] {
             for t in deps {
                 changes.symlink(&format!("etc/systemd/system/{t}.{kind}/{unit}"), &target);

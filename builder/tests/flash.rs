@@ -1,5 +1,6 @@
 //! `picoimg flash` against regular files and loop devices, with block maps made by bmaptool
-//! (interoperability) and results compared with cmp. Loop-device cases need root (CI is root).
+//! (interoperability) and results compared with cmp. Loop-device cases need root: they are in
+//! the root tier (feature image-tests; CI is root).
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::FileExt;
@@ -447,12 +448,18 @@ fn refuses_bad_block_maps_before_writing() {
     }
 }
 
+// Loop devices need root: this part is in the root tier (feature image-tests, which
+// ci/test.sh runs as root), so plain `cargo test` passes as a normal user.
+
+#[cfg(feature = "image-tests")]
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+#[cfg(feature = "image-tests")]
 struct Loop(String);
 
+#[cfg(feature = "image-tests")]
 impl Loop {
     fn new(file: &Path) -> Loop {
         Loop(
@@ -463,6 +470,7 @@ impl Loop {
     }
 }
 
+#[cfg(feature = "image-tests")]
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("umount")
@@ -473,6 +481,7 @@ impl Drop for Loop {
     }
 }
 
+#[cfg(feature = "image-tests")]
 #[test]
 fn flashes_a_loop_device_and_refuses_unsafe_targets() {
     assert!(
