@@ -161,7 +161,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         None => None,
     };
     // The agent is part of every image's inputs (its disk ids too).
-    let agent = crate::agentbin::find(board.arch, opts.firstboot.as_deref())?;
+    let agent = crate::agentbin::find_or_build(board.arch, opts.firstboot.as_deref(), &cache)?;
     let inputs_hash = image_inputs_hash(&plan, &agent);
     log(format!(
         "inputs {} (first-boot agent {})",

@@ -1127,3 +1127,56 @@ fn a_normal_users_build_keeps_ownership_and_modes() {
     }
     run_ok(tool("e2fsck").args(["-fn"]).arg(&user_root));
 }
+
+/// The README's quick start builds picoimg alone: with no agent beside it, `picoimg build`
+/// builds the agent from its source tree into the cache (a persistent one here, so only the
+/// first run on a machine compiles), and the result is a static x86-64 program that runs.
+#[test]
+fn picoimg_alone_builds_the_agent_on_demand() {
+    let solo = tempfile::tempdir().unwrap();
+    let exe = solo.path().join("picoimg");
+    std::fs::copy(env!("CARGO_BIN_EXE_picoimg"), &exe).unwrap();
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agent-on-demand");
+    let build = || {
+        Command::new(&exe)
+            .env_remove("PICOIMG_FIRSTBOOT")
+            .args([
+                "build",
+                "--board",
+                "h4",
+                "--mirror",
+                "http://127.0.0.1:9/debian",
+            ])
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(solo.path().join("out"))
+            .output()
+            .unwrap()
+    };
+    let o = build();
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    // It stops at the unreachable mirror, after the agent step.
+    assert!(!o.status.success());
+    assert!(
+        e.contains("first-boot agent for amd64") && e.contains("cannot be reached"),
+        "{e}"
+    );
+    let agent = cache.join("agent/x86_64-unknown-linux-musl/release/picoimg-firstboot");
+    let file = run_ok(Command::new("file").arg("-L").arg(&agent));
+    assert!(
+        file.contains("x86-64") && file.contains("static"),
+        "{file}"
+    );
+    let version = run_ok(Command::new(&agent).arg("--version"));
+    assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+    // Built once: the second build finds it current (cargo leaves the file alone).
+    let mtime = || std::fs::metadata(&agent).unwrap().modified().unwrap();
+    let before = mtime();
+    let o = build();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("first-boot agent for amd64"),
+        "second run"
+    );
+    assert_eq!(mtime(), before, "the second build rebuilt the agent");
+}

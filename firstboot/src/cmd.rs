@@ -80,6 +80,7 @@ pub struct Cmd {
     program: OsString,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Cmd {
@@ -88,6 +89,7 @@ impl Cmd {
             program: program.as_ref().to_owned(),
             args: Vec::new(),
             env: Vec::new(),
+            dir: None,
         }
     }
 
@@ -112,6 +114,12 @@ impl Cmd {
         self
     }
 
+    /// Runs the program in `dir` instead of the current directory.
+    pub fn dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.dir = Some(dir.as_ref().to_owned());
+        self
+    }
+
     /// The command line as a user would type it (for errors and logs).
     pub fn display(&self) -> String {
         std::iter::once(&self.program)
@@ -125,6 +133,9 @@ impl Cmd {
         let mut e = duct::cmd(&self.program, &self.args);
         for (k, v) in &self.env {
             e = e.env(k, v);
+        }
+        if let Some(d) = &self.dir {
+            e = e.dir(d);
         }
         e.unchecked()
     }
