@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::build::BuildOptions;
 use crate::qemu::{Accel, Net, RunOptions};
@@ -41,9 +41,24 @@ pub enum Command {
         /// Also list each board's source sets (the default first).
         #[arg(long)]
         sources: bool,
+        /// Print JSON (every board with its source sets) for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// List the stacks and their components.
-    Stacks,
+    Stacks {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script: `picoimg completions bash > /etc/bash_completion.d/picoimg`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `picoimg manpage | man -l -`.
+    Manpage,
     /// Check the host tools and print the install line for anything missing.
     Doctor,
     /// Write or check the cluster file that nodes read on first boot.
@@ -118,6 +133,9 @@ pub enum ClusterCommand {
     Check {
         /// The cluster file.
         file: PathBuf,
+        /// Print JSON: {file, ok, problems: [{file, line, field, message}], warnings, cluster}.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the cluster's Consul management token (derived from the secret), for
     /// CONSUL_HTTP_TOKEN.
@@ -321,34 +339,33 @@ pub fn main() -> Result<()> {
             accel: a.accel,
             nics: Vec::new(),
         })?,
-        Command::Boards { sources } => {
+        Command::Boards { sources, json } => boards(data_dir.as_deref(), sources, json)?,
+        Command::Stacks { json } => {
             let data = crate::data::find(data_dir.as_deref())?;
-            for name in crate::data::board_names(&data) {
-                match crate::data::board(&data, &name) {
-                    Ok(b) => {
-                        crate::outln!("{:16} {:6} {}", b.name, b.arch.as_str(), b.description)?;
-                        if sources {
-                            let default = b.sources.get_key_value(&b.default_sources);
-                            let others = b.sources.iter().filter(|(k, _)| **k != b.default_sources);
-                            for (k, set) in default.into_iter().chain(others) {
-                                let mark = if *k == b.default_sources {
-                                    " (default)"
-                                } else {
-                                    ""
-                                };
-                                crate::outln!("  --sources {k}{mark}: {}", set.description)?;
-                            }
-                        }
-                    }
-                    Err(e) => crate::outln!("{name:16} ?      (invalid: {e:#})")?,
+            let stacks = crate::component::stacks(&data)?;
+            if json {
+                let v: Vec<_> = stacks
+                    .iter()
+                    .map(|(name, (desc, comps))| {
+                        serde_json::json!({"name": name, "description": desc, "components": comps})
+                    })
+                    .collect();
+                crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
+            } else {
+                for (name, (desc, comps)) in stacks {
+                    crate::outln!("{name:12} {desc} [{}]", comps.join(", "))?;
                 }
             }
         }
-        Command::Stacks => {
-            let data = crate::data::find(data_dir.as_deref())?;
-            for (name, (desc, comps)) in crate::component::stacks(&data)? {
-                crate::outln!("{name:12} {desc} [{}]", comps.join(", "))?;
-            }
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "picoimg", &mut out);
+            crate::progress::print(format_args!("{}", String::from_utf8_lossy(&out)))?;
+        }
+        Command::Manpage => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            crate::progress::print(format_args!("{}", String::from_utf8_lossy(&out)))?;
         }
         Command::Doctor => crate::doctor::run()?,
         Command::Cluster(ClusterCommand::Init {
@@ -364,7 +381,9 @@ pub fn main() -> Result<()> {
             },
             out.as_deref(),
         )?,
-        Command::Cluster(ClusterCommand::Check { file }) => crate::cluster::check(&file)?,
+        Command::Cluster(ClusterCommand::Check { file, json }) => {
+            crate::cluster::check(&file, json)?
+        }
         Command::Cluster(ClusterCommand::Token { file }) => crate::cluster::token(&file)?,
         Command::Flash {
             image,
@@ -392,6 +411,54 @@ pub fn main() -> Result<()> {
             cluster,
             node,
         } => crate::cluster::personalise(&image, &cluster, node.as_deref())?,
+    }
+    Ok(())
+}
+
+/// `picoimg boards`: one line per board (with `sources`, its source sets), or JSON.
+fn boards(data_dir: Option<&std::path::Path>, sources: bool, json: bool) -> Result<()> {
+    let data = crate::data::find(data_dir)?;
+    let mut all = Vec::new();
+    for name in crate::data::board_names(&data) {
+        let board = crate::data::board(&data, &name);
+        if json {
+            all.push(match board {
+                Ok(b) => serde_json::json!({
+                    "name": b.name,
+                    "arch": b.arch.as_str(),
+                    "description": b.description,
+                    "default_sources": b.default_sources,
+                    "sources": b.sources.iter().map(|(k, set)| serde_json::json!({
+                        "name": k,
+                        "description": set.description,
+                        "default": *k == b.default_sources,
+                    })).collect::<Vec<_>>(),
+                }),
+                Err(e) => serde_json::json!({"name": name, "error": format!("{e:#}")}),
+            });
+            continue;
+        }
+        match board {
+            Ok(b) => {
+                crate::outln!("{:16} {:6} {}", b.name, b.arch.as_str(), b.description)?;
+                if sources {
+                    let default = b.sources.get_key_value(&b.default_sources);
+                    let others = b.sources.iter().filter(|(k, _)| **k != b.default_sources);
+                    for (k, set) in default.into_iter().chain(others) {
+                        let mark = if *k == b.default_sources {
+                            " (default)"
+                        } else {
+                            ""
+                        };
+                        crate::outln!("  --sources {k}{mark}: {}", set.description)?;
+                    }
+                }
+            }
+            Err(e) => crate::outln!("{name:16} ?      (invalid: {e:#})")?,
+        }
+    }
+    if json {
+        crate::outln!("{}", serde_json::to_string_pretty(&all)?)?;
     }
     Ok(())
 }

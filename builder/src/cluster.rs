@@ -32,14 +32,65 @@ pub fn init(opts: &InitOptions<'_>, out: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Checks a cluster file and prints every problem as `FILE:LINE: field: message`.
-pub fn check(path: &Path) -> Result<()> {
+/// A problem as `--json` prints it.
+#[derive(serde::Serialize)]
+struct JsonProblem<'a> {
+    file: String,
+    line: usize,
+    field: &'a str,
+    message: &'a str,
+}
+
+fn json_problems<'a>(file: &str, ps: &'a [cluster::Problem]) -> Vec<JsonProblem<'a>> {
+    ps.iter()
+        .map(|p| JsonProblem {
+            file: file.to_owned(),
+            line: p.line,
+            field: &p.field,
+            message: &p.message,
+        })
+        .collect()
+}
+
+/// Checks a cluster file and prints every problem as `FILE:LINE: field: message` (with
+/// `json`, one object with the problems and warnings as objects); fails if there is any.
+pub fn check(path: &Path, json: bool) -> Result<()> {
     let text = read(path)?;
-    let shown = path.display();
-    match cluster::check(&text) {
+    let shown = path.display().to_string();
+    let result = cluster::check(&text);
+    if json {
+        let (problems, warnings, summary) = match &result {
+            Ok(c) => (
+                Vec::new(),
+                json_problems(&shown, &c.warnings),
+                Some(serde_json::json!({
+                    "name": c.file.cluster.get_ref().name.get_ref(),
+                    "id": c.file.cluster.get_ref().id.get_ref(),
+                    "nodes": c.file.nodes.iter().map(|n| n.name.get_ref()).collect::<Vec<_>>(),
+                    "users": c.file.users.len(),
+                })),
+            ),
+            Err(ps) => (json_problems(&shown, ps), Vec::new(), None),
+        };
+        crate::outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "file": shown,
+                "ok": result.is_ok(),
+                "problems": problems,
+                "warnings": warnings,
+                "cluster": summary,
+            }))?
+        )?;
+        if let Err(ps) = &result {
+            bail!("{shown}: {} problem(s)", ps.len());
+        }
+        return Ok(());
+    }
+    match result {
         Ok(c) => {
             for w in &c.warnings {
-                eprintln!("{shown}: warning: {}: {}", w.field, w.message);
+                eprintln!("warning: {}", w.located(&shown));
             }
             let servers = c
                 .file
@@ -63,7 +114,7 @@ pub fn check(path: &Path) -> Result<()> {
         }
         Err(problems) => {
             for p in &problems {
-                crate::outln!("{shown}:{}: {}: {}", p.line, p.field, p.message)?;
+                crate::outln!("{}", p.located(&shown))?;
             }
             bail!("{shown}: {} problem(s)", problems.len())
         }
@@ -87,7 +138,7 @@ pub fn load(path: &Path) -> Result<(String, cluster::Checked)> {
         Ok(c) => Ok((text, c)),
         Err(problems) => {
             for p in &problems {
-                eprintln!("{}:{}: {}: {}", path.display(), p.line, p.field, p.message);
+                eprintln!("{}", p.located(&path.display().to_string()));
             }
             bail!(
                 "{}: {} problem(s); `picoimg cluster check {}` lists them",

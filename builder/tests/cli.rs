@@ -1215,3 +1215,93 @@ fn has_child_named(pid: u32, name: &str) -> bool {
         .split_whitespace()
         .any(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == name))
 }
+
+/// For scripts and shells: JSON from boards, stacks and cluster check; completions for three
+/// shells; a man page from the same definitions as --help.
+#[test]
+fn json_completions_and_man_page() {
+    let json = |args: &[&str]| -> serde_json::Value {
+        let o = picoimg().args(args).output().unwrap();
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+    };
+    let boards = json(&["boards", "--json"]);
+    let h4 = boards
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "h4")
+        .unwrap();
+    assert_eq!(h4["arch"], "amd64");
+    assert!(h4["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["default"] == true));
+    let stacks = json(&["stacks", "--json"]);
+    assert!(stacks
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["name"] == "consul" && s["components"].as_array().unwrap().len() >= 2));
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = cluster_file(dir.path());
+    let v = json(&["cluster", "check", "--json", cluster.to_str().unwrap()]);
+    assert_eq!(v["ok"], true, "{v}");
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    std::fs::write(
+        &bad,
+        text.replace("acl = true", "acl = \"yes\"")
+            .replace("consul-server", "consul-client"),
+    )
+    .unwrap();
+    let o = picoimg()
+        .args(["cluster", "check", "--json"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let p = &v["problems"][0];
+    assert_eq!(p["field"], "consul.acl");
+    assert!(p["line"].as_u64().unwrap() > 0);
+    assert_eq!(p["file"], bad.to_str().unwrap());
+    // A problem of the whole file is printed without a line 0.
+    let t = text.replace("consul-server", "consul-client");
+    std::fs::write(&bad, t).unwrap();
+    let o = picoimg()
+        .args(["cluster", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!(
+            "{}: node.roles: no node has the consul-server role",
+            bad.display()
+        )),
+        "{out}"
+    );
+    assert!(!out.contains(":0:"), "{out}");
+    for shell in ["bash", "zsh", "fish"] {
+        let o = picoimg().args(["completions", shell]).output().unwrap();
+        assert!(o.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            script.contains("picoimg") && script.contains("personalise"),
+            "{shell}"
+        );
+    }
+    let bash = picoimg().args(["completions", "bash"]).output().unwrap();
+    let f = dir.path().join("picoimg.bash");
+    std::fs::write(&f, &bash.stdout).unwrap();
+    let st = Command::new("bash").arg("-n").arg(&f).status().unwrap();
+    assert!(st.success(), "bash -n rejects the completion script");
+    let man = picoimg().arg("manpage").output().unwrap();
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        man.contains(".TH picoimg 1") && man.contains("personalise"),
+        "{man}"
+    );
+}

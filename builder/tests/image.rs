@@ -1164,10 +1164,7 @@ fn picoimg_alone_builds_the_agent_on_demand() {
     );
     let agent = cache.join("agent/x86_64-unknown-linux-musl/release/picoimg-firstboot");
     let file = run_ok(Command::new("file").arg("-L").arg(&agent));
-    assert!(
-        file.contains("x86-64") && file.contains("static"),
-        "{file}"
-    );
+    assert!(file.contains("x86-64") && file.contains("static"), "{file}");
     let version = run_ok(Command::new(&agent).arg("--version"));
     assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
     // Built once: the second build finds it current (cargo leaves the file alone).

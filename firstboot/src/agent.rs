@@ -373,14 +373,11 @@ impl<'a> Agent<'a> {
             }
             Err(problems) => {
                 for p in &problems {
-                    self.say(format!(
-                        "picoimg: cluster.toml:{}: {}: {}",
-                        p.line, p.field, p.message
-                    ));
+                    self.say(format!("picoimg: {}", p.located("cluster.toml")));
                 }
                 let first = problems
                     .first()
-                    .map(|p| format!("cluster.toml:{}: {}: {}", p.line, p.field, p.message))
+                    .map(|p| p.located("cluster.toml"))
                     .unwrap_or_default();
                 Err(format!(
                     "{} problem(s) in picoimg/cluster.toml, first {first}; fix the file (`picoimg cluster check`) and reboot",

@@ -29,6 +29,18 @@ impl std::fmt::Display for Problem {
     }
 }
 
+impl Problem {
+    /// `FILE:LINE: field: message`, or `FILE: field: message` for a problem of the whole file
+    /// (line 0): the one way problems are printed, by `picoimg` and by the nodes.
+    pub fn located(&self, file: &str) -> String {
+        if self.line == 0 {
+            format!("{file}: {}: {}", self.field, self.message)
+        } else {
+            format!("{file}:{}: {}: {}", self.line, self.field, self.message)
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterFile {
