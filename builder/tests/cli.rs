@@ -529,11 +529,18 @@ fn cluster_check_lists_every_problem_with_its_line() {
     assert!(stderr(&o).contains("2 problem(s)"), "{}", stderr(&o));
 }
 
-/// A 40 MiB image with an MBR and one FAT32 partition at 1 MiB, made by sfdisk and mkfs.fat.
-fn fat_image(dir: &Path) -> PathBuf {
-    let img = dir.join("card.img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(40 << 20).unwrap();
+/// An image of `size` bytes partitioned by sfdisk from `layout`, with a FAT32 filesystem of
+/// `fs_kib` KiB at 1 MiB made by mkfs.fat (with `mkfs_args`).
+fn fat_disk(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    layout: &[u8],
+    fs_kib: u64,
+    mkfs_args: &[&str],
+) -> PathBuf {
+    let img = dir.join(name);
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
     let mut sfdisk = Command::new("/usr/sbin/sfdisk")
         .args(["--quiet"])
         .arg(&img)
@@ -541,22 +548,30 @@ fn fat_image(dir: &Path) -> PathBuf {
         .spawn()
         .unwrap();
     use std::io::Write;
-    sfdisk
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\nstart=2048, type=c, bootable\n")
-        .unwrap();
+    sfdisk.stdin.take().unwrap().write_all(layout).unwrap();
     assert!(sfdisk.wait().unwrap().success());
     let st = Command::new("/usr/sbin/mkfs.fat")
-        .args(["-F", "32", "-n", "BOOT", "--offset", "2048"])
+        .args(["-F", "32", "--offset", "2048"])
+        .args(mkfs_args)
         .arg(&img)
-        .arg((((40 << 20) - (1 << 20)) / 1024).to_string())
+        .arg(fs_kib.to_string())
         .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
     assert!(st.success());
     img
+}
+
+/// A 40 MiB image with an MBR and one FAT32 partition at 1 MiB, made by sfdisk and mkfs.fat.
+fn fat_image(dir: &Path) -> PathBuf {
+    fat_disk(
+        dir,
+        "card.img",
+        40 << 20,
+        b"label: dos\nstart=2048, type=c, bootable\n",
+        ((40 << 20) - (1 << 20)) / 1024,
+        &["-n", "BOOT"],
+    )
 }
 
 fn cluster_file(dir: &Path) -> PathBuf {
@@ -706,11 +721,6 @@ fn cluster_token_is_the_derived_one_and_run_cluster_checks_node_count() {
 // ---- Hardening: damaged, hostile and mistaken input (each case: refused, message, nothing
 // changed) ----
 
-fn sha256_of(p: &Path) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
-}
-
 /// `picoimg personalise` checks the image before it writes: a truncated image, a damaged GPT
 /// and a partition entry that wraps around are refused, and the file neither changes nor
 /// grows.
@@ -760,11 +770,14 @@ fn personalise_refuses_damaged_images_without_touching_them() {
         ),
     ];
     for (what, img, message) in cases {
-        let (sum, len) = (sha256_of(img), std::fs::metadata(img).unwrap().len());
+        let (sum, len) = (
+            common::sha256_of(img),
+            std::fs::metadata(img).unwrap().len(),
+        );
         let o = personalise(img, &cluster, Some("pc1"));
         assert!(!o.status.success(), "{what}: succeeded");
         assert!(stderr(&o).contains(message), "{what}: {}", stderr(&o));
-        assert_eq!(sha256_of(img), sum, "{what}: image changed");
+        assert_eq!(common::sha256_of(img), sum, "{what}: image changed");
         assert_eq!(
             std::fs::metadata(img).unwrap().len(),
             len,
@@ -780,34 +793,14 @@ fn personalise_refuses_damaged_images_without_touching_them() {
 
 /// An 80 MiB image with a GPT (sfdisk) and one 75 MiB FAT32 partition at 1 MiB (mkfs.fat).
 fn gpt_fat_image(dir: &Path) -> PathBuf {
-    let img = dir.join("gpt.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(80 << 20)
-        .unwrap();
-    let mut sfdisk = Command::new("/usr/sbin/sfdisk")
-        .args(["--quiet"])
-        .arg(&img)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    sfdisk
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: gpt\nstart=2048, size=153600, type=uefi, name=esp\n")
-        .unwrap();
-    assert!(sfdisk.wait().unwrap().success());
-    let st = Command::new("/usr/sbin/mkfs.fat")
-        .args(["-F", "32", "-s", "1", "-n", "ESP", "--offset", "2048"])
-        .arg(&img)
-        .arg("76800")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    img
+    fat_disk(
+        dir,
+        "gpt.img",
+        80 << 20,
+        b"label: gpt\nstart=2048, size=153600, type=uefi, name=esp\n",
+        76800,
+        &["-s", "1", "-n", "ESP"],
+    )
 }
 
 /// Run again without --node, personalise removes the node.toml an earlier run left, and

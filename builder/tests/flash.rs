@@ -3,6 +3,8 @@
 //! the root tier (feature image-tests; CI is root).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -236,11 +238,6 @@ fn assert_nothing_left(dir: &Path, target: &Path) {
     assert!(temps.is_empty(), "temporary files left: {temps:?}");
 }
 
-fn sha256(p: &Path) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
-}
-
 /// Targets that must not be written: the image itself by any path, an existing file without
 /// --force, a device path that does not exist. Each is refused, and neither the image, its
 /// map nor the target changes.
@@ -291,11 +288,11 @@ fn refuses_targets_it_was_not_asked_to_destroy() {
     ];
     let watched = [&img, &bmap, &xz, &precious];
     for (what, args, message) in cases {
-        let before: Vec<String> = watched.iter().map(|p| sha256(p)).collect();
+        let before: Vec<String> = watched.iter().map(|p| common::sha256_of(p)).collect();
         let o = flash(&args);
         assert!(!o.status.success(), "{what}: succeeded");
         assert!(stderr(&o).contains(message), "{what}: {}", stderr(&o));
-        let after: Vec<String> = watched.iter().map(|p| sha256(p)).collect();
+        let after: Vec<String> = watched.iter().map(|p| common::sha256_of(p)).collect();
         assert_eq!(before, after, "{what}: a file changed");
     }
     assert!(!missing_dev.exists(), "a file was created under /dev");
@@ -305,7 +302,7 @@ fn refuses_targets_it_was_not_asked_to_destroy() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&bad, bytes).unwrap();
-    let before = sha256(&precious);
+    let before = common::sha256_of(&precious);
     let o = flash(&[
         "--force".as_ref(),
         "--bmap".as_ref(),
@@ -314,7 +311,11 @@ fn refuses_targets_it_was_not_asked_to_destroy() {
         precious.as_os_str(),
     ]);
     assert!(!o.status.success());
-    assert_eq!(sha256(&precious), before, "the old file was damaged");
+    assert_eq!(
+        common::sha256_of(&precious),
+        before,
+        "the old file was damaged"
+    );
     // And a good one replaces it, whole.
     let o = flash(&["--force".as_ref(), xz.as_os_str(), precious.as_os_str()]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -433,7 +434,7 @@ fn refuses_bad_block_maps_before_writing() {
     for (what, text, message) in cases {
         let m = dir.path().join("case.bmap");
         std::fs::write(&m, &text).unwrap();
-        let before = sha256(&img);
+        let before = common::sha256_of(&img);
         let o = flash(&[
             "--bmap".as_ref(),
             m.as_os_str(),
@@ -444,7 +445,7 @@ fn refuses_bad_block_maps_before_writing() {
         assert!(stderr(&o).contains(message), "{what}: {}", stderr(&o));
         assert!(!stderr(&o).contains("panicked"), "{what}: {}", stderr(&o));
         assert_nothing_left(dir.path(), &out);
-        assert_eq!(sha256(&img), before, "{what}: the image changed");
+        assert_eq!(common::sha256_of(&img), before, "{what}: the image changed");
     }
 }
 
@@ -588,7 +589,7 @@ fn flashes_a_loop_device_and_refuses_unsafe_targets() {
         "first MiB written before the failure"
     );
     // A loop device backed by the image itself.
-    let before = sha256(&img);
+    let before = common::sha256_of(&img);
     let idev = Loop::new(&img);
     let o = flash(&[
         "--force".as_ref(),
@@ -603,5 +604,5 @@ fn flashes_a_loop_device_and_refuses_unsafe_targets() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(sha256(&img), before);
+    assert_eq!(common::sha256_of(&img), before);
 }

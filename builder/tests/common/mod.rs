@@ -54,3 +54,9 @@ pub fn c5_blob_from(data: &std::path::Path, url: &str, sha256: &str) {
     );
     std::fs::write(&p, text).unwrap();
 }
+
+/// sha256 of a file's contents, hex (to show a file did not change).
+pub fn sha256_of(p: &std::path::Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
