@@ -1426,7 +1426,7 @@ mod tests {
         assert_eq!(a.apply(), Outcome::Failed);
         assert!(fake.calls().is_empty(), "{:#?}", fake.calls());
         let last = a.lines.last().unwrap();
-        assert!(last.starts_with("picoimg: failed: 1 problem(s) in picoimg/cluster.toml, first cluster.toml:0: node.roles: 2 consul-server nodes"), "{last}");
+        assert!(last.starts_with("picoimg: failed: 1 problem(s) in picoimg/cluster.toml, first cluster.toml: node.roles: 2 consul-server nodes"), "{last}");
         assert!(!r.join(consul::CONFIG).exists() && !r.join(STATE).exists());
         let txt = std::fs::read_to_string(r.join("boot/efi/picoimg/status.txt")).unwrap();
         assert!(txt.contains("state: failed"), "{txt}");
