@@ -376,10 +376,7 @@ fn generated_files(
     changes.file("etc/hostname", format!("{}\n", board.name), 0o644);
     changes.file(
         "etc/hosts",
-        format!(
-            "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-            board.name
-        ),
+        picoimg_firstboot::contract::hosts("picoimg build", &board.name, &[]),
         0o644,
     );
     // Each node makes its own machine id on first boot (and systemd applies presets then).
@@ -431,16 +428,16 @@ fn generated_files(
             0o644,
         );
     }
-    let info = serde_json::json!({
-        "name": plan.name,
-        "boot_mount": boot_mount,
-        "board": board.name,
-        "stack": plan.stack,
-        "picoimg_version": plan.picoimg_version,
-        "inputs_hash": inputs_hash,
-    });
+    let info = picoimg_firstboot::contract::BuildInfo {
+        name: plan.name.clone(),
+        boot_mount,
+        board: board.name.clone(),
+        stack: plan.stack.clone(),
+        picoimg_version: plan.picoimg_version.clone(),
+        inputs_hash: inputs_hash.to_owned(),
+    };
     changes.file(
-        "etc/picoimg/build.json",
+        picoimg_firstboot::contract::BUILD_INFO,
         serde_json::to_vec_pretty(&info)?,
         0o644,
     );

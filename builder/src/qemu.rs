@@ -17,8 +17,7 @@ use crate::progress::log;
 use crate::size::Bytes;
 
 /// Printed on the serial console by the image's `picoimg-boot-report.service`.
-pub const READY_MARKER: &str = "picoimg-boot: ready";
-pub const FAILED_MARKER: &str = "picoimg-boot: failed";
+pub use picoimg_firstboot::contract::{BOOT_FAILED as FAILED_MARKER, BOOT_READY as READY_MARKER};
 
 /// Guest networking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -18,8 +18,7 @@ use crate::progress::log;
 use crate::qemu::{Accel, Net, RunOptions};
 
 /// What the agent prints when a node is done (see `picoimg_firstboot::agent`).
-pub const NODE_READY: &str = "picoimg: ready";
-pub const NODE_FAILED: &str = "picoimg: failed";
+pub use picoimg_firstboot::contract::{NODE_FAILED, NODE_READY};
 
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {

@@ -27,7 +27,7 @@ pub const STATE: &str = "var/lib/picoimg/state.json";
 pub const STATUS_JSON: &str = "run/picoimg/status.json";
 /// The node's root-only copy of the cluster file, secret included.
 pub const SAVED_COPY: &str = "etc/picoimg/cluster.toml";
-pub const BUILD_INFO: &str = "etc/picoimg/build.json";
+pub use crate::contract::BUILD_INFO;
 pub const NETWORK_FILE: &str = "etc/systemd/network/10-picoimg-cluster.network";
 pub const TIMESYNC_DROPIN: &str = "etc/systemd/timesyncd.conf.d/50-picoimg.conf";
 pub const SUDOERS: &str = "etc/sudoers.d/picoimg";
@@ -174,8 +174,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 pub fn boot_mount(root: &Path) -> PathBuf {
     let from_info = std::fs::read(root.join(BUILD_INFO))
         .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.get("boot_mount")?.as_str().map(str::to_owned));
+        .and_then(|b| serde_json::from_slice::<crate::contract::BuildInfo>(&b).ok())
+        .and_then(|info| info.boot_mount);
     let rel = from_info.unwrap_or_else(|| {
         ["boot/firmware", "boot/efi", "boot"]
             .into_iter()
@@ -308,16 +308,17 @@ impl<'a> Agent<'a> {
     fn finish(&mut self, state: Outcome, message: String) -> Outcome {
         self.status.state = state;
         self.status.message = self.redact(&message);
-        let word = match state {
-            Outcome::Ready => "ready",
-            Outcome::Configured => "configured",
-            Outcome::Unconfigured => "unconfigured",
-            Outcome::Failed | Outcome::UnknownNode => "failed",
+        use crate::contract::{NODE_CONFIGURED, NODE_FAILED, NODE_READY, NODE_UNCONFIGURED};
+        let marker = match state {
+            Outcome::Ready => NODE_READY,
+            Outcome::Configured => NODE_CONFIGURED,
+            Outcome::Unconfigured => NODE_UNCONFIGURED,
+            Outcome::Failed | Outcome::UnknownNode => NODE_FAILED,
         };
         if message.is_empty() {
-            self.say(format!("picoimg: {word}"));
+            self.say(marker.to_owned());
         } else {
-            self.say(format!("picoimg: {word}: {message}"));
+            self.say(format!("{marker}: {message}"));
         }
         self.publish_to(true);
         state
@@ -1037,16 +1038,17 @@ fn cluster_id_of(text: &str) -> Option<String> {
 }
 
 fn hosts_file(file: &ClusterFile, node: &Node) -> String {
-    let mut s = format!(
-        "# Written by picoimg-firstboot from the cluster file.\n127.0.0.1\tlocalhost\n127.0.1.1\t{}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-        node.name.get_ref()
-    );
-    for n in &file.nodes {
-        if n.address.get_ref() != "dhcp" {
-            s.push_str(&format!("{}\t{}\n", n.address.get_ref(), n.name.get_ref()));
-        }
-    }
-    s
+    let peers: Vec<(&str, &str)> = file
+        .nodes
+        .iter()
+        .filter(|n| n.address.get_ref() != "dhcp")
+        .map(|n| (n.address.get_ref().as_str(), n.name.get_ref().as_str()))
+        .collect();
+    crate::contract::hosts(
+        "picoimg-firstboot from the cluster file",
+        node.name.get_ref(),
+        &peers,
+    )
 }
 
 /// The networkd file for a static address (`None` for DHCP: the image's default applies).

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod cluster;
 pub mod cmd;
 pub mod consul;
+pub mod contract;
 pub mod identify;
 pub mod input;
 pub mod secrets;
