@@ -20,7 +20,7 @@ pub fn init(opts: &InitOptions<'_>, out: Option<&Path>) -> Result<()> {
                     p.display()
                 );
             }
-            crate::output::write_atomic_mode(p, text.as_bytes(), 0o600)
+            picoimg_firstboot::fsutil::write_atomic(p, text.as_bytes(), 0o600)
                 .with_context(|| format!("writing {}", p.display()))?;
             eprintln!(
                 "picoimg: wrote {} (mode 0600: it holds the cluster secret); add your SSH key, then `picoimg cluster check {}`",

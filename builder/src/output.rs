@@ -10,28 +10,10 @@ use sha2::{Digest, Sha256};
 
 use crate::progress::Step;
 
-/// Writes `data` to `path` through a temporary file in the same directory and a rename.
+/// Writes `data` to `path` (0644) through a temporary file and a rename: the shared
+/// [`picoimg_firstboot::fsutil::write_atomic`].
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    write_atomic_mode(path, data, 0o644)
-}
-
-/// As [`write_atomic`], with the file's permission bits (0600 for files holding secrets).
-pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".picoimg-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(data)
-        .with_context(|| format!("writing {}", path.display()))?;
-    // A temporary file starts as 0600; outputs are for everyone to read unless they say not.
-    use std::os::unix::fs::PermissionsExt;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
+    picoimg_firstboot::fsutil::write_atomic(path, data, 0o644)
 }
 
 /// Compresses `src` to `dst` with multi-threaded xz, showing progress.

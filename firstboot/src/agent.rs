@@ -140,35 +140,7 @@ fn sha(parts: &[&str]) -> String {
     hex::encode(h.finalize())
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory, then renames it:
-/// a power cut leaves the old file or the new one, never half of one.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let dir = path.parent().context("path has no parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().context("path has no file name")?;
-    let tmp = dir.join(format!(".{}.picoimg-tmp", name.to_string_lossy()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    // FAT ignores modes; elsewhere the mode must hold even if umask narrowed it.
-    let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode));
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    // The whole filesystem, not just the directory: Linux's vfat keeps directory entries and
-    // the FAT in separate buffers, and a power cut after a directory fsync alone was seen to
-    // leave an entry pointing at clusters already freed.
-    let d = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-    rustix::fs::syncfs(&d)
-        .with_context(|| format!("syncing the filesystem of {}", dir.display()))?;
-    Ok(())
-}
+pub use crate::fsutil::write_atomic;
 
 /// Where the boot partition is mounted, from the image's build information.
 pub fn boot_mount(root: &Path) -> PathBuf {
