@@ -7,8 +7,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 
@@ -30,19 +29,25 @@ pub enum CommandError {
     },
 }
 
-static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static INSTALL_HINT: OnceLock<fn(&str) -> String> = OnceLock::new();
+static SUPERVISOR: OnceLock<&'static dyn Supervisor> = OnceLock::new();
 
-/// Records that an interrupt arrived, so failures of the children it stopped read
-/// "interrupted" rather than a signal number.
-pub fn mark_interrupted() -> bool {
-    INTERRUPTED.swap(true, Ordering::SeqCst)
+/// A program that supervises its children (the builder, whose Ctrl-C stops them) is told as
+/// they start and end, and asked whether an interrupt stopped them, so their failure reads
+/// "interrupted" rather than a signal number. The device agent installs none.
+pub trait Supervisor: Sync {
+    fn started(&self, pids: &[u32]);
+    fn ended(&self, pids: &[u32]);
+    fn interrupted(&self) -> bool;
 }
 
-/// Whether an interrupt arrived.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
+/// Installs the process's supervisor (once; later calls are ignored).
+pub fn set_supervisor(s: &'static dyn Supervisor) {
+    let _ = SUPERVISOR.set(s);
+}
+
+fn interrupted() -> bool {
+    SUPERVISOR.get().is_some_and(|s| s.interrupted())
 }
 
 /// Sets how a missing program's error says to install it (the builder names packages).
@@ -50,17 +55,13 @@ pub fn set_install_hint(f: fn(&str) -> String) {
     let _ = INSTALL_HINT.set(f);
 }
 
-/// Process ids of the children running now (for the interrupt handler).
-pub fn running_children() -> Vec<u32> {
-    CHILDREN.lock().map(|c| c.clone()).unwrap_or_default()
-}
-
+/// Children started through [`Cmd`], reported to the supervisor while they run.
 struct Registered(Vec<u32>);
 
 impl Registered {
     fn new(pids: Vec<u32>) -> Self {
-        if let Ok(mut c) = CHILDREN.lock() {
-            c.extend(&pids);
+        if let Some(s) = SUPERVISOR.get() {
+            s.started(&pids);
         }
         Registered(pids)
     }
@@ -68,8 +69,8 @@ impl Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        if let Ok(mut c) = CHILDREN.lock() {
-            c.retain(|p| !self.0.contains(p));
+        if let Some(s) = SUPERVISOR.get() {
+            s.ended(&self.0);
         }
     }
 }
