@@ -136,6 +136,9 @@ pub enum ClusterCommand {
         /// Print JSON: {file, ok, problems: [{file, line, field, message}], warnings, cluster}.
         #[arg(long)]
         json: bool,
+        /// Also check that the image's stack serves every role the file names.
+        #[arg(long, value_name = "STACK")]
+        stack: Option<String>,
     },
     /// Print the cluster's Consul management token (derived from the secret), for
     /// CONSUL_HTTP_TOKEN.
@@ -381,8 +384,16 @@ pub fn main() -> Result<()> {
             },
             out.as_deref(),
         )?,
-        Command::Cluster(ClusterCommand::Check { file, json }) => {
-            crate::cluster::check(&file, json)?
+        Command::Cluster(ClusterCommand::Check { file, json, stack }) => {
+            let roles = match &stack {
+                Some(s) => {
+                    let data = crate::data::find(data_dir.as_deref())?;
+                    let (roles, comps) = crate::component::stack_roles(&data, s)?;
+                    Some((s.clone(), roles, comps))
+                }
+                None => None,
+            };
+            crate::cluster::check(&file, json, roles.as_ref())?
         }
         Command::Cluster(ClusterCommand::Token { file }) => crate::cluster::token(&file)?,
         Command::Flash {

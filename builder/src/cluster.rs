@@ -52,12 +52,47 @@ fn json_problems<'a>(file: &str, ps: &'a [cluster::Problem]) -> Vec<JsonProblem<
         .collect()
 }
 
+/// A stack's name, the roles its components serve, and the components.
+pub type StackRoles = (String, Vec<String>, Vec<String>);
+
+/// The file's node roles that `stack` does not serve, as problems with their lines.
+fn unserved_roles(text: &str, c: &cluster::Checked, stack: &StackRoles) -> Vec<cluster::Problem> {
+    let (name, roles, comps) = stack;
+    let mut p = Vec::new();
+    for (i, n) in c.file.nodes.iter().enumerate() {
+        for r in &n.roles {
+            let role = r.get_ref().as_str();
+            if !roles.iter().any(|x| x == role) {
+                p.push(cluster::Problem {
+                    line: text[..r.span().start.min(text.len())].matches('\n').count() + 1,
+                    field: format!("node[{i}].roles"),
+                    message: format!(
+                        "role `{role}` is not served by stack `{name}` (components: {}); build an image whose stack has it, or drop the role",
+                        comps.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    p
+}
+
 /// Checks a cluster file and prints every problem as `FILE:LINE: field: message` (with
-/// `json`, one object with the problems and warnings as objects); fails if there is any.
-pub fn check(path: &Path, json: bool) -> Result<()> {
+/// `json`, one object with the problems and warnings as objects); with `stack`, also that
+/// the stack serves every role; fails if there is any problem.
+pub fn check(path: &Path, json: bool, stack: Option<&StackRoles>) -> Result<()> {
     let text = read(path)?;
     let shown = path.display().to_string();
-    let result = cluster::check(&text);
+    let result = cluster::check(&text).and_then(|c| {
+        let p = stack
+            .map(|s| unserved_roles(&text, &c, s))
+            .unwrap_or_default();
+        if p.is_empty() {
+            Ok(c)
+        } else {
+            Err(p)
+        }
+    });
     if json {
         let (problems, warnings, summary) = match &result {
             Ok(c) => (

@@ -24,6 +24,10 @@ pub struct ComponentFile {
     /// Debian packages it installs.
     #[serde(default)]
     pub packages: Vec<String>,
+    /// Cluster-file roles its nodes can take (`consul-server`): a cluster file naming a role
+    /// that no component of the image serves is refused (`picoimg cluster check --stack`).
+    #[serde(default)]
+    pub roles: Vec<String>,
     /// Units enabled in the image (from packages or from `rootfs/`), as `systemctl enable`
     /// would, following their `[Install]` sections.
     #[serde(default)]
@@ -181,6 +185,34 @@ pub fn load(data: &Path, name: &str) -> Result<Component> {
         file,
         rootfs: rootfs.is_dir().then_some(rootfs),
     })
+}
+
+/// The roles the components of `stack` serve, with the components' names (no board needed:
+/// roles do not depend on the architecture).
+pub fn stack_roles(data: &Path, stack: &str) -> Result<(Vec<String>, Vec<String>)> {
+    let all = stacks(data)?;
+    let Some((_, wanted)) = all.get(stack) else {
+        bail!(
+            "unknown stack `{stack}`; valid stacks: {}",
+            all.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    };
+    let mut todo: Vec<String> = wanted.clone();
+    let mut seen: Vec<String> = Vec::new();
+    let mut roles = Vec::new();
+    while let Some(name) = todo.pop() {
+        if seen.contains(&name) {
+            continue;
+        }
+        let c = load(data, &name)?;
+        roles.extend(c.file.roles.iter().cloned());
+        todo.extend(c.file.requires.iter().cloned());
+        seen.push(name);
+    }
+    seen.sort();
+    roles.sort();
+    roles.dedup();
+    Ok((roles, seen))
 }
 
 /// Resolves a stack for a board: the components in dependency order (each once).

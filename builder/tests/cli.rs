@@ -1298,3 +1298,36 @@ fn json_completions_and_man_page() {
         "{man}"
     );
 }
+
+/// Roles are served by components (component.toml `roles`): a file naming a role the stack
+/// does not serve is refused with the node's line.
+#[test]
+fn cluster_check_with_a_stack_refuses_roles_it_does_not_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = cluster_file(dir.path());
+    let o = picoimg()
+        .args(["cluster", "check", "--stack", "base"])
+        .arg(&cluster)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.contains("roles = [\"consul-server\"]"))
+        .unwrap()
+        + 1;
+    assert!(
+        out.contains(&format!(
+            "lab.toml:{line}: node[0].roles: role `consul-server` is not served by stack `base`"
+        )),
+        "{out}"
+    );
+    let o = picoimg()
+        .args(["cluster", "check", "--stack", "consul"])
+        .arg(&cluster)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}

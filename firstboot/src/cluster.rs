@@ -164,6 +164,16 @@ pub enum Role {
     ConsulClient,
 }
 
+impl Role {
+    /// The name as the cluster file and component files write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ConsulServer => "consul-server",
+            Role::ConsulClient => "consul-client",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Consul {
