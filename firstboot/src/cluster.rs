@@ -696,7 +696,6 @@ const SYSTEM_NAMES: &[&str] = &[
     "libvirt",
     "libvirt-qemu",
     "etcd",
-    "picoimg",
 ];
 
 fn system_account(name: &str) -> bool {
