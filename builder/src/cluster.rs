@@ -64,7 +64,7 @@ fn unserved_roles(text: &str, c: &cluster::Checked, stack: &StackRoles) -> Vec<c
             let role = r.get_ref().as_str();
             if !roles.iter().any(|x| x == role) {
                 p.push(cluster::Problem {
-                    line: text[..r.span().start.min(text.len())].matches('\n').count() + 1,
+                    line: cluster::at(text, r),
                     field: format!("node[{i}].roles"),
                     message: format!(
                         "role `{role}` is not served by stack `{name}` (components: {}); build an image whose stack has it, or drop the role",

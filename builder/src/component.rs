@@ -190,33 +190,16 @@ pub fn load(data: &Path, name: &str) -> Result<Component> {
 /// The roles the components of `stack` serve, with the components' names (no board needed:
 /// roles do not depend on the architecture).
 pub fn stack_roles(data: &Path, stack: &str) -> Result<(Vec<String>, Vec<String>)> {
-    let all = stacks(data)?;
-    let Some((_, wanted)) = all.get(stack) else {
-        bail!(
-            "unknown stack `{stack}`; valid stacks: {}",
-            all.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
-    };
-    let mut todo: Vec<String> = wanted.clone();
-    let mut seen: Vec<String> = Vec::new();
-    let mut roles = Vec::new();
-    while let Some(name) = todo.pop() {
-        if seen.contains(&name) {
-            continue;
-        }
-        let c = load(data, &name)?;
-        roles.extend(c.file.roles.iter().cloned());
-        todo.extend(c.file.requires.iter().cloned());
-        seen.push(name);
-    }
-    seen.sort();
+    let comps = closure(data, stack, None)?;
+    let mut roles: Vec<String> = comps.iter().flat_map(|c| c.file.roles.clone()).collect();
     roles.sort();
     roles.dedup();
-    Ok((roles, seen))
+    Ok((roles, comps.into_iter().map(|c| c.name).collect()))
 }
 
-/// Resolves a stack for a board: the components in dependency order (each once).
-pub fn resolve(data: &Path, stack: &str, board: &Board) -> Result<Vec<Component>> {
+/// The components a stack names, with everything they require, in dependency order; with a
+/// board, its own components first and the platform matrix enforced.
+fn closure(data: &Path, stack: &str, board: Option<&Board>) -> Result<Vec<Component>> {
     let all = stacks(data)?;
     let Some((_, wanted)) = all.get(stack) else {
         bail!(
@@ -226,9 +209,11 @@ pub fn resolve(data: &Path, stack: &str, board: &Board) -> Result<Vec<Component>
     };
     let mut out: Vec<Component> = Vec::new();
     let mut visiting = Vec::new();
-    for name in &board.components {
-        visit(data, name, board, &mut out, &mut visiting)
-            .with_context(|| format!("board `{}` component `{name}`", board.name))?;
+    if let Some(b) = board {
+        for name in &b.components {
+            visit(data, name, board, &mut out, &mut visiting)
+                .with_context(|| format!("board `{}` component `{name}`", b.name))?;
+        }
     }
     for name in wanted {
         visit(data, name, board, &mut out, &mut visiting)
@@ -237,10 +222,15 @@ pub fn resolve(data: &Path, stack: &str, board: &Board) -> Result<Vec<Component>
     Ok(out)
 }
 
+/// Resolves a stack for a board: the components in dependency order (each once).
+pub fn resolve(data: &Path, stack: &str, board: &Board) -> Result<Vec<Component>> {
+    closure(data, stack, Some(board))
+}
+
 fn visit(
     data: &Path,
     name: &str,
-    board: &Board,
+    board: Option<&Board>,
     out: &mut Vec<Component>,
     visiting: &mut Vec<String>,
 ) -> Result<()> {
@@ -254,7 +244,8 @@ fn visit(
         );
     }
     let c = load(data, name)?;
-    if !c.file.arch.is_empty() && !c.file.arch.contains(&board.arch) {
+    if let Some(board) = board.filter(|b| !c.file.arch.is_empty() && !c.file.arch.contains(&b.arch))
+    {
         bail!(
             "component `{name}` is not available on {} boards like `{}` (it supports: {})",
             board.arch.as_str(),

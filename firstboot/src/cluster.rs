@@ -224,7 +224,8 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-fn at<T>(text: &str, s: &Spanned<T>) -> usize {
+/// The 1-based line of a spanned value of `text`.
+pub fn at<T>(text: &str, s: &Spanned<T>) -> usize {
     line_of(text, s.span().start)
 }
 
