@@ -140,11 +140,13 @@ pub enum ClusterCommand {
         #[arg(long, value_name = "STACK")]
         stack: Option<String>,
     },
-    /// Print the cluster's Consul management token (derived from the secret), for
-    /// CONSUL_HTTP_TOKEN.
+    /// Print a secret derived from the cluster secret: by default the operator token of the
+    /// file's stack (Consul's management token, for CONSUL_HTTP_TOKEN).
     Token {
         /// The cluster file.
         file: PathBuf,
+        /// Which secret (e.g. consul-management-token, consul-gossip-key).
+        name: Option<String>,
     },
 }
 
@@ -395,7 +397,9 @@ pub fn main() -> Result<()> {
             };
             crate::cluster::check(&file, json, roles.as_ref())?
         }
-        Command::Cluster(ClusterCommand::Token { file }) => crate::cluster::token(&file)?,
+        Command::Cluster(ClusterCommand::Token { file, name }) => {
+            crate::cluster::token(&file, name.as_deref())?
+        }
         Command::Flash {
             image,
             target,

@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use picoimg_firstboot::cluster::{self, InitOptions, Role};
+use picoimg_firstboot::cluster::{self, InitOptions};
+use picoimg_firstboot::stack::Secrets;
 
 /// Writes a fresh cluster file to `out` (0600: it holds the secret), or prints it.
 pub fn init(opts: &InitOptions<'_>, out: Option<&Path>) -> Result<()> {
@@ -127,18 +128,27 @@ pub fn check(path: &Path, json: bool, stack: Option<&StackRoles>) -> Result<()> 
             for w in &c.warnings {
                 eprintln!("warning: {}", w.located(&shown));
             }
-            let servers = c
-                .file
-                .nodes
+            // Nodes per role, in the order the registry lists roles.
+            let roles: Vec<String> = picoimg_firstboot::stacks::registry()
                 .iter()
-                .filter(|n| n.roles.iter().any(|r| *r.get_ref() == Role::ConsulServer))
-                .count();
+                .flat_map(|st| st.roles().iter())
+                .filter_map(|role| {
+                    let n = c
+                        .file
+                        .nodes
+                        .iter()
+                        .filter(|n| n.roles.iter().any(|r| r.get_ref() == role))
+                        .count();
+                    (n > 0).then(|| format!("{n} {role}"))
+                })
+                .collect();
             let users = c.file.users.len();
             crate::outln!(
-                "{shown}: cluster {} ({}): {} nodes, {servers} consul servers, {users} users: ok",
+                "{shown}: cluster {} ({}): {} nodes, {}, {users} users: ok",
                 c.file.cluster.get_ref().name.get_ref(),
                 c.file.cluster.get_ref().id.get_ref(),
                 c.file.nodes.len(),
+                roles.join(", "),
             )?;
             if users == 0 {
                 eprintln!(
@@ -185,16 +195,53 @@ pub fn load(path: &Path) -> Result<(String, cluster::Checked)> {
     }
 }
 
-/// Prints the Consul management token of a cluster file.
-pub fn token(path: &Path) -> Result<()> {
+/// Prints a secret derived from the cluster file: `name`, or without it the operator token
+/// of the stack the file uses (Consul's management token, for CONSUL_HTTP_TOKEN).
+pub fn token(path: &Path, name: Option<&str>) -> Result<()> {
     let (_, c) = load(path)?;
-    crate::outln!(
-        "{}",
-        picoimg_firstboot::secrets::consul_management_token(
-            &c.secret,
-            c.file.cluster.get_ref().id.get_ref()
-        )
-    )?;
+    let stacks: Vec<_> = picoimg_firstboot::stacks::registry()
+        .iter()
+        .copied()
+        .filter(|s| picoimg_firstboot::stack::used(*s, &c.file))
+        .collect();
+    let secrets = Secrets::derive(&stacks, &c.secret, c.file.cluster.get_ref().id.get_ref());
+    let names = || {
+        secrets
+            .specs()
+            .map(|(s, _)| s.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let value = match name {
+        Some(n) => match secrets.named(n) {
+            Some((_, v)) => v.to_owned(),
+            None => bail!(
+                "{}: no secret named {n:?} for the stacks this file uses; the names are: {}",
+                path.display(),
+                names()
+            ),
+        },
+        None => {
+            let ops: Vec<_> = secrets.specs().filter(|(s, _)| s.operator).collect();
+            match ops.as_slice() {
+                [(_, v)] => (*v).to_owned(),
+                [] => bail!(
+                    "{}: the stacks this file uses have no operator token; secrets by name: {}",
+                    path.display(),
+                    names()
+                ),
+                _ => bail!(
+                    "{}: several operator tokens; name one: {}",
+                    path.display(),
+                    ops.iter()
+                        .map(|(s, _)| s.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    crate::outln!("{value}")?;
     Ok(())
 }
 

@@ -478,7 +478,7 @@ fn cluster_init_then_check() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
-        out.contains("3 nodes, 3 consul servers") && out.contains(": ok"),
+        out.contains("3 nodes, 3 consul-server, 0 users") && out.contains(": ok"),
         "{out}"
     );
     let again = picoimg()

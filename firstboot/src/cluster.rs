@@ -9,6 +9,8 @@ use base64::Engine;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::stack::{Raw, Sections, Stack};
+
 /// The schema this code reads.
 pub const SCHEMA: &str = "picoimg.cluster/1";
 const SCHEMA_PREFIX: &str = "picoimg.cluster/";
@@ -54,9 +56,11 @@ pub struct ClusterFile {
     #[serde(default, rename = "node")]
     pub nodes: Vec<Node>,
     #[serde(default)]
-    pub consul: Option<Consul>,
-    #[serde(default)]
     pub firstboot: FirstBoot,
+    /// The registered stacks' sections (`crate::stack::Stack::section`), each parsed by its
+    /// stack into its own type.
+    #[serde(skip)]
+    pub stacks: Sections,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,7 +148,8 @@ pub struct Node {
     /// names it.
     #[serde(default, rename = "match")]
     pub matcher: Option<Match>,
-    pub roles: Vec<Spanned<Role>>,
+    /// Roles, each served by one registered stack (`crate::stack::Stack::roles`).
+    pub roles: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -155,37 +160,6 @@ pub struct Match {
     pub serial: Option<Spanned<String>>,
     /// DMI product UUID (/sys/class/dmi/id/product_uuid), x86 boards.
     pub dmi_uuid: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    ConsulServer,
-    ConsulClient,
-}
-
-impl Role {
-    /// The name as the cluster file and component files write it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::ConsulServer => "consul-server",
-            Role::ConsulClient => "consul-client",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Consul {
-    #[serde(default = "default_dc")]
-    pub datacenter: Spanned<String>,
-    /// ACLs on, default deny, with the derived management token.
-    #[serde(default = "yes")]
-    pub acl: bool,
-}
-
-fn default_dc() -> Spanned<String> {
-    Spanned::new(0..0, "dc1".into())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +211,16 @@ pub fn check(text: &str) -> Result<Checked, Vec<Problem>> {
 /// As [`check`], with the secret a node kept from an earlier run for a file whose secret
 /// was scrubbed from the boot partition (`secret = ""`).
 pub fn check_with(text: &str, kept_secret: Option<[u8; 32]>) -> Result<Checked, Vec<Problem>> {
+    check_in(text, kept_secret, crate::stacks::registry())
+}
+
+/// As [`check_with`], with the sections, roles and checks of `stacks` (the registry, or a
+/// test's own list).
+pub fn check_in(
+    text: &str,
+    kept_secret: Option<[u8; 32]>,
+    stacks: &[&dyn Stack],
+) -> Result<Checked, Vec<Problem>> {
     let mut warnings = Vec::new();
     // The schema first, so a file from another major version gets that message, not a list
     // of fields this version does not know.
@@ -273,17 +257,16 @@ pub fn check_with(text: &str, kept_secret: Option<[u8; 32]>) -> Result<Checked, 
             }
         }
     }
-    let file: ClusterFile = match toml::from_str(text) {
-        Ok(f) => f,
-        Err(e) => return Err(parse_problems(text, &e)),
-    };
+    let file = parse(text, stacks)?;
     let mut p = Vec::new();
     let secret = check_cluster(text, &file, kept_secret, &mut p);
     let subnet = check_network(text, &file, &mut p);
-    check_users(text, &file, &mut p);
-    check_nodes(text, &file, subnet, &mut p);
-    check_consul(text, &file, &mut p);
+    check_users(text, &file, stacks, &mut p);
+    check_nodes(text, &file, subnet, stacks, &mut p);
     check_limits(text, &file, &mut p);
+    for s in stacks {
+        s.check(text, &file, &mut p);
+    }
     if !p.is_empty() {
         p.sort_by_key(|x| x.line);
         return Err(p);
@@ -295,7 +278,7 @@ pub fn check_with(text: &str, kept_secret: Option<[u8; 32]>) -> Result<Checked, 
     })
 }
 
-type Val<'i> = Spanned<toml::de::DeValue<'i>>;
+type Val<'i> = Raw<'i>;
 
 fn span_in(outer: &std::ops::Range<usize>, inner: &std::ops::Range<usize>) -> bool {
     outer.start <= inner.start && inner.end <= outer.end
@@ -346,7 +329,7 @@ fn remove_key(v: &mut Val<'_>, keys: &[String]) -> bool {
     }
 }
 
-/// Every problem a section (`[consul]`, one `[[node]]`, ...) has: deserialises it, and on an
+/// Every problem a section (`[network]`, one `[[node]]`, a stack's section) has: deserialises it, and on an
 /// error records it with its full key path and line, removes the offending key and tries
 /// again, so one run reports all of them.
 fn section_problems<T: serde::de::DeserializeOwned>(
@@ -389,24 +372,75 @@ fn section_problems<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Every problem of a file that does not deserialise: all syntax errors, else every section's
-/// type errors and unknown keys, each with its key path and line. `first` is the error of
-/// deserialising the whole file, used if nothing more precise is found.
-fn parse_problems(text: &str, first: &toml::de::Error) -> Vec<Problem> {
+/// The sections the core reads; the stacks' sections come from the registry.
+const CORE_SECTIONS: [&str; 7] = [
+    "schema",
+    "cluster",
+    "network",
+    "time",
+    "user",
+    "node",
+    "firstboot",
+];
+
+/// Parses the file: the stacks' sections by their stacks, the rest as [`ClusterFile`]. On
+/// failure, every problem: all syntax errors, else every section's type errors and unknown
+/// keys, each with its key path and line.
+fn parse(text: &str, stacks: &[&dyn Stack]) -> Result<ClusterFile, Vec<Problem>> {
+    use serde::de::IntoDeserializer;
     let (doc, errors) = toml::de::DeTable::parse_recoverable(text);
-    let line = |e: &toml::de::Error| e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
     if !errors.is_empty() {
-        return errors
+        return Err(errors
             .iter()
             .map(|e| Problem {
-                line: line(e),
+                line: e.span().map_or(0, |s| line_of(text, s.start)),
                 field: "syntax".into(),
                 message: e.message().trim().to_owned(),
             })
-            .collect();
+            .collect());
     }
+    let span = doc.span();
+    let mut root = doc.into_inner();
     let mut p = Vec::new();
-    let root = doc.get_ref();
+    let mut sections = Sections::default();
+    for stack in stacks {
+        let Some(name) = stack.section() else {
+            continue;
+        };
+        if let Some(value) = root.remove(name) {
+            match stack.parse_section(text, &value) {
+                Ok(v) => sections.insert(name, v),
+                Err(ps) => p.extend(ps),
+            }
+        }
+    }
+    let core: Raw<'_> = Spanned::new(span, toml::de::DeValue::Table(root));
+    match ClusterFile::deserialize(core.clone().into_deserializer()) {
+        Ok(mut f) if p.is_empty() => {
+            f.stacks = sections;
+            Ok(f)
+        }
+        Ok(_) => Err(p),
+        Err(e) => {
+            p.extend(core_problems(text, &core, &e, stacks));
+            p.sort_by_key(|x| x.line);
+            Err(p)
+        }
+    }
+}
+
+/// Every problem of the core sections, which do not deserialise. `first` is the error of
+/// deserialising them whole, used if nothing more precise is found.
+fn core_problems(
+    text: &str,
+    core: &Raw<'_>,
+    first: &toml::de::Error,
+    stacks: &[&dyn Stack],
+) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let toml::de::DeValue::Table(root) = core.get_ref() else {
+        return p;
+    };
     for (key, value) in root.iter() {
         let k = key.get_ref().as_ref();
         match k {
@@ -414,7 +448,6 @@ fn parse_problems(text: &str, first: &toml::de::Error) -> Vec<Problem> {
             "cluster" => section_problems::<Cluster>(text, k, value, &mut p),
             "network" => section_problems::<Network>(text, k, value, &mut p),
             "time" => section_problems::<Time>(text, k, value, &mut p),
-            "consul" => section_problems::<Consul>(text, k, value, &mut p),
             "firstboot" => section_problems::<FirstBoot>(text, k, value, &mut p),
             "user" | "node" => match value.get_ref() {
                 toml::de::DeValue::Array(items) => {
@@ -433,14 +466,27 @@ fn parse_problems(text: &str, first: &toml::de::Error) -> Vec<Problem> {
                     message: format!("must be a list of tables: write each as [[{k}]]"),
                 }),
             },
-            other => p.push(Problem {
-                line: line_of(text, key.span().start),
-                field: other.to_owned(),
-                message: format!(
-                    "unknown key `{other}`; the file takes schema, [cluster], [network], [time], \
-                     [[user]], [[node]], [consul], [firstboot]"
-                ),
-            }),
+            other => {
+                let known: Vec<String> = CORE_SECTIONS
+                    .iter()
+                    .map(|s| match *s {
+                        "schema" => "schema".to_owned(),
+                        "user" | "node" => format!("[[{s}]]"),
+                        _ => format!("[{s}]"),
+                    })
+                    .chain(
+                        stacks
+                            .iter()
+                            .filter_map(|s| s.section())
+                            .map(|s| format!("[{s}]")),
+                    )
+                    .collect();
+                p.push(Problem {
+                    line: line_of(text, key.span().start),
+                    field: other.to_owned(),
+                    message: format!("unknown key `{other}`; the file takes {}", known.join(", ")),
+                })
+            }
         }
     }
     for required in ["schema", "cluster", "network"] {
@@ -456,13 +502,37 @@ fn parse_problems(text: &str, first: &toml::de::Error) -> Vec<Problem> {
     }
     if p.is_empty() {
         p.push(Problem {
-            line: line(first),
+            line: first.span().map_or(0, |s| line_of(text, s.start)),
             field: "file".into(),
             message: first.message().trim().to_owned(),
         });
     }
-    p.sort_by_key(|x| x.line);
     p
+}
+
+/// A stack's section parsed as `T` (strict when `T` denies unknown fields), or every problem
+/// it has with its full key path (`<section>.<key>`) and line.
+pub fn typed_section<T: serde::de::DeserializeOwned>(
+    text: &str,
+    name: &str,
+    value: &Raw<'_>,
+) -> Result<T, Vec<Problem>> {
+    use serde::de::IntoDeserializer;
+    match T::deserialize(value.clone().into_deserializer()) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let mut p = Vec::new();
+            section_problems::<T>(text, name, value, &mut p);
+            if p.is_empty() {
+                p.push(Problem {
+                    line: e.span().map_or(0, |s| line_of(text, s.start)),
+                    field: name.to_owned(),
+                    message: e.message().trim().to_owned(),
+                });
+            }
+            Err(p)
+        }
+    }
 }
 
 /// `picoimg.cluster/1` -> (1, 0); `picoimg.cluster/1.2` -> (1, 2).
@@ -630,8 +700,9 @@ pub fn is_dns_name(s: &str) -> bool {
 }
 
 /// User names that are system accounts or groups on Debian-based images (base-passwd's static
-/// list, the accounts the images' packages create, and the stacks' service users): a cluster
-/// user of that name would take over, or fail to create, a system account.
+/// list and the accounts the base image's packages create; each stack adds its service users
+/// through `Stack::accounts`): a cluster user of that name would take over, or fail to create,
+/// a system account.
 const SYSTEM_NAMES: &[&str] = &[
     "root",
     "daemon",
@@ -687,42 +758,13 @@ const SYSTEM_NAMES: &[&str] = &[
     "render",
     "netdev",
     "crontab",
-    "consul",
-    "nomad",
-    "ceph",
-    "docker",
-    "incus",
-    "incus-admin",
-    "lxd",
-    "libvirt",
-    "libvirt-qemu",
-    "etcd",
 ];
 
-fn system_account(name: &str) -> bool {
-    SYSTEM_NAMES.contains(&name) || name.starts_with("systemd-") || name.starts_with('_')
-}
-
-fn check_consul(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
-    let Some(c) = &f.consul else { return };
-    let dc = c.datacenter.get_ref();
-    // Consul's own rule (agent/config/builder.go, Validate): ^[a-z0-9_-]+$; it also becomes a
-    // DNS label (`.dc1.consul`), so at most 63 characters.
-    let valid = !dc.is_empty()
-        && dc.len() <= 63
-        && dc
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if !valid {
-        p.push(Problem {
-            line: at(text, &c.datacenter),
-            field: "consul.datacenter".into(),
-            message: format!(
-                "{} is not a Consul datacenter name: lowercase letters, digits, '-' and '_', 1-63 characters",
-                quoted(dc)
-            ),
-        });
-    }
+fn system_account(name: &str, stacks: &[&dyn Stack]) -> bool {
+    SYSTEM_NAMES.contains(&name)
+        || stacks.iter().any(|s| s.accounts().contains(&name))
+        || name.starts_with("systemd-")
+        || name.starts_with('_')
 }
 
 /// Numbers that end up as waits: bounded, so a typo does not wait for years (or overflow).
@@ -756,7 +798,7 @@ fn find_line(text: &str, key: &str) -> usize {
         .map_or(0, |i| i + 1)
 }
 
-fn check_users(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
+fn check_users(text: &str, f: &ClusterFile, stacks: &[&dyn Stack], p: &mut Vec<Problem>) {
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, u) in f.users.iter().enumerate() {
         let name = u.name.get_ref();
@@ -767,7 +809,7 @@ fn check_users(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
                 message: format!("duplicate user \"{name}\" (also on line {first})"),
             });
         }
-        if system_account(name) {
+        if system_account(name, stacks) {
             p.push(Problem {
                 line: at(text, &u.name),
                 field: format!("user[{i}].name"),
@@ -833,7 +875,13 @@ pub fn ssh_public_key(line: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_nodes(text: &str, f: &ClusterFile, subnet: Option<Subnet>, p: &mut Vec<Problem>) {
+fn check_nodes(
+    text: &str,
+    f: &ClusterFile,
+    subnet: Option<Subnet>,
+    stacks: &[&dyn Stack],
+    p: &mut Vec<Problem>,
+) {
     if f.nodes.is_empty() {
         p.push(Problem {
             line: 0,
@@ -846,7 +894,10 @@ fn check_nodes(text: &str, f: &ClusterFile, subnet: Option<Subnet>, p: &mut Vec<
     let mut addrs: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
     let mut macs: BTreeMap<String, usize> = BTreeMap::new();
     let gateway = f.network.gateway.get_ref().parse::<Ipv4Addr>().ok();
-    let mut servers = 0;
+    let known: Vec<&str> = stacks
+        .iter()
+        .flat_map(|s| s.roles().iter().copied())
+        .collect();
     for (i, n) in f.nodes.iter().enumerate() {
         let name = n.name.get_ref();
         if !is_hostname(name) {
@@ -941,41 +992,31 @@ fn check_nodes(text: &str, f: &ClusterFile, subnet: Option<Subnet>, p: &mut Vec<
             p.push(Problem {
                 line: at(text, &n.name),
                 field: format!("node[{i}].roles"),
-                message: "no roles: give it at least one, e.g. [\"consul-client\"]".into(),
+                message: format!("no roles: give it at least one of {}", known.join(", ")),
             });
         }
-        let is_server = n.roles.iter().any(|r| *r.get_ref() == Role::ConsulServer);
-        if is_server && address == "dhcp" {
-            p.push(Problem {
-                line: at(text, &n.address),
-                field: format!("node[{i}].address"),
-                message: "a consul-server needs a static address: the other nodes join the \
-                          servers by address"
-                    .into(),
-            });
+        let mut seen_roles = Vec::new();
+        for r in &n.roles {
+            let role = r.get_ref().as_str();
+            if !known.contains(&role) {
+                p.push(Problem {
+                    line: at(text, r),
+                    field: format!("node[{i}].roles"),
+                    message: format!(
+                        "unknown role {}: this picoimg knows {}",
+                        quoted(role),
+                        known.join(", ")
+                    ),
+                });
+            } else if seen_roles.contains(&role) {
+                p.push(Problem {
+                    line: at(text, r),
+                    field: format!("node[{i}].roles"),
+                    message: format!("role {role} is listed twice"),
+                });
+            }
+            seen_roles.push(role);
         }
-        servers += usize::from(is_server);
-    }
-    let uses_consul = f.consul.is_some()
-        || f.nodes
-            .iter()
-            .flat_map(|n| &n.roles)
-            .any(|r| matches!(r.get_ref(), Role::ConsulServer | Role::ConsulClient));
-    if uses_consul && servers == 0 {
-        p.push(Problem {
-            line: 0,
-            field: "node.roles".into(),
-            message: "no node has the consul-server role: give it to 1, 3 or 5 nodes".into(),
-        });
-    }
-    if servers % 2 == 0 && servers > 0 {
-        p.push(Problem {
-            line: 0,
-            field: "node.roles".into(),
-            message: format!(
-                "{servers} consul-server nodes: use an odd number (1, 3, 5) so a majority survives a failure"
-            ),
-        });
     }
 }
 
@@ -1056,8 +1097,13 @@ pub struct InitOptions<'a> {
     pub subnet: &'a str,
 }
 
-/// A complete, commented cluster file with a fresh id and secret.
+/// A complete, commented cluster file with a fresh id and secret, for the registered stacks.
 pub fn render_init(o: &InitOptions<'_>) -> Result<String, String> {
+    render_init_for(o, crate::stacks::registry())
+}
+
+/// As [`render_init`], with the sections and roles of `stacks`.
+pub fn render_init_for(o: &InitOptions<'_>, stacks: &[&dyn Stack]) -> Result<String, String> {
     if !is_hostname(o.name) {
         return Err(format!(
             "--name \"{}\": letters, digits and '-' only",
@@ -1080,8 +1126,6 @@ pub fn render_init(o: &InitOptions<'_>) -> Result<String, String> {
     let mut idb = [0u8; 16];
     getrandom::fill(&mut idb).map_err(|e| format!("no randomness for the id: {e}"))?;
     let id = uuid::Builder::from_random_bytes(idb).into_uuid();
-    // An odd number of Consul servers: one for 1-2 nodes, three for larger clusters.
-    let servers = if o.nodes < 3 { 1 } else { 3 };
     let mut s = format!(
         r#"# picoimg cluster file: every node of the cluster boots the same image and reads this file
 # from its boot partition (picoimg/cluster.toml). Check it with `picoimg cluster check FILE`.
@@ -1090,7 +1134,7 @@ schema = "{SCHEMA}"
 [cluster]
 name = "{name}"
 id = "{id}"
-# 32 random bytes: every key and token (Consul gossip key, ACL token, ...) is derived from it.
+# 32 random bytes: every key and token (gossip keys, ACL tokens, ...) is derived from it.
 # Keep this file private; nodes remove the secret from the boot partition once applied.
 secret = "{secret}"
 
@@ -1113,13 +1157,7 @@ timeout = 180
 # ssh_keys = ["ssh-ed25519 AAAA... you@laptop"]
 # sudo = true
 
-[consul]
-datacenter = "dc1"
-# ACLs on with default deny; the management token is derived from the secret
-# (`picoimg cluster token FILE` prints it).
-acl = true
-
-[firstboot]
+{sections}[firstboot]
 # Remove the secret from the boot partition's copy once a node has applied the file.
 scrub_secret = true
 # Seconds a node waits for its cluster services to be healthy before it reports failure.
@@ -1127,6 +1165,11 @@ health_timeout = 900
 "#,
         name = o.name,
         subnet_s = o.subnet,
+        sections = stacks
+            .iter()
+            .filter_map(|s| s.init_section())
+            .map(|t| format!("{}\n\n", t.trim_end()))
+            .collect::<String>(),
     );
     for i in 0..o.nodes {
         let addr = subnet.nth(10 + i).ok_or_else(|| {
@@ -1135,22 +1178,23 @@ health_timeout = 900
                 o.subnet, o.nodes
             )
         })?;
-        let role = if i < servers {
-            "consul-server"
-        } else {
-            "consul-client"
-        };
+        let roles: Vec<String> = stacks
+            .iter()
+            .flat_map(|s| s.init_roles(i, o.nodes))
+            .map(|r| format!("\"{r}\""))
+            .collect();
         s.push_str(&format!(
             r#"
 [[node]]
 name = "pc{i}"
 address = "{addr}"   # or "dhcp"
-roles = ["{role}"]
+roles = [{roles}]
 # How the node finds itself if flashing did not name it (picoimg flash --node) and the kernel
 # command line has no picoimg.node=: by MAC address, Raspberry Pi serial, or DMI product UUID.
 # match = {{ mac = "52:54:00:00:00:{:02x}" }}
 "#,
-            i + 1
+            i + 1,
+            roles = roles.join(", "),
         ));
     }
     Ok(s)

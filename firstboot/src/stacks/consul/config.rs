@@ -1,12 +1,62 @@
-//! Consul on a node: the agent configuration derived from the cluster file, written with the
-//! key names of the installed Consul's version, and the health test the node waits for.
+//! Consul's configuration derived from the cluster file, written with the key names of the
+//! installed Consul's version, and reading what `consul members` / `raft list-peers` print.
 
 use std::net::Ipv4Addr;
 
+use serde::Deserialize;
 use serde_json::json;
+use toml::Spanned;
 
-use crate::cluster::{ClusterFile, Node, Role};
-use crate::secrets;
+use crate::cluster::{ClusterFile, Node};
+use crate::stack::Secrets;
+
+use super::{label, SECTION};
+
+/// The cluster file's `[consul]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Section {
+    #[serde(default = "default_dc")]
+    pub datacenter: Spanned<String>,
+    /// ACLs on, default deny, with the derived management token.
+    #[serde(default = "yes")]
+    pub acl: bool,
+}
+
+fn default_dc() -> Spanned<String> {
+    Spanned::new(0..0, "dc1".into())
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Section {
+    fn default() -> Self {
+        Section {
+            datacenter: default_dc(),
+            acl: true,
+        }
+    }
+}
+
+/// The file's `[consul]` section, or the defaults.
+pub fn section(file: &ClusterFile) -> Section {
+    file.stacks
+        .get::<Section>(SECTION)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// What a node is in Consul.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+pub const SERVER: &str = "consul-server";
+pub const CLIENT: &str = "consul-client";
 
 /// Where the node's Consul configuration goes. Consul reads a config directory in lexical
 /// order, later files winning, so this file overrides a package's defaults (`consul.hcl`).
@@ -56,11 +106,11 @@ impl std::fmt::Display for Version {
 
 /// What this node runs: a server, a client, or no Consul at all.
 pub fn role(node: &Node) -> Option<Role> {
-    let roles: Vec<Role> = node.roles.iter().map(|r| *r.get_ref()).collect();
-    if roles.contains(&Role::ConsulServer) {
-        Some(Role::ConsulServer)
-    } else if roles.contains(&Role::ConsulClient) {
-        Some(Role::ConsulClient)
+    let has = |r: &str| node.roles.iter().any(|x| x.get_ref() == r);
+    if has(SERVER) {
+        Some(Role::Server)
+    } else if has(CLIENT) {
+        Some(Role::Client)
     } else {
         None
     }
@@ -70,7 +120,7 @@ pub fn role(node: &Node) -> Option<Role> {
 pub fn server_addresses(file: &ClusterFile) -> Vec<String> {
     file.nodes
         .iter()
-        .filter(|n| role(n) == Some(Role::ConsulServer))
+        .filter(|n| role(n) == Some(Role::Server))
         .map(|n| n.address.get_ref().clone())
         .collect()
 }
@@ -79,17 +129,12 @@ pub fn server_addresses(file: &ClusterFile) -> Vec<String> {
 pub fn config(
     file: &ClusterFile,
     node: &Node,
-    secret: &[u8; 32],
+    secrets: &Secrets,
     version: Version,
-) -> serde_json::Value {
-    let id = file.cluster.get_ref().id.get_ref();
-    let defaults = crate::cluster::Consul {
-        datacenter: toml::Spanned::new(0..0, "dc1".into()),
-        acl: true,
-    };
-    let c = file.consul.as_ref().unwrap_or(&defaults);
+) -> anyhow::Result<serde_json::Value> {
+    let c = section(file);
     let servers = server_addresses(file);
-    let server = role(node) == Some(Role::ConsulServer);
+    let server = role(node) == Some(Role::Server);
     // Bind to the cluster address: with a second interface (a laptop's USB NIC, a VM's
     // management NIC) Consul would refuse to choose.
     let bind = match node.address.get_ref().parse::<Ipv4Addr>() {
@@ -108,7 +153,7 @@ pub fn config(
         "client_addr": "127.0.0.1",
         "server": server,
         "retry_join": servers,
-        "encrypt": secrets::consul_gossip_key(secret, id),
+        "encrypt": secrets.get(label::GOSSIP)?,
         "disable_update_check": true,
         "leave_on_terminate": false,
         "rejoin_after_leave": true,
@@ -117,7 +162,7 @@ pub fn config(
         v["bootstrap_expect"] = json!(servers.len());
     }
     if c.acl {
-        let token = secrets::consul_management_token(secret, id);
+        let token = secrets.get(label::MANAGEMENT_TOKEN)?;
         let mut tokens = json!({ "agent": token });
         if server {
             tokens[version.initial_token_key()] = json!(token);
@@ -130,7 +175,7 @@ pub fn config(
             "tokens": tokens,
         });
     }
-    v
+    Ok(v)
 }
 
 /// The resolved drop-in: `.consul` names go to the agent's DNS port.
@@ -170,6 +215,7 @@ pub fn member_alive(output: &str, node: &str) -> bool {
 mod tests {
     use super::*;
     use crate::cluster::{check, render_init, InitOptions};
+    use crate::stack::Secrets;
 
     fn lab() -> crate::cluster::Checked {
         let t = render_init(&InitOptions {
@@ -201,7 +247,9 @@ mod tests {
     fn server_config_has_expect_join_encrypt_and_version_keyed_token() {
         let c = lab();
         let node = &c.file.nodes[1];
-        let old = config(&c.file, node, &c.secret, Version(1, 8, 7));
+        let id = c.file.cluster.get_ref().id.get_ref();
+        let secrets = Secrets::derive(crate::stacks::registry(), &c.secret, id);
+        let old = config(&c.file, node, &secrets, Version(1, 8, 7)).unwrap();
         assert_eq!(old["bootstrap_expect"], 3);
         assert_eq!(old["server"], true);
         assert_eq!(old["bind_addr"], "10.42.0.11");
@@ -209,14 +257,13 @@ mod tests {
             old["retry_join"],
             json!(["10.42.0.10", "10.42.0.11", "10.42.0.12"])
         );
-        let id = c.file.cluster.get_ref().id.get_ref();
-        assert_eq!(old["encrypt"], secrets::consul_gossip_key(&c.secret, id));
-        let token = secrets::consul_management_token(&c.secret, id);
+        assert_eq!(old["encrypt"], secrets.get(label::GOSSIP).unwrap());
+        let token = secrets.get(label::MANAGEMENT_TOKEN).unwrap();
         assert_eq!(old["acl"]["default_policy"], "deny");
-        assert_eq!(old["acl"]["tokens"]["master"], token.as_str());
+        assert_eq!(old["acl"]["tokens"]["master"], token);
         assert!(old["acl"]["tokens"].get("initial_management").is_none());
-        let new = config(&c.file, node, &c.secret, Version(1, 20, 1));
-        assert_eq!(new["acl"]["tokens"]["initial_management"], token.as_str());
+        let new = config(&c.file, node, &secrets, Version(1, 20, 1)).unwrap();
+        assert_eq!(new["acl"]["tokens"]["initial_management"], token);
         assert!(new["acl"]["tokens"].get("master").is_none());
     }
 

@@ -1,0 +1,259 @@
+//! The one interface a cluster stack implements on the node. Everything
+//! stack-specific comes through it: the cluster-file section it owns and its whole-file checks,
+//! the node roles it serves, the secrets it derives, its configuration steps, the units it
+//! starts and its health check. The core (cluster-file frame, identification, state, reporting,
+//! runner, base steps) names no stack; `stacks::registry()` is the list it works through.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use base64::Engine;
+
+use crate::agent::system::Target;
+use crate::cluster::{ClusterFile, Node, Problem};
+
+/// A stack's section of the cluster file as parsed by the stack (its own type, strict).
+pub type Section = Arc<dyn Any + Send + Sync>;
+
+/// A value of the cluster file as the parser holds it, with its span in the text.
+pub type Raw<'i> = toml::Spanned<toml::de::DeValue<'i>>;
+
+/// How a derived secret is written where it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// Standard base64 of the bytes.
+    Base64,
+    /// A UUID built from 16 bytes (as several cluster tools format their tokens).
+    Uuid,
+    /// Lowercase hex of the bytes.
+    Hex,
+}
+
+/// One secret a stack derives from the cluster secret (HKDF-SHA256, see `secrets`).
+#[derive(Debug, Clone, Copy)]
+pub struct SecretSpec {
+    /// Short name (`<stack>-management-token`), for `picoimg cluster token FILE NAME`.
+    pub name: &'static str,
+    /// HKDF `info`: part of the on-disk contract, never changed for a released stack.
+    pub label: &'static str,
+    pub bytes: usize,
+    pub form: Form,
+    /// The token an operator logs in with (printed by `picoimg cluster token FILE`).
+    pub operator: bool,
+}
+
+/// Every secret of every registered stack for one cluster, derived once. Stacks get their
+/// values only from here, by label, so a secret a stack did not declare cannot be used, and
+/// everything here is redacted from every report.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    cluster: String,
+    values: BTreeMap<&'static str, (SecretSpec, String)>,
+}
+
+impl Secrets {
+    pub fn derive(stacks: &[&dyn Stack], secret: &[u8; 32], cluster_id: &str) -> Secrets {
+        let mut values = BTreeMap::new();
+        for spec in stacks.iter().flat_map(|s| s.secrets()) {
+            let bytes = crate::secrets::derive(secret, cluster_id, spec.label, spec.bytes);
+            let value = match spec.form {
+                Form::Base64 => base64::engine::general_purpose::STANDARD.encode(&bytes),
+                Form::Hex => hex::encode(&bytes),
+                Form::Uuid => {
+                    let mut b = [0u8; 16];
+                    let n = bytes.len().min(16);
+                    b[..n].copy_from_slice(&bytes[..n]);
+                    uuid::Builder::from_random_bytes(b).into_uuid().to_string()
+                }
+            };
+            values.insert(spec.label, (*spec, value));
+        }
+        Secrets {
+            cluster: base64::engine::general_purpose::STANDARD.encode(secret),
+            values,
+        }
+    }
+
+    /// The value for `label`; an error if no registered stack declares it.
+    pub fn get(&self, label: &str) -> Result<&str> {
+        match self.values.get(label) {
+            Some((_, v)) => Ok(v),
+            None => bail!("secret {label} is not declared by any registered stack"),
+        }
+    }
+
+    /// The value of the secret named `name` (`SecretSpec::name`).
+    pub fn named(&self, name: &str) -> Option<(&SecretSpec, &str)> {
+        self.values
+            .values()
+            .find(|(s, _)| s.name == name)
+            .map(|(s, v)| (s, v.as_str()))
+    }
+
+    /// Every declared secret with its value.
+    pub fn specs(&self) -> impl Iterator<Item = (&SecretSpec, &str)> {
+        self.values.values().map(|(s, v)| (s, v.as_str()))
+    }
+
+    /// Every string that must never be reported: the cluster secret and each derived value.
+    pub fn redacted(&self) -> Vec<String> {
+        std::iter::once(self.cluster.clone())
+            .chain(self.values.values().map(|(_, v)| v.clone()))
+            .collect()
+    }
+}
+
+/// What a stack's steps and health check see of this run.
+pub struct Ctx<'a> {
+    pub text: &'a str,
+    pub file: &'a ClusterFile,
+    pub node: &'a Node,
+    pub secrets: &'a Secrets,
+}
+
+impl Ctx<'_> {
+    /// Whether this node has any of `roles`.
+    pub fn has_any(&self, roles: &[&str]) -> bool {
+        self.node
+            .roles
+            .iter()
+            .any(|r| roles.contains(&r.get_ref().as_str()))
+    }
+}
+
+/// What a step does, given the system being configured; returns the detail for its line.
+pub type Apply<'a> = Box<dyn FnOnce(&Target<'_>) -> Result<String> + 'a>;
+
+/// One named, recorded step: it exists only together with its code.
+pub struct Step<'a> {
+    pub name: String,
+    /// sha256 of what the step is given (see [`fingerprint`]); a different value on a later
+    /// boot means its part of the cluster file changed.
+    pub input: String,
+    /// Whether a changed input may be applied to a node that already ran the step.
+    pub reapply: bool,
+    pub apply: Apply<'a>,
+}
+
+/// sha256 over `parts`, each terminated by a zero byte: a step's input fingerprint.
+pub fn fingerprint(parts: &[&str]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Small values a stack keeps between boots (in state.json), by key.
+pub type Memo = BTreeMap<String, String>;
+
+/// What a health check reports through, and how it runs one-time actions (recorded like
+/// steps, so a later boot skips them).
+pub trait Progress {
+    fn say(&mut self, line: String);
+    fn once(
+        &mut self,
+        name: &str,
+        input: &str,
+        f: &mut dyn FnMut() -> Result<String>,
+    ) -> Result<()>;
+}
+
+/// A cluster stack on the node. See the module documentation.
+pub trait Stack: Sync {
+    /// The stack's name (the component that installs it has the same name).
+    fn name(&self) -> &'static str;
+
+    /// The cluster-file section it owns (`[<stack>]`), if any.
+    fn section(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Parses its section strictly (unknown keys refused), every problem with its line;
+    /// `crate::cluster::typed_section` does this for a `Deserialize` type.
+    fn parse_section(&self, text: &str, value: &Raw<'_>) -> Result<Section, Vec<Problem>> {
+        let _ = (text, value);
+        Err(vec![Problem {
+            line: 0,
+            field: self.section().unwrap_or_default().into(),
+            message: "this stack takes no section".into(),
+        }])
+    }
+
+    /// The node roles it serves (`<stack>-server`, ...). Each role belongs to one stack.
+    fn roles(&self) -> &'static [&'static str];
+
+    /// System accounts its packages create: refused as [[user]] names.
+    fn accounts(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The secrets it derives from the cluster secret.
+    fn secrets(&self) -> &'static [SecretSpec] {
+        &[]
+    }
+
+    /// Whole-file checks (role counts, addresses its roles need, its section's values).
+    fn check(&self, text: &str, file: &ClusterFile, p: &mut Vec<Problem>);
+
+    /// Its commented section for `picoimg cluster init` (without it the defaults apply).
+    fn init_section(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// The roles node `index` of `nodes` gets in `picoimg cluster init`'s file.
+    fn init_roles(&self, index: u32, nodes: u32) -> Vec<&'static str>;
+
+    /// Its configuration steps for this node, in order (run after the base steps and before
+    /// the services start). Only called when the cluster file uses the stack.
+    fn steps<'a>(&self, ctx: &Ctx<'a>, t: &Target<'_>, memo: &mut Memo) -> Result<Vec<Step<'a>>>;
+
+    /// The units to enable and start on this node (none without one of its roles).
+    fn units(&self, node: &Node) -> Vec<&'static str>;
+
+    /// Waits until its services on this node are healthy; `None` if the node has none of
+    /// its roles. Bounded by the file's `[firstboot] health_timeout`.
+    fn health(&self, ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress)
+        -> Result<Option<String>>;
+}
+
+/// Whether the cluster file uses `stack`: a node has one of its roles, or its section is there.
+pub fn used(stack: &dyn Stack, file: &ClusterFile) -> bool {
+    stack
+        .section()
+        .is_some_and(|s| file.stacks.get_raw(s).is_some())
+        || file
+            .nodes
+            .iter()
+            .flat_map(|n| &n.roles)
+            .any(|r| stack.roles().contains(&r.get_ref().as_str()))
+}
+
+/// The typed sections of the stacks, by section name.
+#[derive(Clone, Default)]
+pub struct Sections(BTreeMap<&'static str, Section>);
+
+impl std::fmt::Debug for Sections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl Sections {
+    pub fn insert(&mut self, name: &'static str, s: Section) {
+        self.0.insert(name, s);
+    }
+
+    pub fn get_raw(&self, name: &str) -> Option<&Section> {
+        self.0.get(name)
+    }
+
+    /// The section `name` as the stack's type `T` (None: absent).
+    pub fn get<T: Any>(&self, name: &str) -> Option<&T> {
+        self.0.get(name).and_then(|s| s.downcast_ref::<T>())
+    }
+}
