@@ -698,6 +698,56 @@ fn cluster_token_is_the_derived_one_and_run_cluster_checks_node_count() {
     assert!(o.status.success());
     let token = String::from_utf8(o.stdout).unwrap();
     assert!(uuid::Uuid::parse_str(token.trim()).is_ok(), "{token}");
+    // A named secret, checked against HKDF-SHA256 (RFC 5869) computed by Python's hmac: salt
+    // the cluster id, info the label Consul's stack declares.
+    let o = picoimg()
+        .args(["cluster", "token"])
+        .arg(&cluster)
+        .arg("consul-gossip-key")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let gossip = String::from_utf8(o.stdout).unwrap();
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap()
+            .to_owned()
+    };
+    let py = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys,hmac,hashlib,base64\n\
+             ikm=base64.b64decode(sys.argv[1]); salt=sys.argv[2].encode(); info=sys.argv[3].encode()\n\
+             prk=hmac.new(salt,ikm,hashlib.sha256).digest()\n\
+             print(base64.b64encode(hmac.new(prk,info+b'\\x01',hashlib.sha256).digest()).decode())",
+            &field("secret"),
+            &field("id"),
+            "picoimg/v1/consul/gossip-key",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    assert_eq!(gossip.trim(), String::from_utf8_lossy(&py.stdout).trim());
+    let o = picoimg()
+        .args(["cluster", "token"])
+        .arg(&cluster)
+        .arg("no-such-secret")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no secret named \"no-such-secret\"")
+            && stderr(&o).contains("consul-gossip-key, consul-management-token"),
+        "{}",
+        stderr(&o)
+    );
     let o = picoimg()
         .args(["run", "--nodes", "5", "--cluster"])
         .arg(&cluster)

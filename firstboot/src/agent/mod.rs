@@ -132,12 +132,14 @@ impl<'a> Agent<'a> {
             .say(format!("picoimg: firstboot {} starting", crate::VERSION));
         let (text, checked) = match self.read_cluster() {
             Ok(Some(x)) => x,
-            Ok(None) => return self.rep.finish(
-                Outcome::Unconfigured,
-                format!(
+            Ok(None) => {
+                return self.rep.finish(
+                    Outcome::Unconfigured,
+                    format!(
                     "no {BOOT_COPY} on the boot partition; this node keeps the image's defaults"
                 ),
-            ),
+                )
+            }
             Err(msg) => return self.rep.finish(Outcome::Failed, msg),
         };
         let file = &checked.file;
