@@ -3,14 +3,13 @@
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 
 use crate::board::{Blob, Board, Placed};
 use crate::cache::Cache;
-use crate::cmd::Cmd;
 
 /// Where a blob came from, for the manifest.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -21,102 +20,45 @@ pub struct BlobInfo {
     pub source: String,
 }
 
-/// Largest blob taken (a bootloader is a few MiB).
-const BLOB_LIMIT: u64 = 64 << 20;
-
 /// The blob's bytes: `--uboot FILE` if given, else the cached or downloaded file at `url`;
-/// either must match the board's sha256 when it is pinned (no unverified bootloader goes into
-/// an image).
+/// either must match the board's sha256 when it is pinned (nothing unverified is downloaded).
 pub fn fetch(blob: &Blob, local: Option<&Path>, cache: &Cache) -> Result<(Vec<u8>, BlobInfo)> {
-    if let Some(p) = local {
-        let data = picoimg_firstboot::input::read_bytes(p, BLOB_LIMIT, "bootloader blob")
-            .with_context(|| format!("reading --uboot {}", p.display()))?;
-        let sum = hex::encode(Sha256::digest(&data));
-        if !blob.sha256.is_empty() && sum != blob.sha256 {
+    if blob.sha256.is_empty() {
+        // Not pinned yet (a board being brought up): only a file the user chose.
+        let Some(p) = local else {
             bail!(
-                "--uboot {} has sha256 {sum}, but the board file pins {} for {}: not the file the board needs (it comes from {})",
-                p.display(),
-                blob.sha256,
+                "{} has no pinned sha256 in the board file, so it cannot be downloaded safely: \
+                 download {} yourself, check it, and pass it with --uboot FILE (or pin boot.blob.sha256)",
                 blob.description,
                 blob.url
             );
-        }
+        };
+        let data =
+            picoimg_firstboot::input::read_bytes(p, crate::artifact::LIMIT, "bootloader blob")
+                .with_context(|| format!("reading --uboot {}", p.display()))?;
         return Ok((
             data.clone(),
             BlobInfo {
                 offset: blob.offset.0,
                 size: data.len() as u64,
-                sha256: sum,
-                source: format!("local file {}", p.display()),
+                sha256: hex::encode(sha2::Sha256::digest(&data)),
+                source: format!("local file {} (board file pins no sha256)", p.display()),
             },
         ));
     }
-    if blob.sha256.is_empty() {
-        bail!(
-            "{} has no pinned sha256 in the board file, so it cannot be downloaded safely: \
-             download {} yourself, check it, and pass it with --uboot FILE (or pin boot.blob.sha256)",
-            blob.description,
-            blob.url
-        );
-    }
-    let dir = cache.root().join("blobs");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cached: PathBuf = dir.join(&blob.sha256);
-    if !cached.is_file() {
-        let tmp = tempfile::Builder::new()
-            .prefix(".download-")
-            .tempfile_in(&dir)
-            .context("creating a download file")?;
-        Cmd::new("curl")
-            .args([
-                "--fail",
-                "--silent",
-                "--show-error",
-                "--location",
-                "--retry",
-                "2",
-                "--output",
-            ])
-            .arg(tmp.path())
-            .arg(&blob.url)
-            .run()
-            .with_context(|| {
-                format!(
-                    "downloading {} from {}; offline, pass a copy with --uboot FILE, or put it in the cache as {} (it is checked against sha256 {} either way)",
-                    blob.description,
-                    blob.url,
-                    cached.display(),
-                    blob.sha256
-                )
-            })?;
-        let got = crate::output::sha256_file(tmp.path())?;
-        if got != blob.sha256 {
-            bail!(
-                "{} from {} has sha256 {got}, but the board file pins {}: refusing to use it",
-                blob.description,
-                blob.url,
-                blob.sha256
-            );
-        }
-        tmp.persist(&cached)
-            .with_context(|| format!("storing {}", cached.display()))?;
-    }
-    let data = std::fs::read(&cached).with_context(|| format!("reading {}", cached.display()))?;
-    let got = hex::encode(Sha256::digest(&data));
-    if got != blob.sha256 {
-        bail!(
-            "cached {} is corrupt (sha256 {got}); delete {} and build again",
-            blob.description,
-            cached.display()
-        );
-    }
+    let named = crate::artifact::Named {
+        what: &blob.description,
+        pinned_by: "the board file",
+        flag: "--uboot FILE",
+    };
+    let (data, source) = crate::artifact::fetch(&named, &blob.url, &blob.sha256, local, cache)?;
     Ok((
         data.clone(),
         BlobInfo {
             offset: blob.offset.0,
             size: data.len() as u64,
-            sha256: got,
-            source: blob.url.clone(),
+            sha256: blob.sha256.clone(),
+            source,
         },
     ))
 }

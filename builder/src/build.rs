@@ -30,6 +30,8 @@ pub struct BuildOptions {
     pub sources: Option<String>,
     /// A local file instead of the board's bootloader blob download.
     pub uboot: Option<PathBuf>,
+    /// Local copies of components' pinned artifacts, by name (`--artifact NAME=FILE`).
+    pub artifacts: std::collections::BTreeMap<String, PathBuf>,
     /// The first-boot agent binary (default: found as `agentbin` describes).
     pub firstboot: Option<PathBuf>,
 }
@@ -53,6 +55,8 @@ pub struct Manifest {
     pub kernel_cmdline: String,
     /// The raw bootloader written outside the partitions, if the board has one.
     pub blob: Option<crate::blob::BlobInfo>,
+    /// The components' pinned artifacts installed into the root filesystem.
+    pub artifacts: Vec<crate::artifact::Fetched>,
     pub disk: DiskManifest,
     pub packages: Vec<tarfs::Package>,
 }
@@ -108,6 +112,7 @@ fn resolve(opts: &BuildOptions) -> Result<(PathBuf, BuildPlan, Vec<crate::compon
         check_mirror(m)?;
     }
     let components = crate::component::resolve(&data, &opts.stack, &board)?;
+    crate::artifact::check_plan(&components, board.arch, &opts.artifacts)?;
     let plan = BuildPlan::new(
         board,
         &opts.stack,
@@ -160,6 +165,8 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         }
         None => None,
     };
+    // So are the components' pinned artifacts (release binaries no apt archive carries).
+    let artifacts = crate::artifact::fetch_all(&components, board.arch, &opts.artifacts, &cache)?;
     // The agent is part of every image's inputs (its disk ids too).
     let agent = crate::agentbin::find_or_build(board.arch, opts.firstboot.as_deref(), &cache)?;
     let inputs_hash = image_inputs_hash(&plan, &agent);
@@ -205,6 +212,9 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
                 .with_context(|| format!("component `{}`", c.name))?;
         }
         enable.extend(c.file.enable.iter().cloned());
+    }
+    for (a, data, mode) in &artifacts {
+        changes.file(a.path.trim_start_matches('/'), data.clone(), *mode);
     }
     generated_files(&mut changes, &plan, &layout, &ids, &inputs_hash)?;
     changes.file(
@@ -286,6 +296,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         kernel: kver,
         kernel_cmdline: cmdline,
         blob: blob_info,
+        artifacts: artifacts.into_iter().map(|(a, _, _)| a).collect(),
         disk: DiskManifest {
             size: board.disk.size.0,
             partitions: layout

@@ -195,6 +195,10 @@ pub struct BuildArgs {
     /// Local bootloader blob to write instead of downloading the board's (Odroid C5 u-boot).
     #[arg(long, value_name = "FILE")]
     pub uboot: Option<PathBuf>,
+    /// A local copy of a component's pinned artifact (e.g. a release binary the vendor's site
+    /// serves), instead of downloading it; checked against the same sha256. Repeatable.
+    #[arg(long, value_name = "NAME=FILE")]
+    pub artifact: Vec<String>,
     /// First-boot agent binary for the board's architecture (default: the static build beside
     /// picoimg, or in its cargo target directory, for example
     /// target/aarch64-unknown-linux-musl/release/picoimg-firstboot; or $PICOIMG_FIRSTBOOT).
@@ -268,6 +272,7 @@ impl Target {
             image_size: self.image_size,
             sources: self.sources,
             uboot: None,
+            artifacts: Default::default(),
             firstboot: None,
         }
     }
@@ -287,6 +292,7 @@ pub fn main() -> Result<()> {
             o.xz_level = a.xz_level;
             o.refresh = a.refresh;
             o.uboot = a.uboot;
+            o.artifacts = crate::artifact::parse_locals(&a.artifact)?;
             o.firstboot = a.firstboot;
             let out = crate::build::build(&o)?;
             crate::outln!("{}", out.image_xz.display())?;

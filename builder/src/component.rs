@@ -39,6 +39,10 @@ pub struct ComponentFile {
     /// users get) and substitutes (`debian`) for builds without access to it.
     #[serde(default)]
     pub sources: BTreeMap<String, ComponentSources>,
+    /// Pinned files it installs (`[[artifact]]`: name, path, mode, pins per architecture
+    /// with url and sha256), fetched and checked before the root filesystem step.
+    #[serde(default, rename = "artifact", skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<crate::artifact::Artifact>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -170,6 +174,9 @@ pub fn load(data: &Path, name: &str) -> Result<Component> {
                 path.display()
             );
         }
+    }
+    for a in &file.artifacts {
+        a.validate(&path)?;
     }
     for d in &file.requires {
         if !crate::data::plain_name(d) {

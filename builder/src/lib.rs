@@ -13,6 +13,7 @@ macro_rules! outln {
 }
 
 pub mod agentbin;
+pub mod artifact;
 pub mod blob;
 pub mod bmap;
 pub mod board;

@@ -50,6 +50,19 @@ pub struct ComponentSpec {
     pub enable: Vec<String>,
     /// sha256 over the overlay tree (paths, modes, contents, link targets).
     pub overlay_sha256: Option<String>,
+    /// Its pinned artifacts for the board's architecture.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<PlannedArtifact>,
+}
+
+/// One pinned artifact as the plan (and so the inputs hash) records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedArtifact {
+    pub name: String,
+    pub path: String,
+    pub mode: u32,
+    pub url: String,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -151,6 +164,20 @@ impl BuildPlan {
                     sources,
                     enable: c.file.enable.clone(),
                     overlay_sha256: c.rootfs.as_deref().map(tree_hash).transpose()?,
+                    artifacts: c
+                        .file
+                        .artifacts
+                        .iter()
+                        .filter_map(|a| {
+                            a.pin(board.arch).map(|pin| PlannedArtifact {
+                                name: a.name.clone(),
+                                path: a.path.clone(),
+                                mode: a.mode,
+                                url: pin.url.clone(),
+                                sha256: pin.sha256.clone(),
+                            })
+                        })
+                        .collect(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -1381,3 +1381,84 @@ fn cluster_check_with_a_stack_refuses_roles_it_does_not_serve() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// A component's pinned artifact: an unreachable download names the offline ways in, a local
+/// copy that is not the pinned file is refused, an unknown name lists the known ones, all
+/// before anything is built; `plan` shows the pin.
+#[test]
+fn component_artifacts_are_checked_before_anything_is_built() {
+    let data = common::data_copy();
+    let comp = data.path().join("overlays/tool");
+    std::fs::create_dir_all(&comp).unwrap();
+    let pinned = sha256_hex(b"the release");
+    std::fs::write(
+        comp.join("component.toml"),
+        format!(
+            "description = \"a release binary\"\n\n[[artifact]]\nname = \"tool\"\n\
+             description = \"the tool release\"\npath = \"/usr/local/bin/tool\"\n\
+             [artifact.pins.amd64]\nurl = \"http://127.0.0.1:9/tool\"\nsha256 = \"{pinned}\"\n"
+        ),
+    )
+    .unwrap();
+    let stacks = data.path().join("overlays/stacks.toml");
+    let mut text = std::fs::read_to_string(&stacks).unwrap();
+    text.push_str("\n[tool]\ndescription = \"base + tool\"\ncomponents = [\"base\", \"tool\"]\n");
+    std::fs::write(&stacks, text).unwrap();
+    let target = ["--board", "h4", "--stack", "tool"];
+    let e = refused(&target, Some(data.path()));
+    assert!(
+        e.contains("artifact `tool`")
+            && e.contains("--artifact tool=FILE")
+            && e.contains(&format!("blobs/{pinned}")),
+        "{e}"
+    );
+    let wrong = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(wrong.path(), b"not the release").unwrap();
+    let arg = format!("tool={}", wrong.path().display());
+    let e = refused(
+        &[&target[..], &["--artifact", &arg]].concat(),
+        Some(data.path()),
+    );
+    assert!(
+        e.contains(&format!("but component `tool` pins {pinned}")),
+        "{e}"
+    );
+    let e = refused(
+        &[&target[..], &["--artifact", "other=/dev/null"]].concat(),
+        Some(data.path()),
+    );
+    assert!(
+        e.contains("--artifact other: no component") && e.contains("it has: tool"),
+        "{e}"
+    );
+    // No pin for the board's architecture.
+    let e = refused(&["--board", "c5", "--stack", "tool"], Some(data.path()));
+    assert!(e.contains("has no pin for arm64 (pins: amd64)"), "{e}");
+    // A bad declaration names the file and the key.
+    let toml = comp.join("component.toml");
+    let t = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        t.replace("/usr/local/bin/tool", "usr/local/bin/tool"),
+    )
+    .unwrap();
+    let e = refused(&target, Some(data.path()));
+    assert!(
+        e.contains("overlays/tool/component.toml: artifact `tool`: path"),
+        "{e}"
+    );
+    std::fs::write(&toml, t).unwrap();
+    let o = picoimg()
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("plan")
+        .args(target)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let comps = plan["components"].as_array().unwrap();
+    let tool = comps.iter().find(|c| c["name"] == "tool").unwrap();
+    assert_eq!(tool["artifacts"][0]["sha256"], pinned.as_str());
+    assert_eq!(tool["artifacts"][0]["path"], "/usr/local/bin/tool");
+}

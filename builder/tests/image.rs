@@ -392,9 +392,22 @@ fn failed_unit_fails_the_boot_and_is_named() {
     let data = common::data_copy();
     let comp = data.path().join("overlays/broken");
     std::fs::create_dir_all(comp.join("rootfs/etc/systemd/system")).unwrap();
+    // It also installs a pinned artifact (as a release binary from a vendor's site would
+    // be), served here from 127.0.0.1: it must land in the root filesystem with its mode.
+    let artifact = b"#!/bin/sh\necho picoimg test artifact\n".to_vec();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&artifact))
+    };
+    let url = common::serve(artifact.clone(), 2);
     std::fs::write(
         comp.join("component.toml"),
-        "description = \"a unit that fails, for tests\"\nenable = [\"picoimg-test-broken.service\"]\n",
+        format!(
+            "description = \"a unit that fails, for tests\"\nenable = [\"picoimg-test-broken.service\"]\n\n\
+             [[artifact]]\nname = \"test-tool\"\ndescription = \"a test release binary\"\n\
+             path = \"/usr/local/bin/picoimg-test-tool\"\nmode = 0o750\n\
+             [artifact.pins.amd64]\nurl = \"{url}\"\nsha256 = \"{sha}\"\n"
+        ),
     )
     .unwrap();
     std::fs::write(
@@ -423,6 +436,23 @@ fn failed_unit_fails_the_boot_and_is_named() {
                 "--out",
             ])
             .arg(out.path()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("h4-broken.manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["artifacts"][0]["sha256"], sha.as_str());
+    assert_eq!(manifest["artifacts"][0]["source"], url.as_str());
+    let root = partition_of(&out.path().join("h4-broken.img"), &manifest, 2, dir.path());
+    let debugfs = |req: &str| run_ok(tool("debugfs").arg("-R").arg(req).arg(&root));
+    assert_eq!(
+        debugfs("cat /usr/local/bin/picoimg-test-tool").trim_end(),
+        String::from_utf8_lossy(&artifact).trim_end()
+    );
+    let stat = debugfs("stat /usr/local/bin/picoimg-test-tool");
+    assert!(
+        stat.contains("Mode:  0750") && stat.contains("User:     0"),
+        "{stat}"
     );
     let o = picoimg()
         .arg("run")

@@ -1,0 +1,451 @@
+//! Pinned downloads: files a board or component needs that no apt archive carries (the C5's
+//! signed u-boot, a vendor's release binary). Each is named by URL and sha256, fetched once into
+//! `<cache>/blobs/<sha256>` and checked before anything else of the build runs; offline, a local
+//! copy (`--artifact NAME=FILE`, `--uboot FILE`) or a file pre-seeded at that cache path is
+//! used, checked against the same sha256.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::board::Arch;
+use crate::cache::Cache;
+use crate::cmd::Cmd;
+
+/// Largest pinned file taken.
+pub const LIMIT: u64 = 512 << 20;
+
+/// A file a component installs into the image (`[[artifact]]` in component.toml).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// Name for `--artifact NAME=FILE` and messages (lowercase letters, digits, '-').
+    pub name: String,
+    pub description: String,
+    /// Absolute path in the image.
+    pub path: String,
+    /// File mode in the image (owner root).
+    #[serde(default = "executable")]
+    pub mode: u32,
+    /// Per architecture (`amd64`, `arm64`): where it comes from and its sha256.
+    pub pins: BTreeMap<String, Pin>,
+}
+
+fn executable() -> u32 {
+    0o755
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    pub url: String,
+    /// Hex sha256 of the file at `url`.
+    pub sha256: String,
+}
+
+/// Where a pinned file came from, for the manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fetched {
+    pub name: String,
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub source: String,
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Artifact {
+    /// Checks the declaration; `file` names the component file in messages.
+    pub fn validate(&self, file: &Path) -> Result<()> {
+        let at = format!("{}: artifact `{}`", file.display(), self.name);
+        if !crate::data::plain_name(&self.name) {
+            bail!(
+                "{}: artifact name {:?}: lowercase letters, digits and '-'",
+                file.display(),
+                self.name
+            );
+        }
+        let p = Path::new(&self.path);
+        if !p.is_absolute()
+            || p.components().any(|c| {
+                matches!(
+                    c,
+                    std::path::Component::ParentDir | std::path::Component::CurDir
+                )
+            })
+            || self.path.ends_with('/')
+        {
+            bail!(
+                "{at}: path {:?} must be an absolute file path without . or ..",
+                self.path
+            );
+        }
+        if self.mode > 0o7777 {
+            bail!(
+                "{at}: mode {:o} is not a file mode (write it as 0o755)",
+                self.mode
+            );
+        }
+        if self.pins.is_empty() {
+            bail!("{at}: no pins: give [artifact.pins.amd64] and/or [artifact.pins.arm64] with url and sha256");
+        }
+        for (arch, pin) in &self.pins {
+            if !matches!(arch.as_str(), "amd64" | "arm64") {
+                bail!("{at}: pins.{arch}: not an architecture (amd64, arm64)");
+            }
+            if !is_sha256(&pin.sha256) {
+                bail!(
+                    "{at}: pins.{arch}.sha256 {:?} is not 64 lowercase hex digits",
+                    pin.sha256
+                );
+            }
+            if !["http://", "https://", "file:///"]
+                .iter()
+                .any(|s| pin.url.starts_with(s))
+                || pin.url.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                bail!(
+                    "{at}: pins.{arch}.url {:?} must be an http(s):// or file:/// URL",
+                    pin.url
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pin(&self, arch: Arch) -> Option<&Pin> {
+        self.pins.get(arch.as_str())
+    }
+}
+
+/// Which file, pinned where, for messages.
+pub struct Named<'a> {
+    /// What it is (`Hardkernel's signed u-boot for the Odroid C5`).
+    pub what: &'a str,
+    /// Who pins it (`the board file`, `component \`nomad\``).
+    pub pinned_by: &'a str,
+    /// The option that takes a local copy (`--uboot FILE`).
+    pub flag: &'a str,
+}
+
+/// One pinned file's bytes: `local` if given, else the cache's copy, else downloaded into the
+/// cache. Whatever the source, it must have `sha256`.
+pub fn fetch(
+    n: &Named<'_>,
+    url: &str,
+    sha256: &str,
+    local: Option<&Path>,
+    cache: &Cache,
+) -> Result<(Vec<u8>, String)> {
+    let Named {
+        what,
+        pinned_by,
+        flag,
+    } = *n;
+    if let Some(p) = local {
+        let data = picoimg_firstboot::input::read_bytes(p, LIMIT, "pinned file")
+            .with_context(|| format!("reading {flag} {}", p.display()))?;
+        let sum = hex::encode(Sha256::digest(&data));
+        if sum != sha256 {
+            bail!(
+                "{flag} {} has sha256 {sum}, but {pinned_by} pins {sha256} for {what}: not the file the build needs (it comes from {url})",
+                p.display()
+            );
+        }
+        return Ok((data, format!("local file {}", p.display())));
+    }
+    let cached = cached_path(cache, sha256)?;
+    if !cached.is_file() {
+        let dir = cached.parent().expect("cache dir");
+        let tmp = tempfile::Builder::new()
+            .prefix(".download-")
+            .tempfile_in(dir)
+            .context("creating a download file")?;
+        Cmd::new("curl")
+            .args([
+                "--fail",
+                "--silent",
+                "--show-error",
+                "--location",
+                "--retry",
+                "2",
+                "--max-filesize",
+                &LIMIT.to_string(),
+                "--output",
+            ])
+            .arg(tmp.path())
+            .arg(url)
+            .run()
+            .with_context(|| {
+                format!(
+                    "downloading {what} from {url}; offline, pass a copy with {flag}, or put it in the cache as {} (it is checked against sha256 {sha256} either way)",
+                    cached.display(),
+                )
+            })?;
+        let got = crate::output::sha256_file(tmp.path())?;
+        if got != sha256 {
+            bail!("{what} from {url} has sha256 {got}, but {pinned_by} pins {sha256}: refusing to use it");
+        }
+        tmp.persist(&cached)
+            .with_context(|| format!("storing {}", cached.display()))?;
+    }
+    let data = picoimg_firstboot::input::read_bytes(&cached, LIMIT, "pinned file")
+        .with_context(|| format!("reading {}", cached.display()))?;
+    let got = hex::encode(Sha256::digest(&data));
+    if got != sha256 {
+        bail!(
+            "cached {what} is corrupt (sha256 {got}); delete {} and build again",
+            cached.display()
+        );
+    }
+    Ok((data, url.to_owned()))
+}
+
+/// `<cache>/blobs/<sha256>`: where a pinned file is kept (and can be pre-seeded).
+pub fn cached_path(cache: &Cache, sha256: &str) -> Result<PathBuf> {
+    if !is_sha256(sha256) {
+        bail!("{sha256:?} is not a sha256");
+    }
+    let dir = cache.root().join("blobs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir.join(sha256))
+}
+
+/// `--artifact NAME=FILE` values, each name once.
+pub fn parse_locals(args: &[String]) -> Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for a in args {
+        let Some((name, file)) = a
+            .split_once('=')
+            .filter(|(n, f)| !n.is_empty() && !f.is_empty())
+        else {
+            bail!("--artifact {a:?}: write NAME=FILE (see `picoimg plan` for the artifacts a build takes)");
+        };
+        if out.insert(name.to_owned(), PathBuf::from(file)).is_some() {
+            bail!("--artifact {name}: given twice");
+        }
+    }
+    Ok(out)
+}
+
+/// The plan-time checks: every artifact has a pin for `arch`, and every `--artifact` name is
+/// one of them.
+pub fn check_plan(
+    components: &[crate::component::Component],
+    arch: Arch,
+    locals: &BTreeMap<String, PathBuf>,
+) -> Result<()> {
+    let all: Vec<(&str, &Artifact)> = components
+        .iter()
+        .flat_map(|c| c.file.artifacts.iter().map(move |a| (c.name.as_str(), a)))
+        .collect();
+    for name in locals.keys() {
+        if !all.iter().any(|(_, a)| a.name == *name) {
+            let known: Vec<&str> = all.iter().map(|(_, a)| a.name.as_str()).collect();
+            bail!(
+                "--artifact {name}: no component of this build has an artifact of that name ({})",
+                if known.is_empty() {
+                    "it has none".to_owned()
+                } else {
+                    format!("it has: {}", known.join(", "))
+                }
+            );
+        }
+    }
+    for (comp, a) in all {
+        if a.pin(arch).is_none() {
+            bail!(
+                "component `{comp}`: artifact `{}` has no pin for {} (pins: {})",
+                a.name,
+                arch.as_str(),
+                a.pins.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Fetches every artifact of `components` for `arch` (local copies from `locals`), before the
+/// root filesystem step.
+pub fn fetch_all(
+    components: &[crate::component::Component],
+    arch: Arch,
+    locals: &BTreeMap<String, PathBuf>,
+    cache: &Cache,
+) -> Result<Vec<(Fetched, Vec<u8>, u32)>> {
+    check_plan(components, arch, locals)?;
+    let all = components
+        .iter()
+        .flat_map(|c| c.file.artifacts.iter().map(move |a| (c.name.as_str(), a)));
+    let mut out = Vec::new();
+    for (comp, a) in all {
+        let pin = a
+            .pin(arch)
+            .with_context(|| format!("artifact `{}`: no pin for {}", a.name, arch.as_str()))?;
+        let named = Named {
+            what: &a.description,
+            pinned_by: &format!("component `{comp}`"),
+            flag: &format!("--artifact {}=FILE", a.name),
+        };
+        let (data, source) = fetch(
+            &named,
+            &pin.url,
+            &pin.sha256,
+            locals.get(&a.name).map(PathBuf::as_path),
+            cache,
+        )
+        .with_context(|| format!("component `{comp}`: artifact `{}`", a.name))?;
+        out.push((
+            Fetched {
+                name: a.name.clone(),
+                path: a.path.clone(),
+                size: data.len() as u64,
+                sha256: pin.sha256.clone(),
+                source,
+            },
+            data,
+            a.mode,
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Named<'static> = Named {
+        what: "the test file",
+        pinned_by: "the test",
+        flag: "--artifact t=FILE",
+    };
+
+    fn sum(b: &[u8]) -> String {
+        hex::encode(Sha256::digest(b))
+    }
+
+    #[test]
+    fn fetches_checks_caches_and_takes_local_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(Some(&dir.path().join("cache"))).unwrap();
+        let src = dir.path().join("nomad.zip");
+        std::fs::write(&src, b"release bytes").unwrap();
+        let good = sum(b"release bytes");
+        let url = format!("file://{}", src.display());
+        // Downloaded (curl, file:// URL) and kept under its sha256.
+        let (data, from) = fetch(&T, &url, &good, None, &cache).unwrap();
+        assert_eq!(data, b"release bytes");
+        assert_eq!(from, url);
+        assert!(cached_path(&cache, &good).unwrap().is_file());
+        // Now offline: the cached copy serves.
+        std::fs::remove_file(&src).unwrap();
+        let (data, _) = fetch(&T, &url, &good, None, &cache).unwrap();
+        assert_eq!(data, b"release bytes");
+        // A download with another sum is refused and not cached.
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"tampered").unwrap();
+        let pinned = sum(b"what was pinned");
+        let e = fetch(
+            &T,
+            &format!("file://{}", other.display()),
+            &pinned,
+            None,
+            &cache,
+        )
+        .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains(&sum(b"tampered")) && msg.contains(&pinned),
+            "{msg}"
+        );
+        assert!(!cached_path(&cache, &pinned).unwrap().exists());
+        // An unreachable URL names both offline ways in.
+        let e = fetch(&T, "http://127.0.0.1:9/x", &pinned, None, &cache).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("--artifact t=FILE") && msg.contains(&format!("blobs/{pinned}")),
+            "{msg}"
+        );
+        // A local copy: checked against the same pin.
+        let e = fetch(&T, "http://127.0.0.1:9/x", &pinned, Some(&other), &cache).unwrap_err();
+        assert!(format!("{e:#}").contains("but the test pins"), "{e:#}");
+        let right = dir.path().join("right");
+        std::fs::write(&right, b"what was pinned").unwrap();
+        let (data, from) =
+            fetch(&T, "http://127.0.0.1:9/x", &pinned, Some(&right), &cache).unwrap();
+        assert_eq!(data, b"what was pinned");
+        assert!(from.starts_with("local file"));
+    }
+
+    #[test]
+    fn declarations_are_checked() {
+        let ok = Artifact {
+            name: "nomad".into(),
+            description: "Nomad".into(),
+            path: "/usr/bin/nomad".into(),
+            mode: 0o755,
+            pins: [(
+                "amd64".to_owned(),
+                Pin {
+                    url: "https://example.invalid/nomad.zip".into(),
+                    sha256: "a".repeat(64),
+                },
+            )]
+            .into(),
+        };
+        let f = Path::new("overlays/nomad/component.toml");
+        ok.validate(f).unwrap();
+        type Edit = Box<dyn Fn(&mut Artifact)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (Box::new(|a| a.name = "No Good".into()), "artifact name"),
+            (
+                Box::new(|a| a.path = "usr/bin/x".into()),
+                "absolute file path",
+            ),
+            (
+                Box::new(|a| a.path = "/usr/../etc/x".into()),
+                "absolute file path",
+            ),
+            (Box::new(|a| a.mode = 0o17777), "not a file mode"),
+            (Box::new(|a| a.pins.clear()), "no pins"),
+            (
+                Box::new(|a| {
+                    let p = a.pins.remove("amd64").unwrap();
+                    a.pins.insert("riscv64".into(), p);
+                }),
+                "not an architecture",
+            ),
+            (
+                Box::new(|a| a.pins.get_mut("amd64").unwrap().sha256 = "ABC".into()),
+                "64 lowercase hex",
+            ),
+            (
+                Box::new(|a| a.pins.get_mut("amd64").unwrap().url = "ftp://x/y".into()),
+                "http(s)://",
+            ),
+        ];
+        for (edit, want) in cases {
+            let mut a = ok.clone();
+            edit(&mut a);
+            let e = a.validate(f).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains("overlays/nomad/component.toml"),
+                "{want}: {e}"
+            );
+        }
+        assert!(parse_locals(&["x".into()]).is_err());
+        assert!(parse_locals(&["a=1".into(), "a=2".into()]).is_err());
+        assert_eq!(
+            parse_locals(&["a=/f".into()]).unwrap()["a"],
+            PathBuf::from("/f")
+        );
+    }
+}
