@@ -295,6 +295,49 @@ mod tests {
         assert!(c.iter().all(|c| c.rootfs.is_some()));
     }
 
+    /// Builder and node agree: each stack the agent registers is a component of the same
+    /// name serving exactly the stack's roles, and its units are ordered after the agent by
+    /// the component's own drop-ins (not by the base units).
+    #[test]
+    fn every_node_stack_has_its_component_with_the_same_roles_and_drop_ins() {
+        for st in picoimg_firstboot::stacks::registry() {
+            let c = load(&data(), st.name()).expect("the stack's component");
+            let mut want: Vec<String> = st.roles().iter().map(|r| r.to_string()).collect();
+            let mut have = c.file.roles.clone();
+            want.sort();
+            have.sort();
+            assert_eq!(have, want, "component {} roles", st.name());
+            let rootfs = c.rootfs.expect("overlay tree");
+            let health = rootfs.join(format!(
+                "etc/systemd/system/picoimg-firstboot-health.service.d/{}.conf",
+                st.name()
+            ));
+            let text = std::fs::read_to_string(&health).expect("health drop-in");
+            assert!(text.contains("After="), "{}", health.display());
+        }
+        let base = load(&data(), "base").expect("base");
+        for unit in [
+            "picoimg-firstboot.service",
+            "picoimg-firstboot-health.service",
+        ] {
+            let text = std::fs::read_to_string(
+                base.rootfs
+                    .as_ref()
+                    .expect("base tree")
+                    .join("usr/lib/systemd/system")
+                    .join(unit),
+            )
+            .expect("unit");
+            for st in picoimg_firstboot::stacks::registry() {
+                assert!(
+                    !text.contains(&format!("{}.service", st.name())),
+                    "{unit} names stack {}",
+                    st.name()
+                );
+            }
+        }
+    }
+
     /// The ESP hook copies what /vmlinuz and /initrd.img point to.
     #[test]
     fn esp_sync_copies_the_current_kernel() {

@@ -58,18 +58,6 @@ pub enum Role {
 pub const SERVER: &str = "consul-server";
 pub const CLIENT: &str = "consul-client";
 
-/// Where the node's Consul configuration goes. Consul reads a config directory in lexical
-/// order, later files winning, so this file overrides a package's defaults (`consul.hcl`).
-pub const CONFIG: &str = "etc/consul.d/50-picoimg.json";
-/// systemd-resolved drop-in sending `.consul` names to the local agent.
-pub const RESOLVED_DROPIN: &str = "etc/systemd/resolved.conf.d/50-picoimg-consul.conf";
-/// The anonymous token's id (fixed in every Consul since 1.4).
-pub const ANONYMOUS_TOKEN: &str = "00000000-0000-0000-0000-000000000002";
-/// The policy that lets anonymous requests (DNS) read nodes and services, nothing else.
-pub const DNS_POLICY: &str = "picoimg-dns";
-pub const DNS_RULES: &str =
-    "node_prefix \"\" { policy = \"read\" }\nservice_prefix \"\" { policy = \"read\" }\n";
-
 /// A Consul version as `consul version` prints it (`Consul v1.8.7`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Version(pub u32, pub u32, pub u32);
