@@ -125,6 +125,9 @@ pub enum ClusterCommand {
         /// IPv4 subnet of the nodes; they get static addresses from .10 up.
         #[arg(long, default_value = "10.42.0.0/24")]
         subnet: String,
+        /// The stack the nodes run (see `picoimg stacks`): its sections and roles go in.
+        #[arg(long, default_value = "consul")]
+        stack: String,
         /// Write to this file (mode 0600) instead of stdout; never overwrites.
         #[arg(long, short, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -383,15 +386,23 @@ pub fn main() -> Result<()> {
             name,
             nodes,
             subnet,
+            stack,
             out,
-        }) => crate::cluster::init(
-            &picoimg_firstboot::cluster::InitOptions {
-                name: &name,
-                nodes,
-                subnet: &subnet,
-            },
-            out.as_deref(),
-        )?,
+        }) => {
+            // The file gets the sections and roles of the stack's components.
+            let data = crate::data::find(data_dir.as_deref())?;
+            let (_, comps) = crate::component::stack_roles(&data, &stack)?;
+            let names: Vec<&str> = comps.iter().map(String::as_str).collect();
+            crate::cluster::init(
+                &picoimg_firstboot::cluster::InitOptions {
+                    name: &name,
+                    nodes,
+                    subnet: &subnet,
+                    stacks: &picoimg_firstboot::stacks::named(&names),
+                },
+                out.as_deref(),
+            )?
+        }
         Command::Cluster(ClusterCommand::Check { file, json, stack }) => {
             let roles = match &stack {
                 Some(s) => {

@@ -464,6 +464,7 @@ mod tests {
                 name: "lab",
                 nodes: 3,
                 subnet: "10.42.0.0/24",
+                stacks: &picoimg_firstboot::stacks::named(&["consul"]),
             })
             .unwrap()
             .replace(

@@ -148,7 +148,9 @@ pub struct Node {
     /// names it.
     #[serde(default, rename = "match")]
     pub matcher: Option<Match>,
-    /// Roles, each served by one registered stack (`crate::stack::Stack::roles`).
+    /// Roles, each served by one registered stack (`crate::stack::Stack::roles`); none: the
+    /// node gets the base steps only.
+    #[serde(default)]
     pub roles: Vec<Spanned<String>>,
 }
 
@@ -266,6 +268,7 @@ pub fn check_in(
     check_limits(text, &file, &mut p);
     for s in stacks {
         s.check(text, &file, &mut p);
+        warnings.extend(s.warnings(text, &file));
     }
     if !p.is_empty() {
         p.sort_by_key(|x| x.line);
@@ -988,13 +991,7 @@ fn check_nodes(
                 }
             }
         }
-        if n.roles.is_empty() {
-            p.push(Problem {
-                line: at(text, &n.name),
-                field: format!("node[{i}].roles"),
-                message: format!("no roles: give it at least one of {}", known.join(", ")),
-            });
-        }
+        // No roles is allowed: such a node gets the base steps only (a `base` image).
         let mut seen_roles = Vec::new();
         for r in &n.roles {
             let role = r.get_ref().as_str();
@@ -1095,15 +1092,14 @@ pub struct InitOptions<'a> {
     pub name: &'a str,
     pub nodes: u32,
     pub subnet: &'a str,
+    /// The stacks whose sections and roles the file gets.
+    pub stacks: &'a [&'a dyn Stack],
 }
 
-/// A complete, commented cluster file with a fresh id and secret, for the registered stacks.
+/// A complete, commented cluster file with a fresh id and secret, with the sections and roles
+/// of `o.stacks`.
 pub fn render_init(o: &InitOptions<'_>) -> Result<String, String> {
-    render_init_for(o, crate::stacks::registry())
-}
-
-/// As [`render_init`], with the sections and roles of `stacks`.
-pub fn render_init_for(o: &InitOptions<'_>, stacks: &[&dyn Stack]) -> Result<String, String> {
+    let stacks = o.stacks;
     if !is_hostname(o.name) {
         return Err(format!(
             "--name \"{}\": letters, digits and '-' only",
@@ -1233,6 +1229,7 @@ mod tests {
             name: "lab",
             nodes,
             subnet: "10.42.0.0/24",
+            stacks: &crate::stacks::named(&["consul"]),
         })
         .unwrap()
     }

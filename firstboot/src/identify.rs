@@ -170,6 +170,7 @@ mod tests {
             name: "lab",
             nodes: 3,
             subnet: "10.42.0.0/24",
+            stacks: &crate::stacks::named(&["consul"]),
         })
         .unwrap()
         .replace("# match = { mac = \"52:54:00:00:00:02\" }", "match = { mac = \"52:54:00:00:00:02\" }")

@@ -200,6 +200,12 @@ pub trait Stack: Sync {
     /// Whole-file checks (role counts, addresses its roles need, its section's values).
     fn check(&self, text: &str, file: &ClusterFile, p: &mut Vec<Problem>);
 
+    /// Whole-file warnings: the file works, but the user should know (one server, ...).
+    fn warnings(&self, text: &str, file: &ClusterFile) -> Vec<Problem> {
+        let _ = (text, file);
+        Vec::new()
+    }
+
     /// Its commented section for `picoimg cluster init` (without it the defaults apply).
     fn init_section(&self) -> Option<&'static str> {
         None

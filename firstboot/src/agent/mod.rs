@@ -9,6 +9,9 @@
 //! ownership go through [`System`], so tests run every step against a temporary tree.
 
 pub mod base;
+#[cfg(test)]
+pub mod fake;
+pub mod http;
 pub mod report;
 pub mod runner;
 pub mod state;

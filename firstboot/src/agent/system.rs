@@ -16,6 +16,8 @@ pub trait System {
     fn run(&self, cmd: &Cmd) -> Result<String>;
     fn chown(&self, path: &Path, uid: u32, gid: u32) -> Result<()>;
     fn sleep(&self, d: Duration);
+    /// One HTTP request to a service on 127.0.0.1 (secrets go in headers or the body).
+    fn http(&self, req: &super::http::Request<'_>) -> Result<super::http::Reply>;
 }
 
 /// The real system (the agent on a node, root = `/`).
@@ -33,6 +35,10 @@ impl System for Host {
 
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d);
+    }
+
+    fn http(&self, req: &super::http::Request<'_>) -> Result<super::http::Reply> {
+        super::http::send(req)
     }
 }
 

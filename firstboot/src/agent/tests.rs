@@ -1,68 +1,18 @@
 use super::*;
 use crate::cluster::{check, render_init, InitOptions};
-use crate::cmd::Cmd;
 use crate::stacks::consul;
-use anyhow::bail;
-use std::cell::RefCell;
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
 
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ0b2RqZ2x0b2RqZ2x0b2RqZ2x0b2RqZ2x0b2RqZ2x0b2Rq pico@laptop";
 
-/// Commands are recorded; the few whose output matters answer as the real ones would.
-struct Fake {
-    root: PathBuf,
-    calls: RefCell<Vec<String>>,
-    fail: Option<&'static str>,
-    healthy: bool,
-}
-
-impl Fake {
-    fn new(root: &Path) -> Fake {
-        Fake {
-            root: root.to_owned(),
-            calls: RefCell::new(Vec::new()),
-            fail: None,
-            healthy: true,
-        }
-    }
-    fn calls(&self) -> Vec<String> {
-        self.calls.borrow().clone()
-    }
-}
-
-impl System for Fake {
-    fn run(&self, cmd: &Cmd) -> Result<String> {
-        let line = cmd.display();
-        self.calls.borrow_mut().push(line.clone());
-        if self.fail.is_some_and(|f| line.starts_with(f)) {
-            bail!("`{line}` failed (exit status: 1)");
-        }
-        if line.starts_with("useradd") {
-            let name = line.rsplit(' ').next().unwrap();
-            let mut p = std::fs::read_to_string(self.root.join("etc/passwd")).unwrap();
-            p.push_str(&format!("{name}:x:1000:1000::/home/{name}:/bin/bash\n"));
-            std::fs::write(self.root.join("etc/passwd"), p).unwrap();
-        }
-        Ok(match line.as_str() {
-            "consul version" => "Consul v1.8.7\nProtocol 2 spoken by default\n".into(),
-            "ip -o -4 addr show" => "2: enp0s2    inet 10.42.0.11/24 brd 10.42.0.255 scope global enp0s2\n".into(),
-            "consul members" if self.healthy => "Node  Address  Status  Type  Build  Protocol  DC  Segment\npc1  10.42.0.11:8301  alive  server  1.8.7  2  dc1  <all>\n".into(),
-            "consul operator raft list-peers" if self.healthy => "Node  ID  Address  State  Voter  RaftProtocol\npc0  a  10.42.0.10:8300  leader  true  3\npc1  b  10.42.0.11:8300  follower  true  3\npc2  c  10.42.0.12:8300  follower  true  3\n".into(),
-            _ => String::new(),
-        })
-    }
-    fn chown(&self, _: &Path, _: u32, _: u32) -> Result<()> {
-        Ok(())
-    }
-    fn sleep(&self, _: Duration) {}
-}
+use super::fake::Fake;
 
 fn cluster_text() -> String {
     render_init(&InitOptions {
         name: "lab",
         nodes: 3,
         subnet: "10.42.0.0/24",
+        stacks: &crate::stacks::named(&["consul"]),
     })
     .unwrap()
     .replace(
@@ -104,7 +54,15 @@ fn secret_strings(text: &str) -> Vec<String> {
     let c = check(text).unwrap();
     let id = c.file.cluster.get_ref().id.get_ref().clone();
     let s = Secrets::derive(crate::stacks::registry(), &c.secret, &id).redacted();
-    assert_eq!(s.len(), 3, "the cluster secret and Consul's two");
+    let declared: usize = crate::stacks::registry()
+        .iter()
+        .map(|st| st.secrets().len())
+        .sum();
+    assert_eq!(
+        s.len(),
+        1 + declared,
+        "the cluster secret and every declared one"
+    );
     s
 }
 

@@ -210,6 +210,7 @@ mod tests {
             name: "lab",
             nodes: 3,
             subnet: "10.42.0.0/24",
+            stacks: &crate::stacks::named(&["consul"]),
         })
         .unwrap();
         check(&t).unwrap()
