@@ -208,11 +208,25 @@ pub fn stack_roles(data: &Path, stack: &str) -> Result<(Vec<String>, Vec<String>
 /// board, its own components first and the platform matrix enforced.
 fn closure(data: &Path, stack: &str, board: Option<&Board>) -> Result<Vec<Component>> {
     let all = stacks(data)?;
-    let Some((_, wanted)) = all.get(stack) else {
-        bail!(
-            "unknown stack `{stack}`; valid stacks: {}",
+    let listed: Vec<String>;
+    let wanted = match all.get(stack) {
+        Some((_, w)) => w,
+        // A list of components (`consul,docker`), each with what it requires.
+        None if stack.contains(',') => {
+            listed = stack.split(',').map(|c| c.trim().to_owned()).collect();
+            if let Some(bad) = listed.iter().find(|c| {
+                !crate::data::plain_name(c) || !data.join("overlays").join(c).join("component.toml").is_file()
+            }) {
+                bail!(
+                    "--stack {stack}: {bad:?} is not a component (components are the folders of overlays/ with a component.toml)"
+                );
+            }
+            &listed
+        }
+        None => bail!(
+            "unknown stack `{stack}`; valid stacks: {} (or a list of components, like consul,docker)",
             all.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
+        ),
     };
     let mut out: Vec<Component> = Vec::new();
     let mut visiting = Vec::new();

@@ -100,7 +100,25 @@ impl BuildPlan {
                 packages.extend(cs.packages.iter().cloned());
                 for s in &cs.apt {
                     if !apt.iter().any(|(a, _)| a.name == s.name) {
-                        apt.push((s.clone(), Some(format!("{}:{name}", c.name))));
+                        let others: Vec<String> = c
+                            .file
+                            .sources
+                            .keys()
+                            .filter(|k| *k != name)
+                            .map(|k| format!("--sources {k}"))
+                            .collect();
+                        let hint = if others.is_empty() {
+                            format!(
+                                "; component `{}` has no substitute source set: it cannot be built without this repository",
+                                c.name
+                            )
+                        } else {
+                            format!(
+                                ", or build from substitute packages with {}",
+                                others.join(" or ")
+                            )
+                        };
+                        apt.push((s.clone(), Some(format!("{}:{name}:{hint}", c.name))));
                     }
                 }
             }
@@ -111,10 +129,16 @@ impl BuildPlan {
             .map(|(s, owner)| {
                 let bytes = std::fs::read(&s.keyring).with_context(|| {
                     if let Some(owner) = owner {
-                        let (comp, set) = owner.split_once(':').unwrap_or((owner, ""));
+                        let mut parts = owner.splitn(3, ':');
+                        let (comp, set, hint) = (
+                            parts.next().unwrap_or_default(),
+                            parts.next().unwrap_or_default(),
+                            parts.next().unwrap_or_default(),
+                        );
                         return format!(
-                            "component `{comp}` source set `{set}` (apt source `{}`): cannot read its keyring {}: install it as the vendor documents, or build from Debian's substitute packages with --sources debian",
+                            "component `{comp}` source set `{set}` (apt source `{}`, {}): cannot read its keyring {}: install it as the vendor documents{hint}",
                             s.name,
+                            s.uri,
                             s.keyring.display()
                         );
                     }
@@ -183,7 +207,8 @@ impl BuildPlan {
             .collect::<Result<Vec<_>>>()?;
         Ok(BuildPlan {
             picoimg_version: env!("CARGO_PKG_VERSION").to_owned(),
-            name: format!("{}-{}", board.name, stack),
+            // A component list (`consul,docker`) names the image `<board>-consul+docker`.
+            name: format!("{}-{}", board.name, stack.replace(',', "+")),
             rootfs: RootfsSpec {
                 recipe: ROOTFS_RECIPE,
                 arch: board.arch,

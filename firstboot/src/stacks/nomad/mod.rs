@@ -1,0 +1,521 @@
+//! The Nomad stack on a node: `[nomad]` in the cluster file, the `nomad-server` and
+//! `nomad-client` roles (a node may hold both), keys derived from the cluster secret (gossip
+//! key, ACL root token, the Consul tokens Nomad's agents register with), the agent
+//! configuration step, `nomad.service`, and the health check: the agents' Consul tokens made
+//! once, the ACL system bootstrapped with the derived root token by whichever server gets there
+//! first, then servers alive with a leader and this client `ready`.
+
+pub mod config;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+
+use crate::agent::http::Request;
+use crate::agent::system::Target;
+use crate::cluster::{self, ClusterFile, Node, Problem};
+use crate::cmd::Cmd;
+use crate::stack::{self, Ctx, Form, Memo, Progress, Raw, SecretSpec, Section, Stack, Step};
+use crate::stacks::consul;
+
+pub use config::{CLIENT, SERVER};
+
+/// The cluster file's section.
+pub const SECTION: &str = "nomad";
+/// The node's Nomad configuration. Nomad merges the files of /etc/nomad.d in lexical order;
+/// the component replaces the package's nomad.hcl (which enables a single-node server and
+/// client, something a later file cannot switch off) with one that sets nothing else.
+pub const CONFIG: &str = "etc/nomad.d/50-picoimg.json";
+const UNIT: &str = "nomad.service";
+/// Memo key: `nomad version` output and the binary it came from (size:mtime).
+const VERSION_MEMO: &str = "nomad/version";
+/// Nomad's and Consul's HTTP ports on the node.
+const NOMAD_HTTP: u16 = 4646;
+const CONSUL_HTTP: u16 = 8500;
+/// The Consul policies Nomad's agents get.
+pub const CONSUL_SERVER_POLICY: &str = "picoimg-nomad-server";
+pub const CONSUL_CLIENT_POLICY: &str = "picoimg-nomad-client";
+
+/// HKDF labels: part of the on-disk contract; changing one changes a live cluster's keys.
+pub mod label {
+    pub const GOSSIP: &str = "picoimg/v1/nomad/gossip-key";
+    pub const ROOT_TOKEN: &str = "picoimg/v1/nomad/root-token";
+    pub const CONSUL_SERVER_SECRET: &str = "picoimg/v1/nomad/consul-server-token";
+    pub const CONSUL_SERVER_ACCESSOR: &str = "picoimg/v1/nomad/consul-server-accessor";
+    pub const CONSUL_CLIENT_SECRET: &str = "picoimg/v1/nomad/consul-client-token";
+    pub const CONSUL_CLIENT_ACCESSOR: &str = "picoimg/v1/nomad/consul-client-accessor";
+}
+
+const fn uuid(name: &'static str, label: &'static str, operator: bool) -> SecretSpec {
+    SecretSpec {
+        name,
+        label,
+        bytes: 16,
+        form: Form::Uuid,
+        operator,
+    }
+}
+
+const SECRETS: &[SecretSpec] = &[
+    // Nomad decodes `encrypt` with standard base64 (ServerConfig.EncryptBytes): 32 bytes.
+    SecretSpec {
+        name: "nomad-gossip-key",
+        label: label::GOSSIP,
+        bytes: 32,
+        form: Form::Base64,
+        operator: false,
+    },
+    // `nomad acl bootstrap` accepts only a UUID (nomad/acl_endpoint.go, helper.IsUUID).
+    uuid("nomad-root-token", label::ROOT_TOKEN, true),
+    uuid(
+        "nomad-consul-server-token",
+        label::CONSUL_SERVER_SECRET,
+        false,
+    ),
+    uuid(
+        "nomad-consul-server-accessor",
+        label::CONSUL_SERVER_ACCESSOR,
+        false,
+    ),
+    uuid(
+        "nomad-consul-client-token",
+        label::CONSUL_CLIENT_SECRET,
+        false,
+    ),
+    uuid(
+        "nomad-consul-client-accessor",
+        label::CONSUL_CLIENT_ACCESSOR,
+        false,
+    ),
+];
+
+pub struct Nomad;
+
+impl Stack for Nomad {
+    fn name(&self) -> &'static str {
+        "nomad"
+    }
+
+    fn section(&self) -> Option<&'static str> {
+        Some(SECTION)
+    }
+
+    fn parse_section(&self, text: &str, value: &Raw<'_>) -> Result<Section, Vec<Problem>> {
+        let s: config::Section = cluster::typed_section(text, SECTION, value)?;
+        Ok(std::sync::Arc::new(s))
+    }
+
+    fn roles(&self) -> &'static [&'static str] {
+        &[SERVER, CLIENT]
+    }
+
+    fn accounts(&self) -> &'static [&'static str] {
+        &["nomad", "docker"]
+    }
+
+    fn secrets(&self) -> &'static [SecretSpec] {
+        SECRETS
+    }
+
+    fn check(&self, text: &str, file: &ClusterFile, p: &mut Vec<Problem>) {
+        check(text, file, p);
+    }
+
+    fn warnings(&self, _text: &str, file: &ClusterFile) -> Vec<Problem> {
+        let servers = config::server_addresses(file).len();
+        if servers == 1 {
+            vec![Problem {
+                line: 0,
+                field: "node.roles".into(),
+                message: "one nomad-server: the cluster has no quorum to survive its loss; 3 \
+                          servers tolerate one failure"
+                    .into(),
+            }]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn init_section(&self) -> Option<&'static str> {
+        Some(
+            "[nomad]\ndatacenter = \"dc1\"\nregion = \"global\"\n# ACLs are on; the root token is derived from the secret\n# (`picoimg cluster token FILE nomad-root-token` prints it).\n",
+        )
+    }
+
+    /// Servers where Consul has its servers (an odd number), every node a client.
+    fn init_roles(&self, index: u32, nodes: u32) -> Vec<&'static str> {
+        let servers = if nodes < 3 { 1 } else { 3 };
+        if index < servers {
+            vec![SERVER, CLIENT]
+        } else {
+            vec![CLIENT]
+        }
+    }
+
+    fn steps<'a>(&self, ctx: &Ctx<'a>, t: &Target<'_>, memo: &mut Memo) -> Result<Vec<Step<'a>>> {
+        let r = config::roles(ctx.node);
+        let conf = if r.any() {
+            let version = version(t, memo)?;
+            let token = ctx.secrets.get(if r.server {
+                label::CONSUL_SERVER_SECRET
+            } else {
+                label::CONSUL_CLIENT_SECRET
+            })?;
+            let json = config::config(ctx.file, ctx.node, ctx.secrets, token)?;
+            Some((version, serde_json::to_string_pretty(&json)?))
+        } else {
+            None
+        };
+        let input = stack::fingerprint(&[conf.as_ref().map_or("none", |(_, c)| c.as_str())]);
+        Ok(vec![Step {
+            name: "nomad".into(),
+            input,
+            reapply: false,
+            apply: Box::new(move |t: &Target<'_>| apply(t, conf)),
+        }])
+    }
+
+    fn units(&self, node: &Node) -> Vec<&'static str> {
+        config::roles(node)
+            .any()
+            .then_some(UNIT)
+            .into_iter()
+            .collect()
+    }
+
+    fn health(
+        &self,
+        ctx: &Ctx<'_>,
+        t: &Target<'_>,
+        p: &mut dyn Progress,
+    ) -> Result<Option<String>> {
+        let r = config::roles(ctx.node);
+        if !r.any() {
+            return Ok(None);
+        }
+        health(ctx, t, p, r).map(Some)
+    }
+}
+
+/// Whole-file checks: an odd number of servers (at least one), servers' addresses, a Consul
+/// agent on every Nomad node (Nomad registers through the local agent), the section's names.
+fn check(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
+    if f.stacks.get_raw(SECTION).is_some() {
+        let s = config::section(f);
+        for (key, v) in [("datacenter", &s.datacenter), ("region", &s.region)] {
+            let ok = !v.get_ref().is_empty()
+                && v.get_ref().len() <= 63
+                && v.get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                p.push(Problem {
+                    line: cluster::at(text, v),
+                    field: format!("nomad.{key}"),
+                    message: format!(
+                        "\"{}\" is not a Nomad {key} name here: letters, digits, '-' and '_', 1-63 characters",
+                        v.get_ref().escape_debug()
+                    ),
+                });
+            }
+        }
+    }
+    let mut servers = 0;
+    for (i, n) in f.nodes.iter().enumerate() {
+        let r = config::roles(n);
+        if r.server && n.address.get_ref() == "dhcp" {
+            p.push(Problem {
+                line: cluster::at(text, &n.address),
+                field: format!("node[{i}].address"),
+                message: "a nomad-server needs a static address: the other nodes join the \
+                          servers by address"
+                    .into(),
+            });
+        }
+        if r.any() && consul::config::role(n).is_none() {
+            p.push(Problem {
+                line: cluster::at(text, &n.name),
+                field: format!("node[{i}].roles"),
+                message: "a Nomad node also needs a Consul agent (Nomad registers its services \
+                          through the local one): add \"consul-client\" (or \"consul-server\")"
+                    .into(),
+            });
+        }
+        servers += usize::from(r.server);
+    }
+    if !stack::used(&Nomad, f) {
+        return;
+    }
+    if servers == 0 {
+        p.push(Problem {
+            line: 0,
+            field: "node.roles".into(),
+            message: "no node has the nomad-server role: give it to 1, 3 or 5 nodes".into(),
+        });
+    } else if servers % 2 == 0 {
+        p.push(Problem {
+            line: 0,
+            field: "node.roles".into(),
+            message: format!(
+                "{servers} nomad-server nodes: use an odd number (1, 3, 5) so a majority survives a failure"
+            ),
+        });
+    }
+}
+
+/// The installed Nomad's version, remembered with the binary's size and mtime.
+fn version(t: &Target<'_>, memo: &mut Memo) -> Result<config::Version> {
+    let Ok(meta) = std::fs::metadata(t.p("usr/bin/nomad")) else {
+        bail!(
+            "this node has a Nomad role but the image has no Nomad: build it with `--stack nomad`"
+        );
+    };
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let sig = format!("{}:{mtime}", meta.len());
+    let out = match memo.get(VERSION_MEMO).and_then(|m| m.split_once('\n')) {
+        Some((s, out)) if s == sig => out.to_owned(),
+        _ => {
+            let out = t.sys.run(&Cmd::new("nomad").arg("version"))?;
+            memo.insert(VERSION_MEMO.into(), format!("{sig}\n{out}"));
+            out
+        }
+    };
+    let v = config::Version::parse(&out)
+        .ok_or_else(|| anyhow!("cannot read the Nomad version from `nomad version`: {out}"))?;
+    if v < config::Version::BOOTSTRAP_SECRET {
+        bail!(
+            "Nomad {v} cannot take a derived ACL root token (`nomad acl bootstrap FILE` needs {} or later): build with a newer Nomad",
+            config::Version::BOOTSTRAP_SECRET
+        );
+    }
+    Ok(v)
+}
+
+fn apply(t: &Target<'_>, conf: Option<(config::Version, String)>) -> Result<String> {
+    let Some((version, conf)) = conf else {
+        return Ok("no Nomad role on this node".into());
+    };
+    // The gossip key and the Consul token: root and the nomad group only.
+    t.write(CONFIG, &conf, 0o640)?;
+    if let Some(gid) = t.gid("nomad") {
+        t.sys.chown(&t.p(CONFIG), 0, gid)?;
+    }
+    Ok(format!("Nomad {version}: /{CONFIG}"))
+}
+
+/// Polls `f` every 2 s until it gives `Some`, bounded by the file's health timeout (by the
+/// seconds slept and by the clock, whichever is further along); reports changes of `state`.
+fn wait<T>(
+    what: &str,
+    limit: u64,
+    t: &Target<'_>,
+    p: &mut dyn Progress,
+    mut f: impl FnMut() -> Result<Result<T, String>>,
+) -> Result<T> {
+    let started = Instant::now();
+    let mut slept = 0;
+    let mut reported = 0;
+    let mut last = String::new();
+    loop {
+        let now = match f()? {
+            Ok(v) => return Ok(v),
+            Err(state) => state,
+        };
+        let waited = slept.max(started.elapsed().as_secs());
+        if now != last || waited >= reported + 60 {
+            reported = waited;
+            p.say(format!("picoimg: waiting for {what} ({waited} s): {now}"));
+            last = now;
+        }
+        if waited >= limit {
+            bail!("{what} not done after {limit} s: {last}");
+        }
+        t.sys.sleep(Duration::from_secs(2));
+        slept += 2;
+    }
+}
+
+fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles) -> Result<String> {
+    let limit = ctx.file.firstboot.health_timeout;
+    let root = ctx.secrets.get(label::ROOT_TOKEN)?;
+    // 1. The Consul tokens Nomad's agents use (Consul is healthy: its check ran first).
+    let management = ctx.secrets.get(consul::label::MANAGEMENT_TOKEN)?;
+    if consul::config::section(ctx.file).acl {
+        let consul_version = t
+            .sys
+            .run(&Cmd::new("consul").arg("version"))
+            .ok()
+            .and_then(|o| consul::config::Version::parse(&o))
+            .map(|v| (v.0, v.1));
+        let role = if r.server { "server" } else { "client" };
+        let (policy, secret, accessor) = if r.server {
+            (
+                CONSUL_SERVER_POLICY,
+                label::CONSUL_SERVER_SECRET,
+                label::CONSUL_SERVER_ACCESSOR,
+            )
+        } else {
+            (
+                CONSUL_CLIENT_POLICY,
+                label::CONSUL_CLIENT_SECRET,
+                label::CONSUL_CLIENT_ACCESSOR,
+            )
+        };
+        let rules = config::consul_rules(r.server, consul_version);
+        let (secret, accessor) = (ctx.secrets.get(secret)?, ctx.secrets.get(accessor)?);
+        p.once(
+            &format!("nomad-consul-{role}-token"),
+            &stack::fingerprint(&[&rules]),
+            &mut || {
+                consul_token(t, management, policy, &rules, secret, accessor)?;
+                Ok(format!(
+                    "Consul token for Nomad {role}s (policy {policy}) in place"
+                ))
+            },
+        )?;
+    }
+    // 2. The ACL system, bootstrapped with the derived root token by the first server.
+    if r.server {
+        p.once(
+            "nomad-acl-bootstrap",
+            &stack::fingerprint(&["bootstrap"]),
+            &mut || bootstrap(t, limit, root),
+        )?;
+    }
+    // 3. Servers alive with a leader; this client ready.
+    let expect = config::server_addresses(ctx.file).len();
+    let nomad = |args: &[&str]| Cmd::new("nomad").args(args).env("NOMAD_TOKEN", root);
+    let name = ctx.node.name.get_ref().clone();
+    let (alive, _) = wait("nomad servers", limit, t, p, || {
+        let out = t
+            .sys
+            .run(&nomad(&["server", "members"]))
+            .unwrap_or_default();
+        let (alive, leader) = config::servers_alive(&out);
+        Ok(if alive >= expect && leader {
+            Ok((alive, leader))
+        } else {
+            Err(format!(
+                "{alive} of {expect} server(s) alive, {}",
+                if leader {
+                    "leader elected"
+                } else {
+                    "no leader yet"
+                }
+            ))
+        })
+    })
+    .map_err(|e| {
+        e.context(format!(
+            "are the nomad servers ({}) powered and on the network?",
+            config::server_addresses(ctx.file).join(", ")
+        ))
+    })?;
+    if r.client {
+        wait("this nomad client", limit, t, p, || {
+            let out = t.sys.run(&nomad(&["node", "status"])).unwrap_or_default();
+            Ok(match config::node_status(&out, &name) {
+                Some(s) if s == "ready" => Ok(()),
+                Some(s) => Err(format!("node {name} is {s}")),
+                None => Err(format!("node {name} not registered yet")),
+            })
+        })?;
+    }
+    Ok(format!(
+        "nomad {}: {alive} server(s) alive, leader elected{}",
+        match (r.server, r.client) {
+            (true, true) => "server and client",
+            (true, false) => "server",
+            _ => "client",
+        },
+        if r.client { ", client ready" } else { "" }
+    ))
+}
+
+/// Bootstraps Nomad's ACL system with the derived root token (`POST /v1/acl/bootstrap` with
+/// `BootstrapSecret`, Nomad 1.3.2+; the token travels in the body, never on a command line),
+/// until it succeeds or says it was done already; "No cluster leader" (or no answer yet) is
+/// retried within `limit` seconds.
+fn bootstrap(t: &Target<'_>, limit: u64, root: &str) -> Result<String> {
+    let body = serde_json::json!({ "BootstrapSecret": root }).to_string();
+    let req = Request {
+        method: "POST",
+        port: NOMAD_HTTP,
+        path: "/v1/acl/bootstrap",
+        headers: Vec::new(),
+        body: &body,
+    };
+    let started = Instant::now();
+    let mut slept = 0;
+    loop {
+        let last = match t.sys.http(&req) {
+            Ok(r) if r.status == 200 => {
+                return Ok("ACL system bootstrapped with the derived root token".into())
+            }
+            Ok(r) if r.body.contains("bootstrap already done") => {
+                return Ok("ACL system already bootstrapped (by another server)".into())
+            }
+            Ok(r) => format!("HTTP {}: {}", r.status, r.body.trim()),
+            Err(e) => format!("{e:#}"),
+        };
+        if slept.max(started.elapsed().as_secs()) >= limit {
+            bail!("bootstrapping Nomad's ACLs: still failing after {limit} s: {last}");
+        }
+        t.sys.sleep(Duration::from_secs(3));
+        slept += 3;
+    }
+}
+
+/// Creates Nomad's Consul policy (CLI; rules are not secret, the management token goes in the
+/// environment) and the agents' token with the derived ids (`PUT /v1/acl/token`, ids in the
+/// body). Either already being there counts as done: another node made it first.
+fn consul_token(
+    t: &Target<'_>,
+    management: &str,
+    policy: &str,
+    rules: &str,
+    secret: &str,
+    accessor: &str,
+) -> Result<()> {
+    let created = t.sys.run(
+        &Cmd::new("consul")
+            .args(["acl", "policy", "create", "-name", policy])
+            .args(["-description", "picoimg: Nomad agents", "-rules", rules])
+            .env("CONSUL_HTTP_TOKEN", management),
+    );
+    if let Err(e) = created {
+        if !format!("{e:#}").contains("already exists") {
+            return Err(e.context(format!("creating the Consul policy {policy}")));
+        }
+    }
+    let body = serde_json::json!({
+        "AccessorID": accessor,
+        "SecretID": secret,
+        "Description": "picoimg: Nomad agents",
+        "Policies": [{ "Name": policy }],
+    })
+    .to_string();
+    let r = t.sys.http(&Request {
+        method: "PUT",
+        port: CONSUL_HTTP,
+        path: "/v1/acl/token",
+        headers: vec![("X-Consul-Token", management)],
+        body: &body,
+    })?;
+    // Consul refuses a second token with the same ids ("... already in use" / "exists").
+    if r.status == 200 || r.body.contains("already in use") || r.body.contains("already exists") {
+        return Ok(());
+    }
+    bail!(
+        "creating the Consul token for Nomad (policy {policy}): HTTP {}: {}",
+        r.status,
+        r.body.trim()
+    )
+}
+
+#[cfg(test)]
+mod tests;
