@@ -189,7 +189,41 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
                 sets.iter().map(|s| format!("--sources {s}")).collect::<Vec<_>>().join(" or ")
             ),
         };
-        crate::rootfs::check_sources_reachable(&plan.rootfs, &hint)?;
+        // A component's own source: its substitute set if it has one, else say there is none.
+        let hint_for = |source: &str| {
+            // The component whose chosen set brings this source.
+            let owner = components.iter().find(|c| {
+                c.source_set(opts.sources.as_deref())
+                    .ok()
+                    .flatten()
+                    .is_some_and(|(_, set)| set.apt.iter().any(|a| a.name == source))
+            });
+            match owner {
+                Some(c) => {
+                    let others: Vec<String> = c
+                        .file
+                        .sources
+                        .iter()
+                        .filter(|(_, set)| !set.apt.iter().any(|a| a.name == source))
+                        .map(|(k, _)| format!("--sources {k}"))
+                        .collect();
+                    if others.is_empty() {
+                        format!(
+                            "hint: component `{}` has no substitute source set; it needs this repository (check the network, or build a stack without it)",
+                            c.name
+                        )
+                    } else {
+                        format!(
+                            "hint: build component `{}` from substitute packages with {}",
+                            c.name,
+                            others.join(" or ")
+                        )
+                    }
+                }
+                None => hint.clone(),
+            }
+        };
+        crate::rootfs::check_sources_reachable(&plan.rootfs, &hint_for)?;
     }
     let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan.rootfs, &cache, opts.refresh)?;
 

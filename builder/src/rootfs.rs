@@ -39,7 +39,8 @@ pub fn is_cached(spec: &RootfsSpec, cache: &Cache) -> bool {
 /// Checks that every source with an explicit URI answers for the suite, so an unreachable
 /// vendor archive fails at once, by name, with `hint` (how to substitute), instead of deep in
 /// mmdebstrap.
-pub fn check_sources_reachable(spec: &RootfsSpec, hint: &str) -> Result<()> {
+/// `hint(name)`: what to do instead when apt source `name` cannot be reached.
+pub fn check_sources_reachable(spec: &RootfsSpec, hint: &dyn Fn(&str) -> String) -> Result<()> {
     for s in &spec.sources {
         let Some(uri) = &s.uri else { continue };
         if !(uri.starts_with("http://") || uri.starts_with("https://")) {
@@ -57,13 +58,14 @@ pub fn check_sources_reachable(spec: &RootfsSpec, hint: &str) -> Result<()> {
             .run();
         if let Err(e) = probe {
             anyhow::bail!(
-                "apt source `{}` ({uri}) cannot be reached from this machine: {}\n{hint}",
+                "apt source `{}` ({uri}) cannot be reached from this machine: {}\n{}",
                 s.name,
                 format!("{e:#}")
                     .lines()
                     .last()
                     .unwrap_or("")
-                    .trim_start_matches("  | ")
+                    .trim_start_matches("  | "),
+                hint(&s.name)
             );
         }
     }

@@ -1462,3 +1462,143 @@ fn component_artifacts_are_checked_before_anything_is_built() {
     assert_eq!(tool["artifacts"][0]["sha256"], pinned.as_str());
     assert_eq!(tool["artifacts"][0]["path"], "/usr/local/bin/tool");
 }
+
+/// `--stack` takes a list of components, resolved with what they require; the image is named
+/// after them; a name that is no component is refused.
+#[test]
+fn stack_can_be_a_list_of_components() {
+    let o = picoimg()
+        .args([
+            "plan",
+            "--board",
+            "h4",
+            "--stack",
+            "consul,docker",
+            "--sources",
+            "debian",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plan["name"], "h4-consul+docker");
+    let names: Vec<&str> = plan["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["systemd-boot", "base", "consul", "docker"]);
+    let pkgs = plan["rootfs"]["packages"].to_string();
+    for p in [
+        "\"docker.io\"",
+        "\"containernetworking-plugins\"",
+        "\"consul\"",
+    ] {
+        assert!(pkgs.contains(p), "{p} in {pkgs}");
+    }
+    let e = refused(&["--board", "h4", "--stack", "consul,dokcer"], None);
+    assert!(
+        e.contains("--stack consul,dokcer: \"dokcer\" is not a component"),
+        "{e}"
+    );
+}
+
+/// The nomad stack: listed with its components; its cluster file (from `cluster init --stack
+/// nomad`) checks, and is refused for a consul image with the line of a nomad role; the build
+/// stops before anything runs when HashiCorp's repository is missing or unreachable, naming it
+/// and saying there is no substitute.
+#[test]
+fn nomad_stack_is_listed_its_file_checks_and_an_unreachable_repository_stops_the_build() {
+    let o = picoimg().arg("stacks").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("nomad") && l.ends_with("[base, consul, docker, nomad]")),
+        "{out}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lab.toml");
+    let o = picoimg()
+        .args([
+            "cluster", "init", "--name", "lab", "--stack", "nomad", "--out",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains("[nomad]") && text.contains("[consul]"),
+        "{text}"
+    );
+    let o = picoimg()
+        .args(["cluster", "check", "--stack", "nomad"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains("3 nodes, 3 consul-server, 3 nomad-server, 3 nomad-client"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = picoimg()
+        .args(["cluster", "check", "--stack", "consul"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let line = text
+        .lines()
+        .position(|l| l.contains("\"nomad-server\""))
+        .unwrap()
+        + 1;
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!(
+            "lab.toml:{line}: node[0].roles: role `nomad-server` is not served by stack `consul`"
+        )),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Without HashiCorp's keyring on the host: refused at plan time, even with --sources debian
+    // (Consul has a Debian substitute, Nomad has none).
+    let data = common::data_copy();
+    let e = refused(
+        &["--board", "c5", "--stack", "nomad", "--sources", "debian"],
+        Some(data.path()),
+    );
+    assert!(
+        e.contains("component `nomad` source set `hashicorp` (apt source `hashicorp`, https://apt.releases.hashicorp.com)")
+            && e.contains("has no substitute source set"),
+        "{e}"
+    );
+    // With a keyring but no route to the repository: named before mmdebstrap runs.
+    let keyring = dir.path().join("hashicorp.gpg");
+    std::fs::write(&keyring, b"not checked before the probe").unwrap();
+    let comp = data.path().join("overlays/nomad/component.toml");
+    let t = std::fs::read_to_string(&comp).unwrap();
+    std::fs::write(
+        &comp,
+        t.replace(
+            "https://apt.releases.hashicorp.com",
+            "http://127.0.0.1:9/hashicorp",
+        )
+        .replace(
+            "/usr/share/keyrings/hashicorp-archive-keyring.gpg",
+            keyring.to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let e = refused(
+        &["--board", "h4", "--stack", "nomad", "--sources", "debian"],
+        Some(data.path()),
+    );
+    assert!(
+        e.contains("apt source `hashicorp` (http://127.0.0.1:9/hashicorp) cannot be reached")
+            && e.contains("component `nomad` has no substitute source set"),
+        "{e}"
+    );
+    assert!(!e.contains("mmdebstrap --variant"), "{e}");
+}
