@@ -32,6 +32,14 @@ pub struct Artifact {
     pub mode: u32,
     /// Per architecture (`amd64`, `arm64`): where it comes from and its sha256.
     pub pins: BTreeMap<String, Pin>,
+    /// The component's source sets it belongs to (empty: every set). A set of its own is the
+    /// offline path for a vendor's apt repository: `--artifact NAME=FILE` selects it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<String>,
+    /// The pinned file is a zip archive (a vendor's release); this member is what goes to
+    /// `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zip_member: Option<String>,
 }
 
 fn executable() -> u32 {
@@ -94,6 +102,11 @@ impl Artifact {
                 self.mode
             );
         }
+        if let Some(m) = &self.zip_member {
+            if m.is_empty() || m.starts_with('/') || m.split('/').any(|c| c == "..") {
+                bail!("{at}: zip_member {m:?} must be a relative path inside the archive");
+            }
+        }
         if self.pins.is_empty() {
             bail!("{at}: no pins: give [artifact.pins.amd64] and/or [artifact.pins.arm64] with url and sha256");
         }
@@ -124,6 +137,65 @@ impl Artifact {
     pub fn pin(&self, arch: Arch) -> Option<&Pin> {
         self.pins.get(arch.as_str())
     }
+
+    /// Whether it is installed when its component uses source set `set`.
+    pub fn in_set(&self, set: Option<&str>) -> bool {
+        self.sets.is_empty() || set.is_some_and(|s| self.sets.iter().any(|x| x == s))
+    }
+}
+
+/// A component whose artifact, limited to one of its source sets, is given as a local copy
+/// (`--artifact NAME=FILE`) uses that set: the offline path replaces the vendor's repository.
+pub fn prefer_sets(
+    components: &mut [crate::component::Component],
+    locals: &BTreeMap<String, PathBuf>,
+) {
+    for c in components.iter_mut() {
+        let chosen = c
+            .file
+            .artifacts
+            .iter()
+            .find(|a| locals.contains_key(&a.name) && a.sets.len() == 1)
+            .map(|a| a.sets[0].clone());
+        if let Some(set) = chosen {
+            c.file.default_sources = Some(set);
+        }
+    }
+}
+
+/// The artifacts `c` installs with the source set `asked` resolves to.
+pub fn active<'c>(
+    c: &'c crate::component::Component,
+    asked: Option<&str>,
+) -> Result<Vec<&'c Artifact>> {
+    let set = c.source_set(asked)?.map(|(n, _)| n);
+    Ok(c.file.artifacts.iter().filter(|a| a.in_set(set)).collect())
+}
+
+/// The member `name` of the zip archive `data`, bounded by [`LIMIT`].
+pub fn unzip(data: &[u8], name: &str, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(data))
+        .with_context(|| format!("{what} is not a zip archive"))?;
+    let names: Vec<String> = z.file_names().map(str::to_owned).collect();
+    let mut f = z.by_name(name).map_err(|_| {
+        anyhow::anyhow!(
+            "{what} has no member {name:?} (it has: {})",
+            names.join(", ")
+        )
+    })?;
+    if f.size() > LIMIT {
+        bail!(
+            "{what}: member {name} is {} bytes, more than {LIMIT}",
+            f.size()
+        );
+    }
+    let mut out = Vec::with_capacity(f.size() as usize);
+    f.by_ref()
+        .take(LIMIT)
+        .read_to_end(&mut out)
+        .with_context(|| format!("unpacking {name} from {what}"))?;
+    Ok(out)
 }
 
 /// Which file, pinned where, for messages.
@@ -241,12 +313,13 @@ pub fn parse_locals(args: &[String]) -> Result<BTreeMap<String, PathBuf>> {
 pub fn check_plan(
     components: &[crate::component::Component],
     arch: Arch,
+    asked: Option<&str>,
     locals: &BTreeMap<String, PathBuf>,
 ) -> Result<()> {
-    let all: Vec<(&str, &Artifact)> = components
-        .iter()
-        .flat_map(|c| c.file.artifacts.iter().map(move |a| (c.name.as_str(), a)))
-        .collect();
+    let mut all: Vec<(&str, &Artifact)> = Vec::new();
+    for c in components {
+        all.extend(active(c, asked)?.into_iter().map(|a| (c.name.as_str(), a)));
+    }
     for name in locals.keys() {
         if !all.iter().any(|(_, a)| a.name == *name) {
             let known: Vec<&str> = all.iter().map(|(_, a)| a.name.as_str()).collect();
@@ -278,13 +351,15 @@ pub fn check_plan(
 pub fn fetch_all(
     components: &[crate::component::Component],
     arch: Arch,
+    asked: Option<&str>,
     locals: &BTreeMap<String, PathBuf>,
     cache: &Cache,
 ) -> Result<Vec<(Fetched, Vec<u8>, u32)>> {
-    check_plan(components, arch, locals)?;
-    let all = components
-        .iter()
-        .flat_map(|c| c.file.artifacts.iter().map(move |a| (c.name.as_str(), a)));
+    check_plan(components, arch, asked, locals)?;
+    let mut all: Vec<(&str, &Artifact)> = Vec::new();
+    for c in components {
+        all.extend(active(c, asked)?.into_iter().map(|a| (c.name.as_str(), a)));
+    }
     let mut out = Vec::new();
     for (comp, a) in all {
         let pin = a
@@ -303,6 +378,12 @@ pub fn fetch_all(
             cache,
         )
         .with_context(|| format!("component `{comp}`: artifact `{}`", a.name))?;
+        // Checked as downloaded (the archive's sha256), then unpacked.
+        let data = match &a.zip_member {
+            Some(m) => unzip(&data, m, &a.description)
+                .with_context(|| format!("component `{comp}`: artifact `{}`", a.name))?,
+            None => data,
+        };
         out.push((
             Fetched {
                 name: a.name.clone(),
@@ -385,6 +466,42 @@ mod tests {
         assert!(from.starts_with("local file"));
     }
 
+    /// A release archive made by Python's zipfile (deflated): the member comes out whole; a
+    /// missing member or a file that is no zip names what is wrong.
+    #[test]
+    fn unzips_one_member_of_a_release_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let zip = dir.path().join("r.zip");
+        let body = "#!/bin/sh\necho nomad\n".repeat(100);
+        let o = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys,zipfile\n\
+                 with zipfile.ZipFile(sys.argv[1],'w',zipfile.ZIP_DEFLATED) as z:\n z.writestr('LICENSE.txt','x')\n z.writestr('nomad', sys.argv[2])",
+            ])
+            .arg(&zip)
+            .arg(&body)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let data = std::fs::read(&zip).unwrap();
+        assert_eq!(
+            unzip(&data, "nomad", "the archive").unwrap(),
+            body.as_bytes()
+        );
+        let e = unzip(&data, "consul", "the archive")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no member \"consul\"") && e.contains("LICENSE.txt, nomad"),
+            "{e}"
+        );
+        let e = unzip(b"not a zip", "nomad", "the archive")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a zip archive"), "{e}");
+    }
+
     #[test]
     fn declarations_are_checked() {
         let ok = Artifact {
@@ -392,6 +509,8 @@ mod tests {
             description: "Nomad".into(),
             path: "/usr/bin/nomad".into(),
             mode: 0o755,
+            sets: Vec::new(),
+            zip_member: None,
             pins: [(
                 "amd64".to_owned(),
                 Pin {

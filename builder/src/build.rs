@@ -111,8 +111,14 @@ fn resolve(opts: &BuildOptions) -> Result<(PathBuf, BuildPlan, Vec<crate::compon
     if let Some(m) = &opts.mirror {
         check_mirror(m)?;
     }
-    let components = crate::component::resolve(&data, &opts.stack, &board)?;
-    crate::artifact::check_plan(&components, board.arch, &opts.artifacts)?;
+    let mut components = crate::component::resolve(&data, &opts.stack, &board)?;
+    crate::artifact::prefer_sets(&mut components, &opts.artifacts);
+    crate::artifact::check_plan(
+        &components,
+        board.arch,
+        opts.sources.as_deref(),
+        &opts.artifacts,
+    )?;
     let plan = BuildPlan::new(
         board,
         &opts.stack,
@@ -166,7 +172,13 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         None => None,
     };
     // So are the components' pinned artifacts (release binaries no apt archive carries).
-    let artifacts = crate::artifact::fetch_all(&components, board.arch, &opts.artifacts, &cache)?;
+    let artifacts = crate::artifact::fetch_all(
+        &components,
+        board.arch,
+        opts.sources.as_deref(),
+        &opts.artifacts,
+        &cache,
+    )?;
     // The agent is part of every image's inputs (its disk ids too).
     let agent = crate::agentbin::find_or_build(board.arch, opts.firstboot.as_deref(), &cache)?;
     let inputs_hash = image_inputs_hash(&plan, &agent);
@@ -200,13 +212,12 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
             });
             match owner {
                 Some(c) => {
-                    let others: Vec<String> = c
-                        .file
-                        .sources
-                        .iter()
-                        .filter(|(_, set)| !set.apt.iter().any(|a| a.name == source))
-                        .map(|(k, _)| format!("--sources {k}"))
-                        .collect();
+                    let chosen = c
+                        .source_set(opts.sources.as_deref())
+                        .ok()
+                        .flatten()
+                        .map_or("", |(n, _)| n);
+                    let others = c.substitutes(chosen);
                     if others.is_empty() {
                         format!(
                             "hint: component `{}` has no substitute source set; it needs this repository (check the network, or build a stack without it)",
@@ -214,7 +225,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
                         )
                     } else {
                         format!(
-                            "hint: build component `{}` from substitute packages with {}",
+                            "hint: build component `{}` without it: {}",
                             c.name,
                             others.join(" or ")
                         )

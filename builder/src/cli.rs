@@ -158,9 +158,15 @@ pub struct Target {
     /// Board to build for (see `picoimg boards`).
     #[arg(long)]
     pub board: String,
-    /// Stack of components to install (see `picoimg stacks`).
+    /// Stack of components to install (see `picoimg stacks`), or a list of components
+    /// (`consul,docker`).
     #[arg(long, default_value = "base")]
     pub stack: String,
+    /// A local copy of a component's pinned artifact (a vendor's release archive or binary),
+    /// instead of downloading it; checked against the same sha256. An artifact of its own
+    /// source set (Nomad's release archive) selects that set. Repeatable.
+    #[arg(long, value_name = "NAME=FILE")]
+    pub artifact: Vec<String>,
     /// Apt mirror URL for the board's default source, instead of the distribution's default
     /// (which mmdebstrap picks, adding the -updates and -security suites).
     #[arg(long, value_name = "URL")]
@@ -198,10 +204,6 @@ pub struct BuildArgs {
     /// Local bootloader blob to write instead of downloading the board's (Odroid C5 u-boot).
     #[arg(long, value_name = "FILE")]
     pub uboot: Option<PathBuf>,
-    /// A local copy of a component's pinned artifact (e.g. a release binary the vendor's site
-    /// serves), instead of downloading it; checked against the same sha256. Repeatable.
-    #[arg(long, value_name = "NAME=FILE")]
-    pub artifact: Vec<String>,
     /// First-boot agent binary for the board's architecture (default: the static build beside
     /// picoimg, or in its cargo target directory, for example
     /// target/aarch64-unknown-linux-musl/release/picoimg-firstboot; or $PICOIMG_FIRSTBOOT).
@@ -261,8 +263,8 @@ pub struct RunArgs {
 }
 
 impl Target {
-    fn options(self, data_dir: Option<PathBuf>) -> BuildOptions {
-        BuildOptions {
+    fn options(self, data_dir: Option<PathBuf>) -> Result<BuildOptions> {
+        Ok(BuildOptions {
             board: self.board,
             stack: self.stack,
             out: PathBuf::from("out"),
@@ -275,9 +277,9 @@ impl Target {
             image_size: self.image_size,
             sources: self.sources,
             uboot: None,
-            artifacts: Default::default(),
+            artifacts: crate::artifact::parse_locals(&self.artifact)?,
             firstboot: None,
-        }
+        })
     }
 }
 
@@ -288,14 +290,13 @@ pub fn main() -> Result<()> {
     let data_dir = cli.data_dir;
     match cli.command {
         Command::Build(a) => {
-            let mut o = a.target.options(data_dir);
+            let mut o = a.target.options(data_dir)?;
             o.out = a.out;
             o.cache = a.cache;
             o.keep_raw = a.keep_raw;
             o.xz_level = a.xz_level;
             o.refresh = a.refresh;
             o.uboot = a.uboot;
-            o.artifacts = crate::artifact::parse_locals(&a.artifact)?;
             o.firstboot = a.firstboot;
             let out = crate::build::build(&o)?;
             crate::outln!("{}", out.image_xz.display())?;
@@ -306,7 +307,7 @@ pub fn main() -> Result<()> {
             }
         }
         Command::Plan(a) => {
-            let opts = a.target.options(data_dir);
+            let opts = a.target.options(data_dir)?;
             let plan = crate::build::plan(&opts)?;
             let mut v = serde_json::to_value(&plan)?;
             // The image's inputs include the agent that `build` would install: without it

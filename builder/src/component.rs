@@ -87,6 +87,30 @@ impl Component {
     }
 }
 
+impl Component {
+    /// How to build this component without its source set `except`: the options that select
+    /// each other set (`--sources debian`, or `--artifact nomad=FILE` for a set that is a
+    /// release archive).
+    pub fn substitutes(&self, except: &str) -> Vec<String> {
+        self.file
+            .sources
+            .keys()
+            .filter(|k| *k != except)
+            .map(|k| {
+                match self
+                    .file
+                    .artifacts
+                    .iter()
+                    .find(|a| a.sets.len() == 1 && a.sets[0] == *k)
+                {
+                    Some(a) => format!("--artifact {}=FILE ({})", a.name, a.description),
+                    None => format!("--sources {k}"),
+                }
+            })
+            .collect()
+    }
+}
+
 /// A resolved component: its file plus where its overlay tree is.
 #[derive(Debug, Clone, Serialize)]
 pub struct Component {
@@ -177,6 +201,14 @@ pub fn load(data: &Path, name: &str) -> Result<Component> {
     }
     for a in &file.artifacts {
         a.validate(&path)?;
+        if let Some(bad) = a.sets.iter().find(|s| !file.sources.contains_key(*s)) {
+            bail!(
+                "{}: artifact `{}`: sets names {bad:?}, which is not one of the component's source sets ({})",
+                path.display(),
+                a.name,
+                file.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
     }
     for d in &file.requires {
         if !crate::data::plain_name(d) {

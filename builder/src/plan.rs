@@ -100,23 +100,14 @@ impl BuildPlan {
                 packages.extend(cs.packages.iter().cloned());
                 for s in &cs.apt {
                     if !apt.iter().any(|(a, _)| a.name == s.name) {
-                        let others: Vec<String> = c
-                            .file
-                            .sources
-                            .keys()
-                            .filter(|k| *k != name)
-                            .map(|k| format!("--sources {k}"))
-                            .collect();
+                        let others = c.substitutes(name);
                         let hint = if others.is_empty() {
                             format!(
                                 "; component `{}` has no substitute source set: it cannot be built without this repository",
                                 c.name
                             )
                         } else {
-                            format!(
-                                ", or build from substitute packages with {}",
-                                others.join(" or ")
-                            )
+                            format!(", or build without it: {}", others.join(" or "))
                         };
                         apt.push((s.clone(), Some(format!("{}:{name}:{hint}", c.name))));
                     }
@@ -185,13 +176,14 @@ impl BuildPlan {
             .map(|(c, sources)| {
                 Ok(ComponentSpec {
                     name: c.name.clone(),
-                    sources,
+                    sources: sources.clone(),
                     enable: c.file.enable.clone(),
                     overlay_sha256: c.rootfs.as_deref().map(tree_hash).transpose()?,
                     artifacts: c
                         .file
                         .artifacts
                         .iter()
+                        .filter(|a| a.in_set(sources.as_deref()))
                         .filter_map(|a| {
                             a.pin(board.arch).map(|pin| PlannedArtifact {
                                 name: a.name.clone(),

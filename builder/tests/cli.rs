@@ -1571,7 +1571,7 @@ fn nomad_stack_is_listed_its_file_checks_and_an_unreachable_repository_stops_the
     );
     assert!(
         e.contains("component `nomad` source set `hashicorp` (apt source `hashicorp`, https://apt.releases.hashicorp.com)")
-            && e.contains("has no substitute source set"),
+            && e.contains("or build without it: --artifact nomad=FILE"),
         "{e}"
     );
     // With a keyring but no route to the repository: named before mmdebstrap runs.
@@ -1597,8 +1597,93 @@ fn nomad_stack_is_listed_its_file_checks_and_an_unreachable_repository_stops_the
     );
     assert!(
         e.contains("apt source `hashicorp` (http://127.0.0.1:9/hashicorp) cannot be reached")
-            && e.contains("component `nomad` has no substitute source set"),
+            && e.contains("hint: build component `nomad` without it: --artifact nomad=FILE"),
         "{e}"
     );
     assert!(!e.contains("mmdebstrap --variant"), "{e}");
+}
+
+/// A zip with one member `name` holding `body`, made by Python's zipfile (deflated), as
+/// HashiCorp's release archives are.
+fn python_zip(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
+    let zip = dir.join("release.zip");
+    let o = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys,zipfile\n\
+             with zipfile.ZipFile(sys.argv[1],'w',zipfile.ZIP_DEFLATED) as z: z.writestr(sys.argv[2], sys.argv[3])",
+        ])
+        .arg(&zip)
+        .args([name, body])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    zip
+}
+
+/// Nomad's offline path: `--artifact nomad=ZIP` selects the release set, so HashiCorp's apt
+/// repository is not needed; the archive must be the pinned one (checked before anything runs).
+#[test]
+fn nomad_release_archive_is_the_offline_path_and_must_match_its_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let zip = python_zip(dir.path(), "nomad", "#!/bin/sh\necho Nomad v1.11.1\n");
+    let arg = format!("nomad={}", zip.display());
+    // Not HashiCorp's archive: refused against the real pin.
+    let e = refused(
+        &[
+            "--board",
+            "h4",
+            "--stack",
+            "nomad",
+            "--sources",
+            "debian",
+            "--artifact",
+            &arg,
+        ],
+        None,
+    );
+    assert!(
+        e.contains("but component `nomad` pins 8e8fbc9c3ddae39a63f7ed70a99bb4b936bb6e88ed9160ce0e9d36ff2909c1f3"),
+        "{e}"
+    );
+    // Pinned to this archive (a data copy): the plan uses the release set and no HashiCorp
+    // repository (so no keyring is needed).
+    let data = common::data_copy();
+    let comp = data.path().join("overlays/nomad/component.toml");
+    let t = std::fs::read_to_string(&comp).unwrap();
+    std::fs::write(
+        &comp,
+        t.replace(
+            "8e8fbc9c3ddae39a63f7ed70a99bb4b936bb6e88ed9160ce0e9d36ff2909c1f3",
+            &sha256_hex(&std::fs::read(&zip).unwrap()),
+        ),
+    )
+    .unwrap();
+    let o = picoimg()
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "plan",
+            "--board",
+            "h4",
+            "--stack",
+            "nomad",
+            "--sources",
+            "debian",
+        ])
+        .args(["--artifact", &arg])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let nomad = plan["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "nomad")
+        .unwrap();
+    assert_eq!(nomad["sources"], "release");
+    assert_eq!(nomad["artifacts"][0]["path"], "/usr/bin/nomad");
+    let srcs = plan["rootfs"]["sources"].to_string();
+    assert!(!srcs.contains("hashicorp"), "{srcs}");
 }
