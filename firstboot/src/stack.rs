@@ -151,6 +151,64 @@ pub fn fingerprint(parts: &[&str]) -> String {
 /// Small values a stack keeps between boots (in state.json), by key.
 pub type Memo = BTreeMap<String, String>;
 
+/// A version as a tool's `version` command prints it (`Tool v1.8.7`, `Tool v1.9.7+ent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pub u32, pub u32, pub u32);
+
+impl Version {
+    pub fn parse(output: &str) -> Option<Version> {
+        let v = output
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('v'))?;
+        let v = v.split(['+', '-']).next()?;
+        let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
+        Some(Version(
+            it.next()??,
+            it.next()??,
+            it.next().flatten().unwrap_or(0),
+        ))
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+/// The version of the program installed at `/rel` (`PROGRAM version`), run once per binary:
+/// its output is remembered in `memo` with the binary's size and mtime, so a rerun does not
+/// start a large program to learn what it already knows. `missing`: the error when the image
+/// has no such binary.
+pub fn installed_version(
+    t: &Target<'_>,
+    memo: &mut Memo,
+    rel: &str,
+    program: &str,
+    missing: &str,
+) -> anyhow::Result<Version> {
+    let Ok(meta) = std::fs::metadata(t.p(rel)) else {
+        bail!("{missing}");
+    };
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let sig = format!("{}:{mtime}", meta.len());
+    let key = format!("{program}/version");
+    let out = match memo.get(&key).and_then(|m| m.split_once('\n')) {
+        Some((s, out)) if s == sig => out.to_owned(),
+        _ => {
+            let out = t.sys.run(&crate::cmd::Cmd::new(program).arg("version"))?;
+            memo.insert(key, format!("{sig}\n{out}"));
+            out
+        }
+    };
+    Version::parse(&out)
+        .ok_or_else(|| anyhow::anyhow!("cannot read the version from `{program} version`: {out}"))
+}
+
 /// What a health check reports through, and how it runs one-time actions (recorded like
 /// steps, so a later boot skips them).
 pub trait Progress {

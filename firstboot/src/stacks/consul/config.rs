@@ -58,37 +58,14 @@ pub enum Role {
 pub const SERVER: &str = "consul-server";
 pub const CLIENT: &str = "consul-client";
 
-/// A Consul version as `consul version` prints it (`Consul v1.8.7`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Version(pub u32, pub u32, pub u32);
+pub use crate::stack::Version;
 
-impl Version {
-    pub fn parse(output: &str) -> Option<Version> {
-        let v = output
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix('v'))?;
-        let v = v.split(['+', '-']).next()?;
-        let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
-        Some(Version(
-            it.next()??,
-            it.next()??,
-            it.next().flatten().unwrap_or(0),
-        ))
-    }
-
-    /// The config key of the initial management token: `master` before 1.11.
-    pub fn initial_token_key(self) -> &'static str {
-        if self >= Version(1, 11, 0) {
-            "initial_management"
-        } else {
-            "master"
-        }
-    }
-}
-
-impl std::fmt::Display for Version {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+/// The config key of the initial management token: `master` before 1.11.
+pub fn initial_token_key(v: Version) -> &'static str {
+    if v >= Version(1, 11, 0) {
+        "initial_management"
+    } else {
+        "master"
     }
 }
 
@@ -153,7 +130,7 @@ pub fn config(
         let token = secrets.get(label::MANAGEMENT_TOKEN)?;
         let mut tokens = json!({ "agent": token });
         if server {
-            tokens[version.initial_token_key()] = json!(token);
+            tokens[initial_token_key(version)] = json!(token);
         }
         v["acl"] = json!({
             "enabled": true,
@@ -220,13 +197,11 @@ mod tests {
     fn versions_and_token_keys() {
         let v = Version::parse("Consul v1.8.7\nRevision \nProtocol 2 spoken by default").unwrap();
         assert_eq!(v, Version(1, 8, 7));
-        assert_eq!(v.initial_token_key(), "master");
+        assert_eq!(initial_token_key(v), "master");
         let v = Version::parse("Consul v1.20.2\nRevision 33e5727a").unwrap();
-        assert_eq!(v.initial_token_key(), "initial_management");
+        assert_eq!(initial_token_key(v), "initial_management");
         assert_eq!(
-            Version::parse("Consul v1.11.0+ent")
-                .unwrap()
-                .initial_token_key(),
+            initial_token_key(Version::parse("Consul v1.11.0+ent").unwrap()),
             "initial_management"
         );
         assert_eq!(Version::parse("nothing here"), None);

@@ -30,9 +30,6 @@ pub const DNS_POLICY: &str = "picoimg-dns";
 pub const DNS_RULES: &str =
     "node_prefix \"\" { policy = \"read\" }\nservice_prefix \"\" { policy = \"read\" }\n";
 const UNIT: &str = "consul.service";
-/// Memo key: `consul version` output and the binary it came from (size:mtime), so a rerun does
-/// not start a 70 MB program to learn what it already knows.
-const VERSION_MEMO: &str = "consul/version";
 
 /// HKDF labels: part of the on-disk contract; changing one changes a live cluster's keys.
 pub mod label {
@@ -194,27 +191,15 @@ fn check(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
     }
 }
 
-/// The installed Consul's version, remembered with the binary's size and mtime.
+/// The installed Consul's version.
 fn version(t: &Target<'_>, memo: &mut Memo) -> Result<config::Version> {
-    let Ok(meta) = std::fs::metadata(t.p("usr/bin/consul")) else {
-        bail!("this node has a Consul role but the image has no Consul: build it with `--stack consul` (or a stack that includes it)");
-    };
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs());
-    let sig = format!("{}:{mtime}", meta.len());
-    let out = match memo.get(VERSION_MEMO).and_then(|m| m.split_once('\n')) {
-        Some((s, out)) if s == sig => out.to_owned(),
-        _ => {
-            let out = t.sys.run(&Cmd::new("consul").arg("version"))?;
-            memo.insert(VERSION_MEMO.into(), format!("{sig}\n{out}"));
-            out
-        }
-    };
-    config::Version::parse(&out)
-        .ok_or_else(|| anyhow!("cannot read the Consul version from `consul version`: {out}"))
+    stack::installed_version(
+        t,
+        memo,
+        "usr/bin/consul",
+        "consul",
+        "this node has a Consul role but the image has no Consul: build it with `--stack consul` (or a stack that includes it)",
+    )
 }
 
 fn apply(t: &Target<'_>, conf: Option<(config::Version, String)>) -> Result<String> {
@@ -231,7 +216,7 @@ fn apply(t: &Target<'_>, conf: Option<(config::Version, String)>) -> Result<Stri
         .run(&Cmd::new("systemctl").args(["try-reload-or-restart", "systemd-resolved.service"]))?;
     Ok(format!(
         "Consul {version}: /{CONFIG} ({} key for the initial token)",
-        version.initial_token_key()
+        config::initial_token_key(version)
     ))
 }
 

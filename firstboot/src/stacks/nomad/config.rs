@@ -95,34 +95,11 @@ pub fn server_addresses(file: &ClusterFile) -> Vec<String> {
         .collect()
 }
 
-/// A Nomad version as `nomad version` prints it (`Nomad v1.9.7`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Version(pub u32, pub u32, pub u32);
+pub use crate::stack::Version;
 
-impl Version {
-    pub fn parse(output: &str) -> Option<Version> {
-        let v = output
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix('v'))?;
-        let v = v.split(['+', '-']).next()?;
-        let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
-        Some(Version(
-            it.next()??,
-            it.next()??,
-            it.next().flatten().unwrap_or(0),
-        ))
-    }
-
-    /// `nomad acl bootstrap FILE` with an operator-chosen secret came in 1.3.2 (CHANGELOG,
-    /// GH-12520): older versions cannot take the derived root token.
-    pub const BOOTSTRAP_SECRET: Version = Version(1, 3, 2);
-}
-
-impl std::fmt::Display for Version {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.0, self.1, self.2)
-    }
-}
+/// `nomad acl bootstrap` with an operator-chosen secret came in 1.3.2 (CHANGELOG, GH-12520):
+/// older versions cannot take the derived root token.
+pub const BOOTSTRAP_SECRET: Version = Version(1, 3, 2);
 
 /// The agent configuration for `node`, as JSON. `consul_token`: the Consul ACL token this
 /// agent registers with (the server's or the client's).

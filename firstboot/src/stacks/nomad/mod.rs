@@ -9,7 +9,7 @@ pub mod config;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 
 use crate::agent::http::Request;
 use crate::agent::system::Target;
@@ -27,8 +27,6 @@ pub const SECTION: &str = "nomad";
 /// client, something a later file cannot switch off) with one that sets nothing else.
 pub const CONFIG: &str = "etc/nomad.d/50-picoimg.json";
 const UNIT: &str = "nomad.service";
-/// Memo key: `nomad version` output and the binary it came from (size:mtime).
-const VERSION_MEMO: &str = "nomad/version";
 /// Nomad's and Consul's HTTP ports on the node.
 const NOMAD_HTTP: u16 = 4646;
 const CONSUL_HTTP: u16 = 8500;
@@ -263,33 +261,19 @@ fn check(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
     }
 }
 
-/// The installed Nomad's version, remembered with the binary's size and mtime.
+/// The installed Nomad's version; older than 1.3.2 cannot take the derived root token.
 fn version(t: &Target<'_>, memo: &mut Memo) -> Result<config::Version> {
-    let Ok(meta) = std::fs::metadata(t.p("usr/bin/nomad")) else {
+    let v = stack::installed_version(
+        t,
+        memo,
+        "usr/bin/nomad",
+        "nomad",
+        "this node has a Nomad role but the image has no Nomad: build it with `--stack nomad`",
+    )?;
+    if v < config::BOOTSTRAP_SECRET {
         bail!(
-            "this node has a Nomad role but the image has no Nomad: build it with `--stack nomad`"
-        );
-    };
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs());
-    let sig = format!("{}:{mtime}", meta.len());
-    let out = match memo.get(VERSION_MEMO).and_then(|m| m.split_once('\n')) {
-        Some((s, out)) if s == sig => out.to_owned(),
-        _ => {
-            let out = t.sys.run(&Cmd::new("nomad").arg("version"))?;
-            memo.insert(VERSION_MEMO.into(), format!("{sig}\n{out}"));
-            out
-        }
-    };
-    let v = config::Version::parse(&out)
-        .ok_or_else(|| anyhow!("cannot read the Nomad version from `nomad version`: {out}"))?;
-    if v < config::Version::BOOTSTRAP_SECRET {
-        bail!(
-            "Nomad {v} cannot take a derived ACL root token (`nomad acl bootstrap FILE` needs {} or later): build with a newer Nomad",
-            config::Version::BOOTSTRAP_SECRET
+            "Nomad {v} cannot take a derived ACL root token (it needs {} or later): build with a newer Nomad",
+            config::BOOTSTRAP_SECRET
         );
     }
     Ok(v)

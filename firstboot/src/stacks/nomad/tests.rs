@@ -421,5 +421,5 @@ fn the_cli_tables_are_read_by_their_headers() {
         config::Version::parse("Nomad v1.9.7\nBuildDate 2025"),
         Some(config::Version(1, 9, 7))
     );
-    assert!(config::Version(1, 3, 1) < config::Version::BOOTSTRAP_SECRET);
+    assert!(config::Version(1, 3, 1) < config::BOOTSTRAP_SECRET);
 }
