@@ -1492,6 +1492,7 @@ fn stack_can_be_a_list_of_components() {
     let pkgs = plan["rootfs"]["packages"].to_string();
     for p in [
         "\"docker.io\"",
+        "\"docker-cli\"",
         "\"containernetworking-plugins\"",
         "\"consul\"",
     ] {
