@@ -1,6 +1,6 @@
-//! Tier 4, clusters: one h4-consul image (Consul from Debian bullseye, the substitute for
-//! HashiCorp's repository), one cluster file, three QEMU VMs told apart by MAC on a private VDE
-//! switch (unix sockets; no host network). Assertions are made from inside the VMs over SSH
+//! Tier 4, clusters: one h4 image with the consul and docker components (Consul from Debian
+//! bullseye, the substitute for HashiCorp's repository; Docker from Debian), one cluster file,
+//! three QEMU VMs told apart by MAC on a private VDE switch (unix sockets; no host network). Assertions are made from inside the VMs over SSH
 //! (a restricted user-mode NIC forwards 127.0.0.1:PORT to each VM's port 22), with the key the
 //! cluster file gives user `pico`.
 //!
@@ -30,7 +30,9 @@ fn picoimg() -> Command {
     Command::new(env!("CARGO_BIN_EXE_picoimg"))
 }
 
-/// Builds h4-consul once and writes a three-node cluster file with a fresh SSH key.
+/// Builds the rehearsal image once (h4 with the consul and docker components: one image
+/// carries both stacks' parts that are reachable here) and writes a three-node cluster file with
+/// a fresh SSH key.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
@@ -45,7 +47,7 @@ fn fixture() -> &'static Fixture {
                 "--board",
                 "h4",
                 "--stack",
-                "consul",
+                "consul,docker",
                 "--sources",
                 "debian",
             ])
@@ -53,8 +55,11 @@ fn fixture() -> &'static Fixture {
             .arg(&out)
             .status()
             .unwrap();
-        assert!(st.success(), "picoimg build h4-consul failed");
-        eprintln!("h4-consul built in {:.0}s", started.elapsed().as_secs_f64());
+        assert!(st.success(), "picoimg build h4-consul+docker failed");
+        eprintln!(
+            "h4-consul+docker built in {:.0}s",
+            started.elapsed().as_secs_f64()
+        );
         let key = dir.join("id_ed25519");
         let st = Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "picoimg-test", "-f"])
@@ -91,7 +96,7 @@ fn fixture() -> &'static Fixture {
             .unwrap();
         assert!(token.status.success());
         Fixture {
-            image: out.join("h4-consul.img"),
+            image: out.join("h4-consul+docker.img"),
             dir,
             key,
             cluster,
@@ -156,6 +161,31 @@ fn ssh_ok(f: &Fixture, port: u16, command: &str) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// Docker on a booted node (Nomad's task driver): the daemon answers, and a container runs from
+/// an image made on the node with `docker import` (no registry is reachable here): dash and the
+/// two libraries it needs, no network.
+fn assert_docker_runs_a_container(f: &Fixture, port: u16) {
+    let info = ssh_ok(
+        f,
+        port,
+        "sudo docker info --format '{{.ServerVersion}} {{.Driver}} cgroup{{.CgroupVersion}}'",
+    );
+    assert!(
+        info.contains("overlay2") && info.contains("cgroup2"),
+        "{info}"
+    );
+    let out = ssh_ok(
+        f,
+        port,
+        "cd /tmp && sudo tar -chf mini.tar -C / usr/bin/dash lib64/ld-linux-x86-64.so.2 \
+         usr/lib/x86_64-linux-gnu/libc.so.6 && sudo docker import mini.tar picoimg/mini:1 >/dev/null \
+         && sudo docker run --rm --network none picoimg/mini:1 /usr/bin/dash -c 'echo hello from a container'",
+    );
+    assert_eq!(out.trim(), "hello from a container", "{out}");
+    let cni = ssh_ok(f, port, "ls /usr/lib/cni");
+    assert!(cni.lines().any(|l| l == "bridge"), "CNI plugins: {cni}");
 }
 
 /// Everything the issue asks of a formed cluster, checked from inside node `port`.
@@ -275,6 +305,7 @@ fn three_nodes_form_a_consul_cluster() {
         last_ready.as_secs_f64()
     );
     assert_cluster_formed(f, port);
+    assert_docker_runs_a_container(f, port + 1);
     // Each console is in its own log, with the node's step lines.
     let log = std::fs::read_to_string(dir.join("pc2.log")).unwrap();
     assert!(

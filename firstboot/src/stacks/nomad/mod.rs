@@ -490,7 +490,8 @@ fn consul_token(
         headers: vec![("X-Consul-Token", management)],
         body: &body,
     })?;
-    // Consul refuses a second token with the same ids ("... already in use" / "exists").
+    // Consul refuses a second token with the same ids: 500 "Invalid Token: AccessorID is
+    // already in use" (Consul 1.8.7, seen on a booted node).
     if r.status == 200 || r.body.contains("already in use") || r.body.contains("already exists") {
         return Ok(());
     }
