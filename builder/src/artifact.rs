@@ -172,6 +172,18 @@ pub fn active<'c>(
     Ok(c.file.artifacts.iter().filter(|a| a.in_set(set)).collect())
 }
 
+/// Every component's active artifacts, with the component's name.
+fn active_all<'c>(
+    components: &'c [crate::component::Component],
+    asked: Option<&str>,
+) -> Result<Vec<(&'c str, &'c Artifact)>> {
+    let mut all = Vec::new();
+    for c in components {
+        all.extend(active(c, asked)?.into_iter().map(|a| (c.name.as_str(), a)));
+    }
+    Ok(all)
+}
+
 /// The member `name` of the zip archive `data`, bounded by [`LIMIT`].
 pub fn unzip(data: &[u8], name: &str, what: &str) -> Result<Vec<u8>> {
     use std::io::Read;
@@ -316,10 +328,7 @@ pub fn check_plan(
     asked: Option<&str>,
     locals: &BTreeMap<String, PathBuf>,
 ) -> Result<()> {
-    let mut all: Vec<(&str, &Artifact)> = Vec::new();
-    for c in components {
-        all.extend(active(c, asked)?.into_iter().map(|a| (c.name.as_str(), a)));
-    }
+    let all = active_all(components, asked)?;
     for name in locals.keys() {
         if !all.iter().any(|(_, a)| a.name == *name) {
             let known: Vec<&str> = all.iter().map(|(_, a)| a.name.as_str()).collect();
@@ -356,10 +365,7 @@ pub fn fetch_all(
     cache: &Cache,
 ) -> Result<Vec<(Fetched, Vec<u8>, u32)>> {
     check_plan(components, arch, asked, locals)?;
-    let mut all: Vec<(&str, &Artifact)> = Vec::new();
-    for c in components {
-        all.extend(active(c, asked)?.into_iter().map(|a| (c.name.as_str(), a)));
-    }
+    let all = active_all(components, asked)?;
     let mut out = Vec::new();
     for (comp, a) in all {
         let pin = a

@@ -107,20 +107,9 @@ impl Secrets {
 
 /// What a stack's steps and health check see of this run.
 pub struct Ctx<'a> {
-    pub text: &'a str,
     pub file: &'a ClusterFile,
     pub node: &'a Node,
     pub secrets: &'a Secrets,
-}
-
-impl Ctx<'_> {
-    /// Whether this node has any of `roles`.
-    pub fn has_any(&self, roles: &[&str]) -> bool {
-        self.node
-            .roles
-            .iter()
-            .any(|r| roles.contains(&r.get_ref().as_str()))
-    }
 }
 
 /// What a step does, given the system being configured; returns the detail for its line.
@@ -319,5 +308,10 @@ impl Sections {
     /// The section `name` as the stack's type `T` (None: absent).
     pub fn get<T: Any>(&self, name: &str) -> Option<&T> {
         self.0.get(name).and_then(|s| s.downcast_ref::<T>())
+    }
+
+    /// The section `name`, or `T`'s defaults when the file has none.
+    pub fn get_or_default<T: Any + Clone + Default>(&self, name: &str) -> T {
+        self.get::<T>(name).cloned().unwrap_or_default()
     }
 }

@@ -75,7 +75,7 @@ impl<'a> Agent<'a> {
     }
 
     /// Reads and checks the cluster file. `None`: there is none (the node stays unconfigured).
-    fn read_cluster(&mut self) -> Result<Option<(String, Checked)>, String> {
+    fn read_cluster(&mut self) -> Result<Option<(String, Checked, Secrets)>, String> {
         let path = self.boot.join(BOOT_COPY);
         let text = match crate::input::read_text(&path, crate::input::CONFIG_LIMIT, "cluster file")
         {
@@ -101,15 +101,15 @@ impl<'a> Agent<'a> {
             Ok(c) => {
                 let id = c.file.cluster.get_ref().id.get_ref();
                 // From here on, no report carries the secret or anything derived from it.
-                self.rep
-                    .hide(Secrets::derive(self.stacks, &c.secret, id).redacted());
+                let secrets = Secrets::derive(self.stacks, &c.secret, id);
+                self.rep.hide(secrets.redacted());
                 for w in &c.warnings {
                     self.rep.say(format!(
                         "picoimg: warning: cluster.toml: {}: {}",
                         w.field, w.message
                     ));
                 }
-                Ok(Some((text, c)))
+                Ok(Some((text, c, secrets)))
             }
             Err(problems) => {
                 for p in &problems {
@@ -133,7 +133,7 @@ impl<'a> Agent<'a> {
     pub fn apply(&mut self) -> Outcome {
         self.rep
             .say(format!("picoimg: firstboot {} starting", crate::VERSION));
-        let (text, checked) = match self.read_cluster() {
+        let (text, checked, secrets) = match self.read_cluster() {
             Ok(Some(x)) => x,
             Ok(None) => {
                 return self.rep.finish(
@@ -189,7 +189,7 @@ impl<'a> Agent<'a> {
             Found::Mac(_, m) => Some(m.clone()),
             _ => facts.macs.first().cloned(),
         };
-        match self.run_steps(&text, &checked, found.index(), mac) {
+        match self.run_steps(&text, &checked, &secrets, found.index(), mac) {
             Ok(kept) if kept.is_empty() => self.rep.finish(Outcome::Configured, String::new()),
             Ok(kept) => self.rep.finish(
                 Outcome::Configured,
@@ -206,6 +206,7 @@ impl<'a> Agent<'a> {
         &mut self,
         text: &str,
         checked: &Checked,
+        secrets: &Secrets,
         index: usize,
         mac: Option<String>,
     ) -> Result<Vec<String>> {
@@ -231,12 +232,10 @@ impl<'a> Agent<'a> {
         write_atomic(&self.root.join(SAVED_COPY), full.as_bytes(), 0o600)
             .context("keeping a copy of the cluster file")?;
 
-        let secrets = Secrets::derive(self.stacks, &checked.secret, &id);
         let ctx = Ctx {
-            text,
             file,
             node,
-            secrets: &secrets,
+            secrets,
         };
         let t = Target {
             root: &self.root,
@@ -286,7 +285,7 @@ impl<'a> Agent<'a> {
 
     /// Phase two: wait for the node's services, then report `picoimg: ready`.
     pub fn health(&mut self) -> Outcome {
-        let (text, checked) = match self.read_cluster() {
+        let (_, checked, secrets) = match self.read_cluster() {
             Ok(Some(x)) => x,
             Ok(None) => return Outcome::Unconfigured,
             Err(msg) => return self.rep.finish(Outcome::Failed, msg),
@@ -312,9 +311,7 @@ impl<'a> Agent<'a> {
                 format!("node {} is no longer in the cluster file", state.node),
             );
         };
-        let secrets = Secrets::derive(self.stacks, &checked.secret, &id);
         let ctx = Ctx {
-            text: &text,
             file,
             node,
             secrets: &secrets,

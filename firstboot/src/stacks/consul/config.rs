@@ -42,10 +42,7 @@ impl Default for Section {
 
 /// The file's `[consul]` section, or the defaults.
 pub fn section(file: &ClusterFile) -> Section {
-    file.stacks
-        .get::<Section>(SECTION)
-        .cloned()
-        .unwrap_or_default()
+    file.stacks.get_or_default::<Section>(SECTION)
 }
 
 /// What a node is in Consul.

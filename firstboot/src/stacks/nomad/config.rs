@@ -59,10 +59,7 @@ impl Default for Section {
 
 /// The file's `[nomad]` section, or the defaults.
 pub fn section(file: &ClusterFile) -> Section {
-    file.stacks
-        .get::<Section>(SECTION)
-        .cloned()
-        .unwrap_or_default()
+    file.stacks.get_or_default::<Section>(SECTION)
 }
 
 /// What a node runs of Nomad (a node may be both).
