@@ -15,6 +15,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use picoimg::rehearsal::{ClusterOptions, NodeState, Rehearsal};
+use picoimg_firstboot::agent::{http, System, Target};
+use picoimg_firstboot::stack::Secrets;
+use picoimg_firstboot::stacks::{consul as consul_stack, nomad};
 
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -188,6 +191,155 @@ fn assert_docker_runs_a_container(f: &Fixture, port: u16) {
     assert!(cni.lines().any(|l| l == "bridge"), "CNI plugins: {cni}");
 }
 
+/// The node's loopback Consul API through an SSH tunnel: HTTP requests for port 8500 go to the
+/// tunnel's end on 127.0.0.1; nothing else is allowed.
+struct Tunnel {
+    port: u16,
+}
+
+impl System for Tunnel {
+    fn run(&self, cmd: &picoimg_firstboot::cmd::Cmd) -> anyhow::Result<String> {
+        anyhow::bail!("no command expected here: {}", cmd.display())
+    }
+    fn chown(&self, path: &Path, _: u32, _: u32) -> anyhow::Result<()> {
+        anyhow::bail!("no chown expected here: {}", path.display())
+    }
+    fn sleep(&self, d: Duration) {
+        std::thread::sleep(d);
+    }
+    fn http(&self, req: &http::Request<'_>) -> anyhow::Result<http::Reply> {
+        anyhow::ensure!(req.port == 8500, "only Consul's API is tunnelled: {req}");
+        http::send(&http::Request {
+            port: self.port,
+            ..req.clone()
+        })
+    }
+}
+
+/// Nomad's Consul policies and tokens, made by the nomad stack's own code (the step its health
+/// check runs on a Nomad node) against the real Consul 1.8.7 of node `port`, reached through an
+/// SSH tunnel to the node's 127.0.0.1:8500 (Nomad itself cannot be had here). Twice per role:
+/// the second time is what a node that comes second sees. Then Consul's CLI on the node checks
+/// what it holds and enforces: the tokens with their derived ids and policies, a service
+/// registration allowed for both, ACL reads only for the servers' token, KV writes for neither.
+fn assert_nomads_consul_tokens_work(f: &Fixture, port: u16) {
+    let text = std::fs::read_to_string(&f.cluster).unwrap();
+    let stacks = picoimg_firstboot::stacks::registry();
+    let c = picoimg_firstboot::cluster::check_in(&text, None, stacks).unwrap();
+    let secrets = Secrets::derive(stacks, &c.secret, c.file.cluster.get_ref().id.get_ref());
+    let local = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut tunnel = Command::new("ssh")
+        .arg("-i")
+        .arg(&f.key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .args(["-N", "-L", &format!("127.0.0.1:{local}:127.0.0.1:8500")])
+        .args(["-p", &port.to_string(), "pico@127.0.0.1"])
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", local)).is_err() {
+        assert!(tunnel.try_wait().unwrap().is_none(), "the SSH tunnel ended");
+        assert!(
+            Instant::now() < deadline,
+            "no SSH tunnel to Consul after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let tunnel = Kill(tunnel);
+    let sys = Tunnel { port: local };
+    let root = tempfile::tempdir().unwrap();
+    let t = Target {
+        root: root.path(),
+        sys: &sys,
+    };
+    let consul = ssh_ok(f, port, "consul version");
+    let version = consul
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v'))
+        .unwrap()
+        .to_owned();
+    for server in [true, false] {
+        for _ in 0..2 {
+            let token = nomad::ConsulToken::plan(&t, &secrets, server).unwrap();
+            let done = token.make(&t).unwrap();
+            assert!(done.contains(&format!("Consul {version})")), "{done}");
+        }
+    }
+    drop(tunnel);
+    let management = secrets.get(consul_stack::label::MANAGEMENT_TOKEN).unwrap();
+    let as_token =
+        |token: &str, cmd: &str| ssh(f, port, &format!("CONSUL_HTTP_TOKEN={token} {cmd}"));
+    for (policy, secret, accessor, acl_read) in [
+        (
+            nomad::CONSUL_SERVER_POLICY,
+            nomad::label::CONSUL_SERVER_SECRET,
+            nomad::label::CONSUL_SERVER_ACCESSOR,
+            true,
+        ),
+        (
+            nomad::CONSUL_CLIENT_POLICY,
+            nomad::label::CONSUL_CLIENT_SECRET,
+            nomad::label::CONSUL_CLIENT_ACCESSOR,
+            false,
+        ),
+    ] {
+        let (secret, accessor) = (secrets.get(secret).unwrap(), secrets.get(accessor).unwrap());
+        let read = ssh_ok(
+            f,
+            port,
+            &format!("CONSUL_HTTP_TOKEN={management} consul acl token read -id {accessor}"),
+        );
+        assert!(
+            read.contains(&format!("SecretID:         {secret}"))
+                || read
+                    .lines()
+                    .any(|l| l.starts_with("SecretID:") && l.contains(secret)),
+            "{read}"
+        );
+        assert!(read.contains(policy), "{read}");
+        let probe = format!("picoimg-probe-{}", &accessor[..8]);
+        let reg = as_token(secret, &format!("consul services register -name={probe}"));
+        assert!(
+            reg.status.success(),
+            "{policy}: service registration refused: {reg:?}"
+        );
+        let dereg = as_token(secret, &format!("consul services deregister -id={probe}"));
+        assert!(dereg.status.success(), "{policy}: {dereg:?}");
+        let acl = as_token(secret, "consul acl policy list");
+        assert_eq!(
+            acl.status.success(),
+            acl_read,
+            "{policy}: acl policy list: {acl:?}"
+        );
+        let kv = as_token(secret, "consul kv put picoimg/nomad-probe yes");
+        assert!(!kv.status.success(), "{policy}: a KV write was allowed");
+    }
+}
+
 /// Everything the issue asks of a formed cluster, checked from inside node `port`.
 fn assert_cluster_formed(f: &Fixture, port: u16) {
     let members = ssh_ok(f, port, "consul members");
@@ -306,6 +458,7 @@ fn three_nodes_form_a_consul_cluster() {
     );
     assert_cluster_formed(f, port);
     assert_docker_runs_a_container(f, port + 1);
+    assert_nomads_consul_tokens_work(f, port + 2);
     // Each console is in its own log, with the node's step lines.
     let log = std::fs::read_to_string(dir.join("pc2.log")).unwrap();
     assert!(

@@ -206,6 +206,12 @@ pub fn node_status(output: &str, name: &str) -> Option<String> {
         .and_then(|r| r.get("Status").cloned())
 }
 
+/// The version in Consul's `GET /v1/agent/self` answer (`Config.Version`, e.g. "1.8.7").
+pub fn consul_version(agent_self: &str) -> Option<Version> {
+    let v: serde_json::Value = serde_json::from_str(agent_self).ok()?;
+    Version::parse(&format!("v{}", v["Config"]["Version"].as_str()?))
+}
+
 /// Consul ACL rules for Nomad agents, as HashiCorp documents them (Nomad's Consul ACL page,
 /// docs/integrations/consul/acl): agents read agents and write nodes and services; servers
 /// also write ACLs and, on a Consul that has the `mesh` resource (1.11 and later), the mesh.

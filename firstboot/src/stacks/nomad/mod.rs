@@ -15,7 +15,9 @@ use crate::agent::http::Request;
 use crate::agent::system::Target;
 use crate::cluster::{self, ClusterFile, Node, Problem};
 use crate::cmd::Cmd;
-use crate::stack::{self, Ctx, Form, Memo, Progress, Raw, SecretSpec, Section, Stack, Step};
+use crate::stack::{
+    self, Ctx, Form, Memo, Progress, Raw, SecretSpec, Secrets, Section, Stack, Step,
+};
 use crate::stacks::consul;
 
 pub use config::{CLIENT, SERVER};
@@ -326,40 +328,13 @@ fn wait<T>(
 fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles) -> Result<String> {
     let limit = ctx.file.firstboot.health_timeout;
     let root = ctx.secrets.get(label::ROOT_TOKEN)?;
-    // 1. The Consul tokens Nomad's agents use (Consul is healthy: its check ran first).
-    let management = ctx.secrets.get(consul::label::MANAGEMENT_TOKEN)?;
+    // 1. The Consul token Nomad's agent registers with (Consul is healthy: its check ran first).
     if consul::config::section(ctx.file).acl {
-        let consul_version = t
-            .sys
-            .run(&Cmd::new("consul").arg("version"))
-            .ok()
-            .and_then(|o| consul::config::Version::parse(&o))
-            .map(|v| (v.0, v.1));
-        let role = if r.server { "server" } else { "client" };
-        let (policy, secret, accessor) = if r.server {
-            (
-                CONSUL_SERVER_POLICY,
-                label::CONSUL_SERVER_SECRET,
-                label::CONSUL_SERVER_ACCESSOR,
-            )
-        } else {
-            (
-                CONSUL_CLIENT_POLICY,
-                label::CONSUL_CLIENT_SECRET,
-                label::CONSUL_CLIENT_ACCESSOR,
-            )
-        };
-        let rules = config::consul_rules(r.server, consul_version);
-        let (secret, accessor) = (ctx.secrets.get(secret)?, ctx.secrets.get(accessor)?);
+        let token = ConsulToken::plan(t, ctx.secrets, r.server)?;
         p.once(
-            &format!("nomad-consul-{role}-token"),
-            &stack::fingerprint(&[&rules]),
-            &mut || {
-                consul_token(t, management, policy, &rules, secret, accessor)?;
-                Ok(format!(
-                    "Consul token for Nomad {role}s (policy {policy}) in place"
-                ))
-            },
+            &format!("nomad-consul-{}-token", token.role),
+            &stack::fingerprint(&[&token.rules]),
+            &mut || token.make(t),
         )?;
     }
     // 2. The ACL system, bootstrapped with the derived root token by the first server.
@@ -454,52 +429,135 @@ fn bootstrap(t: &Target<'_>, limit: u64, root: &str) -> Result<String> {
     }
 }
 
-/// Creates Nomad's Consul policy (CLI; rules are not secret, the management token goes in the
-/// environment) and the agents' token with the derived ids (`PUT /v1/acl/token`, ids in the
-/// body). Either already being there counts as done: another node made it first.
-fn consul_token(
-    t: &Target<'_>,
-    management: &str,
-    policy: &str,
-    rules: &str,
-    secret: &str,
-    accessor: &str,
-) -> Result<()> {
-    let created = t.sys.run(
-        &Cmd::new("consul")
-            .args(["acl", "policy", "create", "-name", policy])
-            .args(["-description", "picoimg: Nomad agents", "-rules", rules])
-            .env("CONSUL_HTTP_TOKEN", management),
-    );
-    if let Err(e) = created {
-        if !format!("{e:#}").contains("already exists") {
-            return Err(e.context(format!("creating the Consul policy {policy}")));
+/// The Consul policy and token Nomad's servers (or clients) register with: the token's ids are
+/// derived, so every node of a kind makes the same one and whichever comes first creates it.
+/// Everything goes over Consul's HTTP API on 127.0.0.1:8500 with the derived management token
+/// in a header (no secret on a command line).
+pub struct ConsulToken<'a> {
+    /// "server" or "client".
+    pub role: &'static str,
+    pub policy: &'static str,
+    /// The policy's rules, for this Consul's version.
+    pub rules: String,
+    /// The running Consul's version, when it said.
+    pub consul: Option<stack::Version>,
+    management: &'a str,
+    secret: &'a str,
+    accessor: &'a str,
+}
+
+impl<'a> ConsulToken<'a> {
+    /// Asks the local Consul for its version (the rules depend on it) and picks the ids.
+    pub fn plan(t: &Target<'_>, secrets: &'a Secrets, server: bool) -> Result<ConsulToken<'a>> {
+        let management = secrets.get(consul::label::MANAGEMENT_TOKEN)?;
+        let (role, policy, secret, accessor) = if server {
+            (
+                "server",
+                CONSUL_SERVER_POLICY,
+                label::CONSUL_SERVER_SECRET,
+                label::CONSUL_SERVER_ACCESSOR,
+            )
+        } else {
+            (
+                "client",
+                CONSUL_CLIENT_POLICY,
+                label::CONSUL_CLIENT_SECRET,
+                label::CONSUL_CLIENT_ACCESSOR,
+            )
+        };
+        let consul = t
+            .sys
+            .http(&consul_request("GET", "/v1/agent/self", management, ""))
+            .ok()
+            .filter(|r| r.status == 200)
+            .and_then(|r| config::consul_version(&r.body));
+        Ok(ConsulToken {
+            role,
+            policy,
+            rules: config::consul_rules(server, consul.map(|v| (v.0, v.1))),
+            consul,
+            management,
+            secret: secrets.get(secret)?,
+            accessor: secrets.get(accessor)?,
+        })
+    }
+
+    /// Creates the policy (`PUT /v1/acl/policy`) and the token with the derived ids
+    /// (`PUT /v1/acl/token`). Either one being there already counts as done: another node made
+    /// it first.
+    pub fn make(&self, t: &Target<'_>) -> Result<String> {
+        let policy = serde_json::json!({
+            "Name": self.policy,
+            "Description": "picoimg: Nomad agents",
+            "Rules": self.rules,
+        })
+        .to_string();
+        let r = t.sys.http(&consul_request(
+            "PUT",
+            "/v1/acl/policy",
+            self.management,
+            &policy,
+        ))?;
+        // Consul refuses a second policy of one name with "... already exists" (tier 4 makes
+        // each policy twice against Consul 1.8.7 on a booted node).
+        if r.status != 200 && !r.body.contains("already exists") {
+            bail!(
+                "creating the Consul policy {}: HTTP {}: {}",
+                self.policy,
+                r.status,
+                r.body.trim()
+            );
         }
+        let token = serde_json::json!({
+            "AccessorID": self.accessor,
+            "SecretID": self.secret,
+            "Description": "picoimg: Nomad agents",
+            "Policies": [{ "Name": self.policy }],
+        })
+        .to_string();
+        let r = t.sys.http(&consul_request(
+            "PUT",
+            "/v1/acl/token",
+            self.management,
+            &token,
+        ))?;
+        // Consul refuses a second token with the same ids: 500 "Invalid Token: AccessorID is
+        // already in use" (Consul 1.8.7, seen on a booted node).
+        if r.status != 200
+            && !r.body.contains("already in use")
+            && !r.body.contains("already exists")
+        {
+            bail!(
+                "creating the Consul token for Nomad (policy {}): HTTP {}: {}",
+                self.policy,
+                r.status,
+                r.body.trim()
+            );
+        }
+        Ok(format!(
+            "Consul token for Nomad {}s (policy {}{}) in place",
+            self.role,
+            self.policy,
+            self.consul
+                .map(|v| format!(", Consul {v}"))
+                .unwrap_or_default()
+        ))
     }
-    let body = serde_json::json!({
-        "AccessorID": accessor,
-        "SecretID": secret,
-        "Description": "picoimg: Nomad agents",
-        "Policies": [{ "Name": policy }],
-    })
-    .to_string();
-    let r = t.sys.http(&Request {
-        method: "PUT",
+}
+
+fn consul_request<'a>(
+    method: &'a str,
+    path: &'a str,
+    token: &'a str,
+    body: &'a str,
+) -> Request<'a> {
+    Request {
+        method,
         port: CONSUL_HTTP,
-        path: "/v1/acl/token",
-        headers: vec![("X-Consul-Token", management)],
-        body: &body,
-    })?;
-    // Consul refuses a second token with the same ids: 500 "Invalid Token: AccessorID is
-    // already in use" (Consul 1.8.7, seen on a booted node).
-    if r.status == 200 || r.body.contains("already in use") || r.body.contains("already exists") {
-        return Ok(());
+        path,
+        headers: vec![("X-Consul-Token", token)],
+        body,
     }
-    bail!(
-        "creating the Consul token for Nomad (policy {policy}): HTTP {}: {}",
-        r.status,
-        r.body.trim()
-    )
 }
 
 #[cfg(test)]

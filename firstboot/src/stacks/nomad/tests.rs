@@ -13,6 +13,10 @@ use crate::agent::{Agent, Outcome};
 use crate::cluster::{check, render_init, Checked, InitOptions};
 use crate::stack::Secrets;
 
+/// The part of Consul's `GET /v1/agent/self` answer the stack reads (shape as Consul 1.8.7
+/// answers on a booted node: `Config.Version`).
+const AGENT_SELF: &str = r#"{"Config":{"Datacenter":"dc1","NodeName":"pc1","Revision":"","Server":true,"Version":"1.8.7"},"Member":{}}"#;
+
 fn text(nodes: u32) -> String {
     render_init(&InitOptions {
         name: "lab",
@@ -260,7 +264,11 @@ fn apply_then_health_forms_nomad_with_derived_tokens_kept_off_command_lines() {
             req.body.to_owned(),
         ));
         Ok(match req.path {
-            "/v1/acl/token" => Reply {
+            "/v1/agent/self" => Reply {
+                status: 200,
+                body: AGENT_SELF.into(),
+            },
+            "/v1/acl/token" | "/v1/acl/policy" => Reply {
                 status: 200,
                 body: "{}".into(),
             },
@@ -303,16 +311,20 @@ fn apply_then_health_forms_nomad_with_derived_tokens_kept_off_command_lines() {
     assert_eq!(boots.len(), 3, "retried while there was no leader");
     let body: serde_json::Value = serde_json::from_str(&boots[0].2).unwrap();
     assert_eq!(body["BootstrapSecret"], root.as_str());
-    let calls = fake.calls();
-    let policy = calls
+    let policy = seen
         .iter()
-        .find(|c| c.starts_with("consul acl policy create -name picoimg-nomad-server"))
-        .expect("policy");
-    // Consul 1.8.7 (the fake's) has no `mesh` rule.
+        .find(|(r, _, _)| r == "PUT http://127.0.0.1:8500/v1/acl/policy")
+        .expect("policy request");
+    assert_eq!(policy.1, vec![format!("X-Consul-Token={management}")]);
+    let body: serde_json::Value = serde_json::from_str(&policy.2).unwrap();
+    assert_eq!(body["Name"], CONSUL_SERVER_POLICY);
+    let rules = body["Rules"].as_str().unwrap();
+    // Consul 1.8.7 (what agent/self said) has no `mesh` rule.
     assert!(
-        policy.contains("acl = \"write\"") && !policy.contains("mesh"),
-        "{policy}"
+        rules.contains("acl = \"write\"") && !rules.contains("mesh"),
+        "{rules}"
     );
+    let calls = fake.calls();
     // No derived secret on any command line (HTTP requests carry them in body and headers).
     for v in s.redacted() {
         for c in calls
@@ -325,6 +337,12 @@ fn apply_then_health_forms_nomad_with_derived_tokens_kept_off_command_lines() {
             assert!(!l.contains(&v), "secret in a line: {l}");
         }
     }
+    assert!(
+        h.lines().iter().any(|l| l
+            == "picoimg: step nomad-consul-server-token ok: Consul token for Nomad servers (policy picoimg-nomad-server, Consul 1.8.7) in place"),
+        "{:#?}",
+        h.lines()
+    );
     let last = h.lines().last().unwrap().clone();
     assert_eq!(last, "picoimg: ready: node pc1 of cluster lab");
     assert!(
@@ -366,6 +384,11 @@ fn made_by_another_node_is_success_and_a_dead_server_times_out() {
             "/v1/acl/token" => Reply {
                 status: 500,
                 body: "Invalid Token: AccessorID is already in use".into(),
+            },
+            "/v1/acl/policy" => Reply {
+                status: 500,
+                body: "Invalid Policy: A Policy with Name \"picoimg-nomad-server\" already exists"
+                    .into(),
             },
             _ => Reply {
                 status: 404,
@@ -428,4 +451,12 @@ fn the_cli_tables_are_read_by_their_headers() {
         Some(config::Version(1, 9, 7))
     );
     assert!(config::Version(1, 3, 1) < config::BOOTSTRAP_SECRET);
+    assert_eq!(
+        config::consul_version(AGENT_SELF),
+        Some(config::Version(1, 8, 7))
+    );
+    assert_eq!(config::consul_version("{}"), None);
+    let v = config::consul_version(r#"{"Config":{"Version":"1.16.2"}}"#).unwrap();
+    assert!(config::consul_rules(true, Some((v.0, v.1))).contains("mesh = \"write\""));
+    assert!(!config::consul_rules(false, Some((v.0, v.1))).contains("mesh"));
 }
