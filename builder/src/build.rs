@@ -58,6 +58,9 @@ pub struct Manifest {
     /// The components' pinned artifacts installed into the root filesystem.
     pub artifacts: Vec<crate::artifact::Fetched>,
     pub disk: DiskManifest,
+    /// Bytes in the root filesystem's regular files: what a stack adds to an image is the
+    /// difference between two manifests' values.
+    pub root_file_bytes: u64,
     pub packages: Vec<tarfs::Package>,
 }
 
@@ -288,6 +291,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         Some(Found::File(d)) => tarfs::parse_dpkg_status(&String::from_utf8_lossy(d)),
         _ => bail!("the root filesystem has no dpkg status file"),
     };
+    let root_file_bytes = tarfs::file_bytes(&root_tar).context("measuring the root filesystem")?;
 
     // Disk image.
     let raw = staging.path().join(format!("{}.img", plan.name));
@@ -357,6 +361,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
                 .collect(),
             ids,
         },
+        root_file_bytes,
         packages,
     };
     let names = OutputNames::new(&plan.name);

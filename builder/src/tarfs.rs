@@ -65,6 +65,18 @@ pub fn read_tree(tar: &Path, dir: &str) -> Result<BTreeMap<String, Vec<u8>>> {
     Ok(out)
 }
 
+/// Bytes in the tarball's regular files (a hard link's data counted once, at its first name).
+pub fn file_bytes(tar: &Path) -> Result<u64> {
+    let mut total = 0;
+    each_entry(tar, |_, entry| {
+        if entry.header().entry_type().is_file() {
+            total += entry.header().size()?;
+        }
+        Ok(())
+    })?;
+    Ok(total)
+}
+
 /// Lists every path in the tarball (normalised).
 pub fn list(tar: &Path) -> Result<BTreeSet<String>> {
     let mut out = BTreeSet::new();
@@ -301,6 +313,8 @@ pub struct Package {
     pub name: String,
     pub version: String,
     pub architecture: String,
+    /// dpkg's estimate of the space it takes (`Installed-Size`, KiB).
+    pub installed_size_kib: Option<u64>,
 }
 
 /// Parses `/var/lib/dpkg/status`: the installed packages, sorted by name.
@@ -322,6 +336,7 @@ pub fn parse_dpkg_status(text: &str) -> Vec<Package> {
                 name,
                 version,
                 architecture,
+                installed_size_kib: field("Installed-Size").and_then(|v| v.parse().ok()),
             });
         }
     }
@@ -472,12 +487,14 @@ mod tests {
     #[test]
     fn dpkg_status() {
         let s = "Package: b\nStatus: install ok installed\nVersion: 2\nArchitecture: all\n\n\
-                 Package: a\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1:1.0\n\n\
+                 Package: a\nStatus: install ok installed\nArchitecture: amd64\nInstalled-Size: 1234\nVersion: 1:1.0\n\n\
                  Package: gone\nStatus: deinstall ok config-files\nVersion: 1\nArchitecture: all\n";
         let p = parse_dpkg_status(s);
         assert_eq!(p.len(), 2);
         assert_eq!(p[0].name, "a");
         assert_eq!(p[0].version, "1:1.0");
+        assert_eq!(p[0].installed_size_kib, Some(1234));
+        assert_eq!(p[1].installed_size_kib, None);
     }
 
     #[test]

@@ -144,7 +144,38 @@ fn filesystems_are_clean() {
         "{fsck}"
     );
     let root = extract_partition(b, 2, dir.path());
-    run_ok(tool("e2fsck").arg("-fn").arg(&root));
+    let fsck = run_ok(tool("e2fsck").arg("-fn").arg(&root));
+    // The manifest's root_file_bytes against what e2fsck counts in use ("n/m blocks"): the
+    // files' bytes fit in the used blocks, and metadata does not make up most of them.
+    let used = fsck
+        .split_whitespace()
+        .find_map(|w| {
+            w.split_once('/')
+                .filter(|_| fsck.contains(&format!("{w} blocks")))
+        })
+        .and_then(|(u, _)| u.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no block count from e2fsck: {fsck}"));
+    let bsize: u64 = run_ok(tool("dumpe2fs").arg("-h").arg(&root))
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    let files = b.manifest["root_file_bytes"].as_u64().unwrap();
+    let used = used * bsize;
+    assert!(
+        files < used && files > used / 2,
+        "files {files} B, used {used} B"
+    );
+    let kib: u64 = b.manifest["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["installed_size_kib"].as_u64())
+        .sum();
+    assert!(
+        kib * 1024 > files / 2,
+        "dpkg's Installed-Size sum {kib} KiB"
+    );
 }
 
 #[test]
