@@ -52,6 +52,9 @@ pub struct Pin {
     pub url: String,
     /// Hex sha256 of the file at `url`.
     pub sha256: String,
+    /// The sha256 came from the user (`--artifact-sha256`), not from the component file.
+    #[serde(skip)]
+    pub given: bool,
 }
 
 /// Where a pinned file came from, for the manifest.
@@ -61,7 +64,18 @@ pub struct Fetched {
     pub path: String,
     pub size: u64,
     pub sha256: String,
+    /// Checked against a sha256 the user gave (`--artifact-sha256`) instead of the pin.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sha256_given: bool,
     pub source: String,
+}
+
+/// A local copy of an artifact (`--artifact NAME=FILE`), with the sha256 to check it against
+/// when it is not the pinned release (`--artifact-sha256 NAME=HEX`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    pub file: PathBuf,
+    pub sha256: Option<String>,
 }
 
 fn is_sha256(s: &str) -> bool {
@@ -148,7 +162,7 @@ impl Artifact {
 /// (`--artifact NAME=FILE`) uses that set: the offline path replaces the vendor's repository.
 pub fn prefer_sets(
     components: &mut [crate::component::Component],
-    locals: &BTreeMap<String, PathBuf>,
+    locals: &BTreeMap<String, Local>,
 ) {
     for c in components.iter_mut() {
         let chosen = c
@@ -161,6 +175,35 @@ pub fn prefer_sets(
             c.file.default_sources = Some(set);
         }
     }
+}
+
+/// A local copy with a sha256 of the user's replaces the artifact's pin for `arch` (another
+/// release than the pinned one): the plan, the inputs hash and the manifest record that sum.
+pub fn apply_given_sums(
+    components: &mut [crate::component::Component],
+    arch: Arch,
+    locals: &BTreeMap<String, Local>,
+) -> Result<()> {
+    for (name, local) in locals {
+        let Some(sum) = &local.sha256 else { continue };
+        let file = std::path::absolute(&local.file)
+            .with_context(|| format!("--artifact {name}={}", local.file.display()))?;
+        for a in components
+            .iter_mut()
+            .flat_map(|c| c.file.artifacts.iter_mut())
+            .filter(|a| a.name == *name)
+        {
+            a.pins.insert(
+                arch.as_str().to_owned(),
+                Pin {
+                    url: format!("file://{}", file.display()),
+                    sha256: sum.clone(),
+                    given: true,
+                },
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The artifacts `c` installs with the source set `asked` resolves to.
@@ -304,7 +347,7 @@ pub fn cached_path(cache: &Cache, sha256: &str) -> Result<PathBuf> {
 }
 
 /// `--artifact NAME=FILE` values, each name once.
-pub fn parse_locals(args: &[String]) -> Result<BTreeMap<String, PathBuf>> {
+pub fn parse_locals(args: &[String], sums: &[String]) -> Result<BTreeMap<String, Local>> {
     let mut out = BTreeMap::new();
     for a in args {
         let Some((name, file)) = a
@@ -313,8 +356,29 @@ pub fn parse_locals(args: &[String]) -> Result<BTreeMap<String, PathBuf>> {
         else {
             bail!("--artifact {a:?}: write NAME=FILE (see `picoimg plan` for the artifacts a build takes)");
         };
-        if out.insert(name.to_owned(), PathBuf::from(file)).is_some() {
+        let local = Local {
+            file: PathBuf::from(file),
+            sha256: None,
+        };
+        if out.insert(name.to_owned(), local).is_some() {
             bail!("--artifact {name}: given twice");
+        }
+    }
+    for a in sums {
+        let Some((name, sum)) = a.split_once('=') else {
+            bail!("--artifact-sha256 {a:?}: write NAME=SHA256 (64 hex digits, from the vendor's SHA256SUMS)");
+        };
+        let sum = sum.trim().to_ascii_lowercase();
+        if !is_sha256(&sum) {
+            bail!("--artifact-sha256 {name}: {sum:?} is not a sha256 (64 hex digits, from the vendor's SHA256SUMS)");
+        }
+        let Some(local) = out.get_mut(name) else {
+            bail!(
+                "--artifact-sha256 {name}: give the file too (--artifact {name}=FILE): a sum of your own is for a local copy of another release than the pinned one"
+            );
+        };
+        if local.sha256.replace(sum).is_some() {
+            bail!("--artifact-sha256 {name}: given twice");
         }
     }
     Ok(out)
@@ -326,7 +390,7 @@ pub fn check_plan(
     components: &[crate::component::Component],
     arch: Arch,
     asked: Option<&str>,
-    locals: &BTreeMap<String, PathBuf>,
+    locals: &BTreeMap<String, Local>,
 ) -> Result<()> {
     let all = active_all(components, asked)?;
     for name in locals.keys() {
@@ -361,7 +425,7 @@ pub fn fetch_all(
     components: &[crate::component::Component],
     arch: Arch,
     asked: Option<&str>,
-    locals: &BTreeMap<String, PathBuf>,
+    locals: &BTreeMap<String, Local>,
     cache: &Cache,
 ) -> Result<Vec<(Fetched, Vec<u8>, u32)>> {
     check_plan(components, arch, asked, locals)?;
@@ -373,14 +437,18 @@ pub fn fetch_all(
             .with_context(|| format!("artifact `{}`: no pin for {}", a.name, arch.as_str()))?;
         let named = Named {
             what: &a.description,
-            pinned_by: &format!("component `{comp}`"),
+            pinned_by: &if pin.given {
+                format!("--artifact-sha256 {}", a.name)
+            } else {
+                format!("component `{comp}`")
+            },
             flag: &format!("--artifact {}=FILE", a.name),
         };
         let (data, source) = fetch(
             &named,
             &pin.url,
             &pin.sha256,
-            locals.get(&a.name).map(PathBuf::as_path),
+            locals.get(&a.name).map(|l| l.file.as_path()),
             cache,
         )
         .with_context(|| format!("component `{comp}`: artifact `{}`", a.name))?;
@@ -396,6 +464,7 @@ pub fn fetch_all(
                 path: a.path.clone(),
                 size: data.len() as u64,
                 sha256: pin.sha256.clone(),
+                sha256_given: pin.given,
                 source,
             },
             data,
@@ -522,6 +591,7 @@ mod tests {
                 Pin {
                     url: "https://example.invalid/nomad.zip".into(),
                     sha256: "a".repeat(64),
+                    given: false,
                 },
             )]
             .into(),
@@ -566,11 +636,33 @@ mod tests {
                 "{want}: {e}"
             );
         }
-        assert!(parse_locals(&["x".into()]).is_err());
-        assert!(parse_locals(&["a=1".into(), "a=2".into()]).is_err());
+        assert!(parse_locals(&["x".into()], &[]).is_err());
+        assert!(parse_locals(&["a=1".into(), "a=2".into()], &[]).is_err());
         assert_eq!(
-            parse_locals(&["a=/f".into()]).unwrap()["a"],
-            PathBuf::from("/f")
+            parse_locals(&["a=/f".into()], &[]).unwrap()["a"],
+            Local {
+                file: PathBuf::from("/f"),
+                sha256: None
+            }
         );
+        let sum = "AB".repeat(32);
+        assert_eq!(
+            parse_locals(&["a=/f".into()], &[format!("a={sum}")]).unwrap()["a"].sha256,
+            Some("ab".repeat(32))
+        );
+        for (sums, want) in [
+            (
+                vec![format!("b={sum}")],
+                "give the file too (--artifact b=FILE)",
+            ),
+            (vec!["a=abc".to_owned()], "is not a sha256"),
+            (vec![sum.clone()], "write NAME=SHA256"),
+            (vec![format!("a={sum}"), format!("a={sum}")], "given twice"),
+        ] {
+            let e = parse_locals(&["a=/f".into()], &sums)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 }

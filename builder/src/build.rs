@@ -30,8 +30,9 @@ pub struct BuildOptions {
     pub sources: Option<String>,
     /// A local file instead of the board's bootloader blob download.
     pub uboot: Option<PathBuf>,
-    /// Local copies of components' pinned artifacts, by name (`--artifact NAME=FILE`).
-    pub artifacts: std::collections::BTreeMap<String, PathBuf>,
+    /// Local copies of components' pinned artifacts, by name (`--artifact NAME=FILE`), with
+    /// the user's sha256 where given (`--artifact-sha256 NAME=HEX`).
+    pub artifacts: std::collections::BTreeMap<String, crate::artifact::Local>,
     /// The first-boot agent binary (default: found as `agentbin` describes).
     pub firstboot: Option<PathBuf>,
 }
@@ -116,6 +117,7 @@ fn resolve(opts: &BuildOptions) -> Result<(PathBuf, BuildPlan, Vec<crate::compon
     }
     let mut components = crate::component::resolve(&data, &opts.stack, &board)?;
     crate::artifact::prefer_sets(&mut components, &opts.artifacts);
+    crate::artifact::apply_given_sums(&mut components, board.arch, &opts.artifacts)?;
     crate::artifact::check_plan(
         &components,
         board.arch,

@@ -167,6 +167,10 @@ pub struct Target {
     /// source set (Nomad's release archive) selects that set. Repeatable.
     #[arg(long, value_name = "NAME=FILE")]
     pub artifact: Vec<String>,
+    /// Check the --artifact file of NAME against this sha256 instead of the pinned one: for
+    /// another release than the pin (take the sum from the vendor's SHA256SUMS). Repeatable.
+    #[arg(long, value_name = "NAME=SHA256")]
+    pub artifact_sha256: Vec<String>,
     /// Apt mirror URL for the board's default source, instead of the distribution's default
     /// (which mmdebstrap picks, adding the -updates and -security suites).
     #[arg(long, value_name = "URL")]
@@ -277,7 +281,7 @@ impl Target {
             image_size: self.image_size,
             sources: self.sources,
             uboot: None,
-            artifacts: crate::artifact::parse_locals(&self.artifact)?,
+            artifacts: crate::artifact::parse_locals(&self.artifact, &self.artifact_sha256)?,
             firstboot: None,
         })
     }

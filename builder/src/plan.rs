@@ -63,6 +63,9 @@ pub struct PlannedArtifact {
     pub mode: u32,
     pub url: String,
     pub sha256: String,
+    /// The sha256 is the user's (`--artifact-sha256`), not the component's pin.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sha256_given: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -191,6 +194,7 @@ impl BuildPlan {
                                 mode: a.mode,
                                 url: pin.url.clone(),
                                 sha256: pin.sha256.clone(),
+                                sha256_given: pin.given,
                             })
                         })
                         .collect(),

@@ -1687,4 +1687,54 @@ fn nomad_release_archive_is_the_offline_path_and_must_match_its_pin() {
     assert_eq!(nomad["artifacts"][0]["path"], "/usr/bin/nomad");
     let srcs = plan["rootfs"]["sources"].to_string();
     assert!(!srcs.contains("hashicorp"), "{srcs}");
+
+    // Another release than the pin: the user gives its sha256 (from HashiCorp's SHA256SUMS);
+    // the plan records that sum, and the file is checked against it before anything runs.
+    let sum = sha256_hex(&std::fs::read(&zip).unwrap());
+    let o = picoimg()
+        .args([
+            "plan",
+            "--board",
+            "h4",
+            "--stack",
+            "nomad",
+            "--sources",
+            "debian",
+        ])
+        .args(["--artifact", &arg, "--artifact-sha256"])
+        .arg(format!("nomad={}", sum.to_uppercase()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let a = &plan["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "nomad")
+        .unwrap()["artifacts"][0];
+    assert_eq!(a["sha256"], sum.as_str());
+    assert_eq!(a["sha256_given"], true);
+    let wrong = "0".repeat(64);
+    let e = refused(
+        &[
+            "--board",
+            "h4",
+            "--stack",
+            "nomad",
+            "--sources",
+            "debian",
+            "--artifact",
+            &arg,
+            "--artifact-sha256",
+            &format!("nomad={wrong}"),
+        ],
+        None,
+    );
+    assert!(
+        e.contains(&format!(
+            "has sha256 {sum}, but --artifact-sha256 nomad pins {wrong}"
+        )),
+        "{e}"
+    );
 }
