@@ -157,6 +157,7 @@ pub fn image_inputs_hash(plan: &BuildPlan, agent: &crate::agentbin::AgentBinary)
 
 pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     let (data, plan, components) = resolve(opts)?;
+    plan.require_complete()?;
     crate::doctor::preflight_build(plan.board.arch).context("checking host tools")?;
     let staging = crate::output::staging_dir(&opts.out, &plan.name)?;
     let cache = crate::cache::Cache::open(opts.cache.as_deref())?;

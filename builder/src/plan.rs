@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -38,7 +38,8 @@ pub struct SourceSpec {
     pub suite: Option<String>,
     pub components: Vec<String>,
     pub keyring: std::path::PathBuf,
-    pub keyring_sha256: String,
+    /// `None` when the keyring cannot be read (the plan lists it in `missing`).
+    pub keyring_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +79,10 @@ pub struct BuildPlan {
     pub sources: String,
     pub components: Vec<ComponentSpec>,
     pub rootfs: RootfsSpec,
+    /// Inputs that could not be read (a vendor's keyring that is not installed): the plan is
+    /// shown, but nothing is built from it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
 
 impl BuildPlan {
@@ -118,6 +123,7 @@ impl BuildPlan {
             }
             component_sets.push(chosen.map(|(n, _)| n.to_owned()));
         }
+        let mut missing = Vec::new();
         let sources = apt
             .iter()
             .map(|(s, owner)| {
@@ -157,7 +163,16 @@ impl BuildPlan {
                         s.name,
                         s.keyring.display()
                     )
-                })?;
+                });
+                // A missing keyring leaves the plan readable (`picoimg plan` shows it and
+                // what is missing); `build` stops on it before anything runs.
+                let keyring_sha256 = match bytes {
+                    Ok(b) => Some(hex::encode(Sha256::digest(&b))),
+                    Err(e) => {
+                        missing.push(format!("{e:#}"));
+                        None
+                    }
+                };
                 let uri = match (s.uri.as_str(), mirror) {
                     ("default", Some(m)) => Some(m.to_owned()),
                     ("default", None) => None,
@@ -169,7 +184,7 @@ impl BuildPlan {
                     suite: s.suite.clone(),
                     components: s.components.clone(),
                     keyring: s.keyring.clone(),
-                    keyring_sha256: hex::encode(Sha256::digest(&bytes)),
+                    keyring_sha256,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -224,7 +239,16 @@ impl BuildPlan {
             stack: stack.to_owned(),
             sources: set_name,
             components: comps,
+            missing,
         })
+    }
+
+    /// Stops on the first input the plan could not read (what `build` needs before it starts).
+    pub fn require_complete(&self) -> Result<()> {
+        match self.missing.first() {
+            Some(m) => bail!("{m}"),
+            None => Ok(()),
+        }
     }
 
     /// The source set in use.

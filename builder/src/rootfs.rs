@@ -245,7 +245,7 @@ mod tests {
                 suite: None,
                 components: vec!["main".into(), "non-free-firmware".into()],
                 keyring: "/k.gpg".into(),
-                keyring_sha256: String::new(),
+                keyring_sha256: Some(String::new()),
             }],
             packages: vec!["linux-image-amd64".into(), "systemd-sysv".into()],
         }
@@ -284,7 +284,7 @@ mod tests {
             suite: Some("bullseye".into()),
             components: vec!["main".into()],
             keyring: "/usr/share/keyrings/k.gpg".into(),
-            keyring_sha256: String::new(),
+            keyring_sha256: Some(String::new()),
         });
         let cmd = mmdebstrap_cmd(&s, Path::new("/c"), Path::new("/t.tar"));
         let c = cmd.display();

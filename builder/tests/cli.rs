@@ -1575,6 +1575,43 @@ fn nomad_stack_is_listed_its_file_checks_and_an_unreachable_repository_stops_the
             && e.contains("or build without it: --artifact nomad=FILE"),
         "{e}"
     );
+    // `plan` still resolves the stack with every package and source, says what is missing,
+    // and gives no hashes (they would name no real build).
+    let o = picoimg()
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["plan", "--board", "c5", "--stack", "nomad"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(plan["name"], "c5-nomad");
+    let pkgs = plan["rootfs"]["packages"].to_string();
+    for p in [
+        "\"nomad\"",
+        "\"consul\"",
+        "\"docker.io\"",
+        "\"containernetworking-plugins\"",
+    ] {
+        assert!(pkgs.contains(p), "{p} in {pkgs}");
+    }
+    let hashicorp = plan["rootfs"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "hashicorp")
+        .expect("HashiCorp's repository in the plan");
+    assert_eq!(hashicorp["uri"], "https://apt.releases.hashicorp.com");
+    assert!(hashicorp["keyring_sha256"].is_null());
+    for k in ["plan_hash", "inputs_hash", "rootfs_key"] {
+        assert!(plan[k].is_null(), "{k}: {}", plan[k]);
+    }
+    let note = stderr(&o);
+    assert!(
+        note.contains("cannot read its keyring /usr/share/keyrings/hashicorp-archive-keyring.gpg")
+            && note.contains("(a build stops here)"),
+        "{note}"
+    );
     // With a keyring but no route to the repository: named before mmdebstrap runs.
     let keyring = dir.path().join("hashicorp.gpg");
     std::fs::write(&keyring, b"not checked before the probe").unwrap();
