@@ -37,6 +37,28 @@ pub struct BuildOptions {
     pub firstboot: Option<PathBuf>,
 }
 
+impl BuildOptions {
+    /// `board` and `stack` with every other option at its default (as the CLI's).
+    pub fn new(board: &str, stack: &str) -> BuildOptions {
+        BuildOptions {
+            board: board.to_owned(),
+            stack: stack.to_owned(),
+            out: PathBuf::from("out"),
+            mirror: None,
+            cache: None,
+            data_dir: None,
+            keep_raw: false,
+            xz_level: 6,
+            refresh: false,
+            image_size: None,
+            sources: None,
+            uboot: None,
+            artifacts: Default::default(),
+            firstboot: None,
+        }
+    }
+}
+
 /// `<name>.manifest.json`: what is in an image and what made it.
 #[derive(Debug, Serialize)]
 pub struct Manifest {
@@ -124,10 +146,17 @@ fn resolve(opts: &BuildOptions) -> Result<(PathBuf, BuildPlan, Vec<crate::compon
         opts.sources.as_deref(),
         &opts.artifacts,
     )?;
+    // Stack `base`'s components make the base root every stack of the board shares.
+    let base: Vec<String> = crate::component::resolve(&data, "base", &board)
+        .context("resolving stack `base` (the root every stack is layered on)")?
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
     let plan = BuildPlan::new(
         board,
         &opts.stack,
         &components,
+        &base,
         opts.mirror.as_deref(),
         opts.sources.as_deref(),
     )?;
@@ -193,7 +222,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         &inputs_hash[..12],
         agent.path.display()
     ));
-    if opts.refresh || !crate::rootfs::is_cached(&plan.rootfs, &cache) {
+    if opts.refresh || !crate::rootfs::is_cached(&plan, &cache) {
         let others: Vec<&str> = board
             .sources
             .keys()
@@ -240,9 +269,9 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
                 None => hint.clone(),
             }
         };
-        crate::rootfs::check_sources_reachable(&plan.rootfs, &hint_for)?;
+        crate::rootfs::check_sources_reachable(&plan, &hint_for)?;
     }
-    let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan.rootfs, &cache, opts.refresh)?;
+    let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan, &cache, opts.refresh)?;
 
     let ids = DiskIds::derive(&inputs_hash, board);
     let (root_index, root_part) = board.root_partition();

@@ -329,12 +329,13 @@ pub fn main() -> Result<()> {
                 }
             }
             v["rootfs_key"] = plan.rootfs_key().into();
+            v["layer_key"] = plan.layer_key().into();
             if !plan.missing.is_empty() {
                 // Hashes over inputs that were not all read would name no real build.
                 for m in &plan.missing {
                     eprintln!("picoimg: note: {m} (a build stops here)");
                 }
-                for k in ["plan_hash", "inputs_hash", "rootfs_key"] {
+                for k in ["plan_hash", "inputs_hash", "rootfs_key", "layer_key"] {
                     v[k] = serde_json::Value::Null;
                 }
             }

@@ -15,7 +15,22 @@ use crate::component::Component;
 /// Bumped when the way picoimg drives mmdebstrap changes (invalidates cached root filesystems).
 const ROOTFS_RECIPE: u32 = 1;
 
-/// What mmdebstrap is asked for. Two boards with equal specs share one cached root filesystem.
+/// Bumped when the way a stack's layer is installed over a base changes.
+const LAYER_RECIPE: u32 = 1;
+
+/// A stack's packages installed over a cached base root (`RootfsSpec`): what a second stack on
+/// a board costs is apt for these only.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSpec {
+    pub recipe: u32,
+    /// Sources the layer adds (keyrings included), beyond the base's.
+    pub sources: Vec<SourceSpec>,
+    /// Packages beyond the base's; sorted, de-duplicated.
+    pub packages: Vec<String>,
+}
+
+/// What mmdebstrap is asked for: the base root of a board's source set (its packages and the
+/// packages of stack `base`). Two boards with equal specs share one cached root filesystem.
 #[derive(Debug, Clone, Serialize)]
 pub struct RootfsSpec {
     pub recipe: u32,
@@ -79,6 +94,9 @@ pub struct BuildPlan {
     pub sources: String,
     pub components: Vec<ComponentSpec>,
     pub rootfs: RootfsSpec,
+    /// The stack's layer over `rootfs` (none for stack `base`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<LayerSpec>,
     /// Inputs that could not be read (a vendor's keyring that is not installed): the plan is
     /// shown, but nothing is built from it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -86,10 +104,13 @@ pub struct BuildPlan {
 }
 
 impl BuildPlan {
+    /// `base`: the names of the components of stack `base` on this board, whose packages go
+    /// into the base root; every other component's packages and sources form the layer.
     pub fn new(
         board: Board,
         stack: &str,
         components: &[Component],
+        base: &[String],
         mirror: Option<&str>,
         sources: Option<&str>,
     ) -> Result<BuildPlan> {
@@ -97,12 +118,16 @@ impl BuildPlan {
         let set_name = set_name.to_owned();
         let set = set.clone();
         let mut packages: BTreeSet<String> = set.packages.all().cloned().collect();
+        let mut base_packages = packages.clone();
         // Board sources first (the first is the distribution), then each component's.
         let mut apt: Vec<(crate::board::Source, Option<String>)> =
             set.apt.iter().map(|s| (s.clone(), None)).collect();
         let mut component_sets = Vec::new();
         for c in components {
             packages.extend(c.file.packages.iter().cloned());
+            if base.contains(&c.name) {
+                base_packages.extend(c.file.packages.iter().cloned());
+            }
             let chosen = c.source_set(sources)?;
             if let Some((name, cs)) = chosen {
                 packages.extend(cs.packages.iter().cloned());
@@ -124,7 +149,7 @@ impl BuildPlan {
             component_sets.push(chosen.map(|(n, _)| n.to_owned()));
         }
         let mut missing = Vec::new();
-        let sources = apt
+        let mut sources = apt
             .iter()
             .map(|(s, owner)| {
                 let bytes = std::fs::read(&s.keyring).with_context(|| {
@@ -216,6 +241,16 @@ impl BuildPlan {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // The board's sources come first in `sources`, then the components' (the layer's).
+        let board_sources = set.apt.len();
+        let layer_sources = sources.split_off(board_sources.min(sources.len()));
+        let layer_packages: Vec<String> = packages.difference(&base_packages).cloned().collect();
+        let layer =
+            (!layer_packages.is_empty() || !layer_sources.is_empty()).then_some(LayerSpec {
+                recipe: LAYER_RECIPE,
+                sources: layer_sources,
+                packages: layer_packages,
+            });
         Ok(BuildPlan {
             picoimg_version: env!("CARGO_PKG_VERSION").to_owned(),
             // A component list (`consul,docker`) names the image `<board>-consul+docker`.
@@ -233,8 +268,9 @@ impl BuildPlan {
                     .unwrap_or_else(|| board.distro.suite.clone()),
                 variant: board.distro.variant.clone(),
                 sources,
-                packages: packages.into_iter().collect(),
+                packages: base_packages.into_iter().collect(),
             },
+            layer,
             board,
             stack: stack.to_owned(),
             sources: set_name,
@@ -256,9 +292,37 @@ impl BuildPlan {
         &self.board.sources[&self.sources]
     }
 
-    /// Key of the cached root filesystem stage.
+    /// Key of the cached base root filesystem.
     pub fn rootfs_key(&self) -> String {
         json_key(&self.rootfs)
+    }
+
+    /// Key of the cached stack layer: the base's key and what the layer adds.
+    pub fn layer_key(&self) -> Option<String> {
+        self.layer
+            .as_ref()
+            .map(|l| json_key(&(self.rootfs_key(), l)))
+    }
+
+    /// The same root made by one mmdebstrap run with every package and source (what a layered
+    /// root is compared with).
+    pub fn flat_rootfs(&self) -> RootfsSpec {
+        let mut flat = self.rootfs.clone();
+        if let Some(l) = &self.layer {
+            flat.sources.extend(l.sources.iter().cloned());
+            flat.packages.extend(l.packages.iter().cloned());
+            flat.packages.sort();
+            flat.packages.dedup();
+        }
+        flat
+    }
+
+    /// Every apt source the build uses: the base's, then the layer's.
+    pub fn all_sources(&self) -> impl Iterator<Item = &SourceSpec> {
+        self.rootfs
+            .sources
+            .iter()
+            .chain(self.layer.iter().flat_map(|l| l.sources.iter()))
     }
 
     /// Hash of the plan: every input of the image but the first-boot agent (the image's

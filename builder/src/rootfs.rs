@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::Cache;
 use crate::cmd::Cmd;
-use crate::plan::RootfsSpec;
+use crate::plan::{BuildPlan, LayerSpec, RootfsSpec};
 use crate::progress::Step;
 
 /// Facts about how a cached root filesystem was made (stored beside it, copied to manifests).
@@ -19,9 +19,13 @@ use crate::progress::Step;
 pub struct RootfsInfo {
     pub key: String,
     pub seconds: f64,
-    /// How many times an initramfs was generated (should be one per kernel).
+    /// How many times an initramfs was generated for this root, its base's included (one per
+    /// kernel, unless a layer's package asks for a new one).
     pub initramfs_generations: u32,
     pub mmdebstrap_version: String,
+    /// For a stack's layer: the base root it was installed over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Box<RootfsInfo>>,
 }
 
 /// Divert update-initramfs while packages install, so kernel, firmware and microcode packages
@@ -30,9 +34,15 @@ const DIVERT_INITRAMFS: &str = r#"chroot "$1" dpkg-divert --quiet --local --rena
 
 const RESTORE_INITRAMFS: &str = r#"rm -f "$1/usr/sbin/update-initramfs" && chroot "$1" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs && if [ -x "$1/usr/sbin/update-initramfs" ] && ls "$1"/boot/vmlinu[xz]-* >/dev/null 2>&1; then chroot "$1" update-initramfs -c -k all; fi"#;
 
-/// Whether the root filesystem for `spec` is in the cache already.
-pub fn is_cached(spec: &RootfsSpec, cache: &Cache) -> bool {
-    let tar = cache.rootfs(&crate::plan::json_key(spec));
+/// A layer's packages install with update-initramfs diverted to a stub that only notes the
+/// request; the initramfs is made again at the end only if a package asked for it.
+const DIVERT_INITRAMFS_LAYER: &str = r#"chroot "$1" dpkg-divert --quiet --local --rename --divert /usr/sbin/update-initramfs.picoimg --add /usr/sbin/update-initramfs && printf '#!/bin/sh\n# picoimg: noted; the initramfs is made again once, at the end of the layer\n: > /var/lib/picoimg-initramfs-wanted\nexit 0\n' > "$1/usr/sbin/update-initramfs" && chmod 755 "$1/usr/sbin/update-initramfs""#;
+
+const RESTORE_INITRAMFS_LAYER: &str = r#"rm -f "$1/usr/sbin/update-initramfs" && chroot "$1" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs && if [ -e "$1/var/lib/picoimg-initramfs-wanted" ]; then rm -f "$1/var/lib/picoimg-initramfs-wanted"; chroot "$1" update-initramfs -u -k all; fi"#;
+
+/// Whether the root filesystem of `plan` (its layer, or its base) is in the cache already.
+pub fn is_cached(plan: &BuildPlan, cache: &Cache) -> bool {
+    let tar = cache.rootfs(&plan.layer_key().unwrap_or_else(|| plan.rootfs_key()));
     tar.is_file() && tar.with_extension("json").is_file()
 }
 
@@ -40,8 +50,9 @@ pub fn is_cached(spec: &RootfsSpec, cache: &Cache) -> bool {
 /// vendor archive fails at once, by name, with `hint` (how to substitute), instead of deep in
 /// mmdebstrap.
 /// `hint(name)`: what to do instead when apt source `name` cannot be reached.
-pub fn check_sources_reachable(spec: &RootfsSpec, hint: &dyn Fn(&str) -> String) -> Result<()> {
-    for s in &spec.sources {
+pub fn check_sources_reachable(plan: &BuildPlan, hint: &dyn Fn(&str) -> String) -> Result<()> {
+    let spec = &plan.rootfs;
+    for s in plan.all_sources() {
         let Some(uri) = &s.uri else { continue };
         if !(uri.starts_with("http://") || uri.starts_with("https://")) {
             continue;
@@ -72,41 +83,91 @@ pub fn check_sources_reachable(spec: &RootfsSpec, hint: &dyn Fn(&str) -> String)
     Ok(())
 }
 
-/// Returns the cached tarball for `spec`, building it first if needed.
-pub fn ensure(spec: &RootfsSpec, cache: &Cache, refresh: bool) -> Result<(PathBuf, RootfsInfo)> {
+/// Returns the cached tarball of `plan`'s root filesystem: its base root, with the stack's
+/// layer installed over it when the stack has one; each is built first if it is not cached.
+pub fn ensure(plan: &BuildPlan, cache: &Cache, refresh: bool) -> Result<(PathBuf, RootfsInfo)> {
+    let spec = &plan.rootfs;
+    let (base_tar, base_info) = ensure_spec(spec, cache, refresh)?;
+    let (Some(layer), Some(key)) = (&plan.layer, plan.layer_key()) else {
+        return Ok((base_tar, base_info));
+    };
+    stage(cache, &key, "stack layer", refresh, |tmp| {
+        let cmd = layer_cmd(spec, layer, &base_tar, &cache.apt_dir(spec.arch)?, tmp);
+        let (mut info, initramfs) = run_mmdebstrap(
+            cmd,
+            format!(
+                "stack layer: {} package(s) over the cached base ({})",
+                layer.packages.len(),
+                spec.arch.as_str()
+            ),
+        )?;
+        info.initramfs_generations = base_info.initramfs_generations + initramfs;
+        info.base = Some(Box::new(base_info.clone()));
+        Ok((info, initramfs))
+    })
+}
+
+/// Returns the cached tarball of one mmdebstrap run for `spec`, building it first if needed.
+pub fn ensure_spec(
+    spec: &RootfsSpec,
+    cache: &Cache,
+    refresh: bool,
+) -> Result<(PathBuf, RootfsInfo)> {
     let key = crate::plan::json_key(spec);
-    let tar = cache.rootfs(&key);
+    stage(cache, &key, "root filesystem", refresh, |tmp| {
+        let cmd = mmdebstrap_cmd(spec, &cache.apt_dir(spec.arch)?, tmp);
+        run_mmdebstrap(
+            cmd,
+            format!(
+                "root filesystem: mmdebstrap {} {}",
+                spec.suite,
+                spec.arch.as_str()
+            ),
+        )
+    })
+}
+
+/// One cached stage: `<cache>/rootfs/<key>.tar` and its facts beside it, made by `make` into a
+/// temporary file that is renamed into place only when complete (an error or Ctrl-C leaves
+/// nothing behind), under the key's lock.
+fn stage(
+    cache: &Cache,
+    key: &str,
+    what: &str,
+    refresh: bool,
+    make: impl FnOnce(&Path) -> Result<(RootfsInfo, u32)>,
+) -> Result<(PathBuf, RootfsInfo)> {
+    let tar = cache.rootfs(key);
     let info_path = tar.with_extension("json");
-    let _lock = cache.lock(&key)?;
+    let _lock = cache.lock(key)?;
     if !refresh && tar.is_file() {
         if let Some(info) = std::fs::read(&info_path)
             .ok()
             .and_then(|b| serde_json::from_slice::<RootfsInfo>(&b).ok())
         {
-            crate::progress::log(format!("root filesystem: cached ({})", tar.display()));
+            crate::progress::log(format!("{what}: cached ({})", tar.display()));
             return Ok((tar, info));
         }
     }
-    let info = build(spec, cache, &key, &tar)?;
-    let json = serde_json::to_vec_pretty(&info)?;
-    crate::output::write_atomic(&info_path, &json)?;
-    Ok((tar, info))
-}
-
-fn build(spec: &RootfsSpec, cache: &Cache, key: &str, tar: &Path) -> Result<RootfsInfo> {
-    let started = std::time::Instant::now();
-    let apt = cache.apt_dir(spec.arch)?;
     let tmp = tempfile::Builder::new()
         .prefix(".building-")
         .suffix(".tar")
         .tempfile_in(tar.parent().expect("cache dir"))
         .context("creating temporary root filesystem file")?;
-    let cmd = mmdebstrap_cmd(spec, &apt, tmp.path());
-    let step = Step::start(format!(
-        "root filesystem: mmdebstrap {} {}",
-        spec.suite,
-        spec.arch.as_str()
-    ));
+    let (mut info, _) = make(tmp.path())?;
+    info.key = key.to_owned();
+    tmp.persist(&tar)
+        .with_context(|| format!("storing the {what} in {}", tar.display()))?;
+    let json = serde_json::to_vec_pretty(&info)?;
+    crate::output::write_atomic(&info_path, &json)?;
+    Ok((tar, info))
+}
+
+/// Runs one mmdebstrap command with progress; returns its facts and how many initramfs
+/// images it generated.
+fn run_mmdebstrap(cmd: Cmd, title: String) -> Result<(RootfsInfo, u32)> {
+    let started = std::time::Instant::now();
+    let step = Step::start(title);
     let mut initramfs = 0;
     cmd.run_lines(|line| {
         if line.contains("update-initramfs: Generating") {
@@ -118,26 +179,26 @@ fn build(spec: &RootfsSpec, cache: &Cache, key: &str, tar: &Path) -> Result<Root
     })
     .context("building the root filesystem with mmdebstrap")?;
     step.done();
-    tmp.persist(tar)
-        .with_context(|| format!("storing root filesystem in {}", tar.display()))?;
     let version = Cmd::new("mmdebstrap")
         .arg("--version")
         .read()
         .unwrap_or_default()
         .trim()
         .to_owned();
-    Ok(RootfsInfo {
-        key: key.to_owned(),
+    let info = RootfsInfo {
+        key: String::new(),
         seconds: started.elapsed().as_secs_f64(),
         initramfs_generations: initramfs,
         mmdebstrap_version: version,
-    })
+        base: None,
+    };
+    Ok((info, initramfs))
 }
 
-/// The mmdebstrap command line for a spec.
-pub fn mmdebstrap_cmd(spec: &RootfsSpec, apt_cache: &Path, target: &Path) -> Cmd {
-    let mut cmd = Cmd::new("mmdebstrap")
-        .arg(format!("--variant={}", spec.variant))
+/// What every mmdebstrap run of picoimg's shares: architecture, apt and dpkg options.
+fn mmdebstrap_common(variant: &str, spec: &RootfsSpec) -> Cmd {
+    Cmd::new("mmdebstrap")
+        .arg(format!("--variant={variant}"))
         .arg(format!("--architectures={}", spec.arch.as_str()))
         .arg("--aptopt=Acquire::Retries \"3\"")
         // Documentation stays out of small-board images; copyright files stay in.
@@ -145,11 +206,11 @@ pub fn mmdebstrap_cmd(spec: &RootfsSpec, apt_cache: &Path, target: &Path) -> Cmd
         .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
         .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
         .arg("--dpkgopt=path-exclude=/usr/share/info/*")
-        .arg(format!("--include={}", spec.packages.join(",")))
-        .arg(format!("--essential-hook={DIVERT_INITRAMFS}"))
-        .arg(format!("--customize-hook={RESTORE_INITRAMFS}"))
-        // The package cache: copied in before apt runs, new downloads copied back out.
-        .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
+}
+
+/// The package cache: copied in before apt runs, new downloads copied back out.
+fn apt_cache_hooks(cmd: Cmd, apt_cache: &Path) -> Cmd {
+    cmd.arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
         .arg(format!(
             "--setup-hook=sync-in {} /var/cache/apt/archives/",
             apt_cache.display()
@@ -157,20 +218,14 @@ pub fn mmdebstrap_cmd(spec: &RootfsSpec, apt_cache: &Path, target: &Path) -> Cmd
         .arg(format!(
             "--customize-hook=sync-out /var/cache/apt/archives {}",
             apt_cache.display()
-        ));
-    // The first source is the distribution: mmdebstrap's default mirror (with -updates and
-    // -security) unless it has an explicit URI, which then replaces that default.
-    let (main, extra) = match spec.sources.split_first() {
-        Some((m, e)) => (Some(m), e),
-        None => (None, &[][..]),
-    };
+        ))
+}
+
+/// The distribution's suite and mirror arguments (the same for a base and its layers).
+fn suite_and_mirror(mut cmd: Cmd, spec: &RootfsSpec, target: &Path) -> Cmd {
+    let main = spec.sources.first();
     if let Some(m) = main {
         cmd = cmd.arg(format!("--components={}", m.components.join(",")));
-    }
-    // Every other source is written into the root by a hook, keyring included at the same
-    // path (apt reads signed-by on the build host now, and inside the image later).
-    for s in extra {
-        cmd = extra_source_hooks(cmd, spec, s);
     }
     cmd = cmd.arg(&spec.suite).arg(target);
     if let Some(m) = main {
@@ -185,6 +240,67 @@ pub fn mmdebstrap_cmd(spec: &RootfsSpec, apt_cache: &Path, target: &Path) -> Cmd
         }
     }
     cmd
+}
+
+/// A stack's layer: mmdebstrap's documented way to refine a chroot tarball (variant custom,
+/// the base unpacked by a setup hook), the layer's sources added by hooks before mmdebstrap's
+/// `apt-get update`, then the layer's packages installed with apt outside and dpkg inside the
+/// root, the way mmdebstrap installs its own.
+pub fn layer_cmd(
+    spec: &RootfsSpec,
+    layer: &LayerSpec,
+    base_tar: &Path,
+    apt_cache: &Path,
+    target: &Path,
+) -> Cmd {
+    let mut cmd = mmdebstrap_common("custom", spec)
+        // Device nodes are mmdebstrap's to make (unshare mode cannot mknod).
+        .arg("--skip=tar-in/mknod")
+        .arg(format!("--setup-hook=tar-in {} /", base_tar.display()))
+        .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
+        .arg(format!(
+            "--setup-hook=sync-in {} /var/cache/apt/archives/",
+            apt_cache.display()
+        ));
+    for s in &layer.sources {
+        // A keyring a base package installed stays the package's file.
+        let keyring = s.keyring.display().to_string();
+        cmd = cmd
+            .arg(format!(
+                "--setup-hook=mkdir -p \"$1\"$(dirname {keyring}) && {{ [ -e \"$1\"{keyring} ] || [ -L \"$1\"{keyring} ] || cp {keyring} \"$1\"{keyring}; }}"
+            ))
+            .arg(format!("--setup-hook={}", extra_source_script(spec, s)));
+    }
+    let install = format!(
+        "APT_CONFIG=\"$MMDEBSTRAP_APT_CONFIG\" apt-get --yes -o Dir::Bin::dpkg=env -o DPkg::Options::=--unset=TMPDIR -o DPkg::Options::=dpkg install {}",
+        layer.packages.join(" ")
+    );
+    cmd = cmd
+        .arg(format!("--essential-hook={DIVERT_INITRAMFS_LAYER}"))
+        .arg(format!("--customize-hook={install}"))
+        .arg(format!("--customize-hook={RESTORE_INITRAMFS_LAYER}"))
+        .arg(format!(
+            "--customize-hook=sync-out /var/cache/apt/archives {}",
+            apt_cache.display()
+        ));
+    suite_and_mirror(cmd, spec, target)
+}
+
+/// The mmdebstrap command line for a spec.
+pub fn mmdebstrap_cmd(spec: &RootfsSpec, apt_cache: &Path, target: &Path) -> Cmd {
+    let mut cmd = mmdebstrap_common(&spec.variant, spec)
+        .arg(format!("--include={}", spec.packages.join(",")))
+        .arg(format!("--essential-hook={DIVERT_INITRAMFS}"))
+        .arg(format!("--customize-hook={RESTORE_INITRAMFS}"));
+    cmd = apt_cache_hooks(cmd, apt_cache);
+    // The first source is the distribution: mmdebstrap's default mirror (with -updates and
+    // -security) unless it has an explicit URI, which then replaces that default. Every other
+    // source is written into the root by a hook, keyring included at the same path (apt reads
+    // signed-by on the build host now, and inside the image later).
+    for s in spec.sources.iter().skip(1) {
+        cmd = extra_source_hooks(cmd, spec, s);
+    }
+    suite_and_mirror(cmd, spec, target)
 }
 
 /// Hooks adding one more apt source to the root: its keyring, its list file and, for another
@@ -272,6 +388,47 @@ mod tests {
         .display();
         assert!(c.contains("'deb [signed-by=/k.gpg] http://127.0.0.1:3142/debian trixie main non-free-firmware'"), "{c}");
         assert!(c.contains("trixie-updates"), "{c}");
+    }
+
+    /// A layer: the base unpacked first, the layer's source added (its keyring only where the
+    /// base has none), packages installed by apt from outside, the initramfs made again only
+    /// if asked, and the new downloads kept after the install.
+    #[test]
+    fn a_layer_refines_the_base_tarball() {
+        let s = spec(None);
+        let layer = LayerSpec {
+            recipe: 1,
+            sources: vec![SourceSpec {
+                name: "debian-bullseye".into(),
+                uri: None,
+                suite: Some("bullseye".into()),
+                components: vec!["main".into()],
+                keyring: "/usr/share/keyrings/k.gpg".into(),
+                keyring_sha256: Some(String::new()),
+            }],
+            packages: vec!["consul".into(), "docker.io".into()],
+        };
+        let cmd = layer_cmd(
+            &s,
+            &layer,
+            Path::new("/b.tar"),
+            Path::new("/c"),
+            Path::new("/t.tar"),
+        );
+        let args: Vec<String> = cmd.display().split(" '--").map(str::to_owned).collect();
+        let c = cmd.display();
+        assert!(c.starts_with("mmdebstrap --variant=custom "), "{c}");
+        let pos = |needle: &str| {
+            args.iter()
+                .position(|a| a.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} in {c}"))
+        };
+        assert!(pos("tar-in /b.tar /") < pos("sync-in /c"));
+        assert!(pos("/usr/share/keyrings/k.gpg ] || cp") < pos("Pin: release n=bullseye"));
+        assert!(pos("install consul docker.io") < pos("sync-out /var/cache/apt/archives /c"));
+        assert!(pos("install consul docker.io") < pos("picoimg-initramfs-wanted\" ]; then"));
+        assert!(!c.contains("--include"), "{c}");
+        assert!(c.ends_with("trixie /t.tar"), "{c}");
     }
 
     /// Consul's substitute: bullseye of the mirror mmdebstrap picked, pinned below trixie.

@@ -1489,7 +1489,20 @@ fn stack_can_be_a_list_of_components() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["systemd-boot", "base", "consul", "docker"]);
-    let pkgs = plan["rootfs"]["packages"].to_string();
+    // The stack's packages are a layer over the base root every stack of the board shares.
+    let base = picoimg()
+        .args(["plan", "--board", "h4", "--stack", "base"])
+        .output()
+        .unwrap();
+    let base: serde_json::Value = serde_json::from_slice(&base.stdout).unwrap();
+    assert_eq!(plan["rootfs_key"], base["rootfs_key"]);
+    assert!(
+        base["layer"].is_null() && base["layer_key"].is_null(),
+        "{base}"
+    );
+    assert_eq!(plan["layer_key"].as_str().map(str::len), Some(64));
+    assert_eq!(plan["layer"]["sources"][0]["suite"], "bullseye");
+    let pkgs = plan["layer"]["packages"].to_string();
     for p in [
         "\"docker.io\"",
         "\"docker-cli\"",
@@ -1586,7 +1599,7 @@ fn nomad_stack_is_listed_its_file_checks_and_an_unreachable_repository_stops_the
     assert!(o.status.success(), "{}", stderr(&o));
     let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(plan["name"], "c5-nomad");
-    let pkgs = plan["rootfs"]["packages"].to_string();
+    let pkgs = plan["layer"]["packages"].to_string();
     for p in [
         "\"nomad\"",
         "\"consul\"",
@@ -1595,7 +1608,7 @@ fn nomad_stack_is_listed_its_file_checks_and_an_unreachable_repository_stops_the
     ] {
         assert!(pkgs.contains(p), "{p} in {pkgs}");
     }
-    let hashicorp = plan["rootfs"]["sources"]
+    let hashicorp = plan["layer"]["sources"]
         .as_array()
         .unwrap()
         .iter()
@@ -1603,7 +1616,7 @@ fn nomad_stack_is_listed_its_file_checks_and_an_unreachable_repository_stops_the
         .expect("HashiCorp's repository in the plan");
     assert_eq!(hashicorp["uri"], "https://apt.releases.hashicorp.com");
     assert!(hashicorp["keyring_sha256"].is_null());
-    for k in ["plan_hash", "inputs_hash", "rootfs_key"] {
+    for k in ["plan_hash", "inputs_hash", "rootfs_key", "layer_key"] {
         assert!(plan[k].is_null(), "{k}: {}", plan[k]);
     }
     let note = stderr(&o);
@@ -1722,7 +1735,7 @@ fn nomad_release_archive_is_the_offline_path_and_must_match_its_pin() {
         .unwrap();
     assert_eq!(nomad["sources"], "release");
     assert_eq!(nomad["artifacts"][0]["path"], "/usr/bin/nomad");
-    let srcs = plan["rootfs"]["sources"].to_string();
+    let srcs = format!("{}{}", plan["rootfs"]["sources"], plan["layer"]["sources"]);
     assert!(!srcs.contains("hashicorp"), "{srcs}");
 
     // Another release than the pin: the user gives its sha256 (from HashiCorp's SHA256SUMS);
@@ -1774,4 +1787,77 @@ fn nomad_release_archive_is_the_offline_path_and_must_match_its_pin() {
         )),
         "{e}"
     );
+}
+
+/// The cache keys of a layered root: the base key follows only the base (the board's set and
+/// stack `base`), the layer key follows the base and everything the layer adds: its packages,
+/// its sources and their keyrings' contents.
+#[test]
+fn layer_keys_follow_the_base_the_sources_and_the_keyrings() {
+    let data = common::data_copy();
+    let keyring = data.path().join("bullseye.gpg");
+    std::fs::write(&keyring, b"key one").unwrap();
+    let consul = data.path().join("overlays/consul/component.toml");
+    let original = std::fs::read_to_string(&consul).unwrap();
+    let edit = |f: &dyn Fn(String) -> String| {
+        std::fs::write(&consul, f(original.clone())).unwrap();
+    };
+    let with_keyring = |t: String| {
+        t.replace(
+            "keyring = \"/usr/share/keyrings/debian-archive-keyring.gpg\"",
+            &format!("keyring = \"{}\"", keyring.display()),
+        )
+    };
+    let keys = || {
+        let o = picoimg()
+            .arg("--data-dir")
+            .arg(data.path())
+            .args([
+                "plan",
+                "--board",
+                "h4",
+                "--stack",
+                "consul",
+                "--sources",
+                "debian",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (
+            v["rootfs_key"].as_str().unwrap().to_owned(),
+            v["layer_key"].as_str().unwrap().to_owned(),
+        )
+    };
+    edit(&with_keyring);
+    let (base, layer) = keys();
+    // The keyring's bytes: a new layer on the same base.
+    std::fs::write(&keyring, b"key two").unwrap();
+    let (b2, l2) = keys();
+    assert_eq!(b2, base);
+    assert_ne!(l2, layer);
+    // The layer's source (another suite): a new layer on the same base.
+    edit(&|t| with_keyring(t).replace("suite = \"bullseye\"", "suite = \"bookworm\""));
+    let (b3, l3) = keys();
+    assert_eq!(b3, base);
+    assert!(l3 != layer && l3 != l2);
+    // The layer's packages.
+    edit(&|t| {
+        with_keyring(t).replace(
+            "packages = [\"consul\"]\n\n[[sources.debian.apt]]",
+            "packages = [\"consul\", \"jq\"]\n\n[[sources.debian.apt]]",
+        )
+    });
+    let (b4, l4) = keys();
+    assert_eq!(b4, base);
+    assert!(![&layer, &l2, &l3].contains(&&l4));
+    // The base (a package of stack `base`): a new base, and so a new layer.
+    edit(&with_keyring);
+    let base_comp = data.path().join("overlays/base/component.toml");
+    let t = std::fs::read_to_string(&base_comp).unwrap();
+    std::fs::write(&base_comp, t.replace("\"less\",", "\"less\", \"jq\",")).unwrap();
+    let (b5, l5) = keys();
+    assert_ne!(b5, base);
+    assert!(![&layer, &l2, &l3, &l4].contains(&&l5));
 }

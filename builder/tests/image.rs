@@ -1238,3 +1238,73 @@ fn picoimg_alone_builds_the_agent_on_demand() {
     );
     assert_eq!(mtime(), before, "the second build rebuilt the agent");
 }
+
+/// Packages (name, version, architecture) and paths of a root filesystem tarball.
+fn root_contents(
+    tar: &Path,
+) -> (
+    Vec<(String, String, String)>,
+    std::collections::BTreeSet<String>,
+) {
+    let status = picoimg::tarfs::read_paths(tar, &["var/lib/dpkg/status"]).unwrap();
+    let Some(picoimg::tarfs::Found::File(status)) = status.get("var/lib/dpkg/status") else {
+        panic!("no dpkg status in {}", tar.display());
+    };
+    let packages = picoimg::tarfs::parse_dpkg_status(&String::from_utf8_lossy(status))
+        .into_iter()
+        .map(|p| (p.name, p.version, p.architecture))
+        .collect();
+    (packages, picoimg::tarfs::list(tar).unwrap())
+}
+
+/// A stack's layer over the cached base root has the same packages and the same files as the
+/// root made by one mmdebstrap run with everything (stack `docker`: packages from trixie only),
+/// and the initramfs is generated once either way. A layer that adds a source (consul's
+/// bullseye substitute) keeps the base's keyring file, which a package owns.
+#[test]
+fn a_stack_layer_over_the_base_equals_a_root_made_in_one_run() {
+    h4(); // the base root is cached by now
+    let cache = picoimg::cache::Cache::open(None).unwrap();
+    let plan =
+        picoimg::build::plan(&picoimg::build::BuildOptions::new("h4", "base,docker")).unwrap();
+    assert!(plan.layer.is_some());
+    let (layered, info) = picoimg::rootfs::ensure(&plan, &cache, false).unwrap();
+    let (flat, flat_info) =
+        picoimg::rootfs::ensure_spec(&plan.flat_rootfs(), &cache, false).unwrap();
+    assert_eq!(info.initramfs_generations, 1, "{info:?}");
+    assert_eq!(flat_info.initramfs_generations, 1, "{flat_info:?}");
+    let (lp, lf) = root_contents(&layered);
+    let (fp, ff) = root_contents(&flat);
+    let only = |a: &std::collections::BTreeSet<String>, b: &std::collections::BTreeSet<String>| {
+        a.difference(b).take(40).cloned().collect::<Vec<_>>()
+    };
+    assert!(
+        lp == fp,
+        "packages differ: only layered {:?}, only in one run {:?}",
+        lp.iter().filter(|p| !fp.contains(p)).collect::<Vec<_>>(),
+        fp.iter().filter(|p| !lp.contains(p)).collect::<Vec<_>>()
+    );
+    assert!(
+        lf == ff,
+        "files differ: only layered {:?}, only in one run {:?}",
+        only(&lf, &ff),
+        only(&ff, &lf)
+    );
+    assert!(lp.iter().any(|p| p.0 == "docker.io"));
+
+    let mut opts = picoimg::build::BuildOptions::new("h4", "consul,docker");
+    opts.sources = Some("debian".into());
+    let plan = picoimg::build::plan(&opts).unwrap();
+    let (layered, _) = picoimg::rootfs::ensure(&plan, &cache, false).unwrap();
+    let base = cache.rootfs(&plan.rootfs_key());
+    let key = "usr/share/keyrings/debian-archive-keyring.gpg";
+    let read = |t: &Path| match picoimg::tarfs::read_paths(t, &[key]).unwrap().remove(key) {
+        Some(picoimg::tarfs::Found::File(b)) => b,
+        Some(picoimg::tarfs::Found::Symlink(to)) => format!("-> {to}").into_bytes(),
+        None => panic!("no {key} in {}", t.display()),
+    };
+    assert!(
+        read(&layered) == read(&base),
+        "the layer replaced the packaged {key}"
+    );
+}
