@@ -64,6 +64,15 @@ pub enum Command {
     /// Write or check the cluster file that nodes read on first boot.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Show or prune the build cache (root filesystems, packages, pinned files).
+    Cache {
+        /// The cache (default: $PICOIMG_CACHE_DIR, /var/cache/picoimg as root, else
+        /// ~/.cache/picoimg).
+        #[arg(long, value_name = "DIR", global = true)]
+        cache: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Write an image to an SD card, eMMC or USB disk (or a file): only the blocks its .bmap
     /// maps, each checked by sha256, the first MiB last, then read back and compared.
     Flash {
@@ -109,6 +118,30 @@ pub enum Command {
         /// earlier run is removed.
         #[arg(long, value_name = "NAME")]
         node: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List the cached root filesystems (base roots and stack layers) with their sizes and
+    /// when a build last used them, then the other folders' sizes.
+    List,
+    /// Remove root filesystems no build used for DAYS, and files killed builds left behind.
+    Prune {
+        /// Keep what a build used within this many days.
+        #[arg(
+            long,
+            value_name = "DAYS",
+            default_value_t = 30,
+            conflicts_with = "all"
+        )]
+        older_than: u64,
+        /// Remove every cached root filesystem (packages and pinned files stay).
+        #[arg(long)]
+        all: bool,
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -397,6 +430,7 @@ pub fn main() -> Result<()> {
             crate::progress::print(format_args!("{}", String::from_utf8_lossy(&out)))?;
         }
         Command::Doctor => crate::doctor::run()?,
+        Command::Cache { cache, command } => cache_command(cache.as_deref(), command)?,
         Command::Cluster(ClusterCommand::Init {
             name,
             nodes,
@@ -506,6 +540,63 @@ fn boards(data_dir: Option<&std::path::Path>, sources: bool, json: bool) -> Resu
     }
     if json {
         crate::outln!("{}", serde_json::to_string_pretty(&all)?)?;
+    }
+    Ok(())
+}
+
+fn cache_command(dir: Option<&std::path::Path>, command: CacheCommand) -> Result<()> {
+    use crate::size::approx;
+    let cache = crate::cache::Cache::open(dir)?;
+    match command {
+        CacheCommand::List => {
+            crate::outln!("cache {}", cache.root().display())?;
+            let now = std::time::SystemTime::now();
+            let entries = cache.entries()?;
+            crate::outln!("{:<12}  {:>10}  {:>9}  WHAT", "ROOTFS", "SIZE", "USED")?;
+            for e in &entries {
+                let days = now
+                    .duration_since(e.last_used)
+                    .map_or(0, |d| d.as_secs() / 86_400);
+                let what = match &e.info {
+                    None => "unfinished (no facts file)".to_owned(),
+                    Some(i) if i.what.is_empty() => format!(
+                        "made {:.0} s by {} (before picoimg described entries)",
+                        i.seconds, i.mmdebstrap_version
+                    ),
+                    Some(i) => i.what.clone(),
+                };
+                crate::outln!(
+                    "{:<12}  {:>10}  {:>9}  {what}",
+                    &e.key[..12.min(e.key.len())],
+                    approx(e.bytes),
+                    format!("{days} d ago"),
+                )?;
+            }
+            let total: u64 = entries.iter().map(|e| e.bytes).sum();
+            crate::outln!("{} root filesystem(s), {}", entries.len(), approx(total))?;
+            for f in cache.folders()? {
+                crate::outln!(
+                    "{:<12}  {:>10}  {} file(s)",
+                    f.name,
+                    approx(f.bytes),
+                    f.files
+                )?;
+            }
+        }
+        CacheCommand::Prune {
+            older_than,
+            all,
+            dry_run,
+        } => {
+            let limit = (!all).then(|| std::time::Duration::from_secs(older_than * 86_400));
+            let gone = cache.prune(limit, dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for (what, bytes) in &gone {
+                crate::outln!("{verb} {what}: {}", approx(*bytes))?;
+            }
+            let total: u64 = gone.iter().map(|(_, b)| b).sum();
+            crate::outln!("{verb} {} item(s), {}", gone.len(), approx(total))?;
+        }
     }
     Ok(())
 }

@@ -23,6 +23,9 @@ pub struct RootfsInfo {
     /// kernel, unless a layer's package asks for a new one).
     pub initramfs_generations: u32,
     pub mmdebstrap_version: String,
+    /// What it is, for `picoimg cache list`.
+    #[serde(default)]
+    pub what: String,
     /// For a stack's layer: the base root it was installed over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<Box<RootfsInfo>>,
@@ -102,6 +105,12 @@ pub fn ensure(plan: &BuildPlan, cache: &Cache, refresh: bool) -> Result<(PathBuf
             ),
         )?;
         info.initramfs_generations = base_info.initramfs_generations + initramfs;
+        info.what = format!(
+            "layer {} over {}: {}",
+            spec.arch.as_str(),
+            &base_info.key[..12.min(base_info.key.len())],
+            layer.packages.join(" ")
+        );
         info.base = Some(Box::new(base_info.clone()));
         Ok((info, initramfs))
     })
@@ -116,14 +125,22 @@ pub fn ensure_spec(
     let key = crate::plan::json_key(spec);
     stage(cache, &key, "root filesystem", refresh, |tmp| {
         let cmd = mmdebstrap_cmd(spec, &cache.apt_dir(spec.arch)?, tmp);
-        run_mmdebstrap(
+        let (mut info, n) = run_mmdebstrap(
             cmd,
             format!(
                 "root filesystem: mmdebstrap {} {}",
                 spec.suite,
                 spec.arch.as_str()
             ),
-        )
+        )?;
+        info.what = format!(
+            "base {} {} {}, {} packages asked",
+            spec.distro,
+            spec.suite,
+            spec.arch.as_str(),
+            spec.packages.len()
+        );
+        Ok((info, n))
     })
 }
 
@@ -146,6 +163,7 @@ fn stage(
             .and_then(|b| serde_json::from_slice::<RootfsInfo>(&b).ok())
         {
             crate::progress::log(format!("{what}: cached ({})", tar.display()));
+            cache.touch(key);
             return Ok((tar, info));
         }
     }
@@ -190,6 +208,7 @@ fn run_mmdebstrap(cmd: Cmd, title: String) -> Result<(RootfsInfo, u32)> {
         seconds: started.elapsed().as_secs_f64(),
         initramfs_generations: initramfs,
         mmdebstrap_version: version,
+        what: String::new(),
         base: None,
     };
     Ok((info, initramfs))

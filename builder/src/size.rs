@@ -8,6 +8,17 @@ pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;
 pub const GIB: u64 = 1024 * MIB;
 
+/// `b` bytes for people: "612.3 MiB".
+pub fn approx(b: u64) -> String {
+    let units = [("GiB", GIB), ("MiB", MIB), ("KiB", KIB)];
+    for (name, u) in units {
+        if b >= u {
+            return format!("{:.1} {name}", b as f64 / u as f64);
+        }
+    }
+    format!("{b} B")
+}
+
 /// A size in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(transparent)]

@@ -1861,3 +1861,97 @@ fn layer_keys_follow_the_base_the_sources_and_the_keyrings() {
     assert_ne!(b5, base);
     assert!(![&layer, &l2, &l3, &l4].contains(&&l5));
 }
+
+/// `picoimg cache list` shows each cached root with its size, age and what it is;
+/// `prune` removes what no build used for the given days and files killed builds left,
+/// `--dry-run` only says so, `--all` empties the root filesystems.
+#[test]
+fn cache_list_and_prune() {
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    let day = std::time::Duration::from_secs(86_400);
+    let entry = |key: &str, what: &str, bytes: usize, age_days: u32| {
+        std::fs::write(rootfs.join(format!("{key}.tar")), vec![0u8; bytes]).unwrap();
+        let json = rootfs.join(format!("{key}.json"));
+        std::fs::write(
+            &json,
+            serde_json::json!({"key": key, "seconds": 1.0, "initramfs_generations": 1,
+                "mmdebstrap_version": "mmdebstrap 1.5.5", "what": what})
+            .to_string(),
+        )
+        .unwrap();
+        let f = std::fs::File::options().append(true).open(&json).unwrap();
+        f.set_modified(std::time::SystemTime::now() - day * age_days)
+            .unwrap();
+    };
+    let base = "a".repeat(64);
+    let layer = "b".repeat(64);
+    entry(
+        &base,
+        "base debian trixie amd64, 30 packages asked",
+        3 << 20,
+        1,
+    );
+    entry(&layer, "layer amd64 over aaaaaaaaaaaa: consul", 1 << 20, 45);
+    let left = rootfs.join(".building-x.tar");
+    std::fs::write(&left, b"half").unwrap();
+    std::fs::File::options()
+        .append(true)
+        .open(&left)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - day * 2)
+        .unwrap();
+    let cache = |args: &[&str]| {
+        let o = picoimg()
+            .arg("cache")
+            .args(args)
+            .arg("--cache")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let list = cache(&["list"]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert!(
+        lines[2].starts_with("aaaaaaaaaaaa")
+            && lines[2].contains("3.0 MiB")
+            && lines[2].contains("1 d ago")
+            && lines[2].ends_with("base debian trixie amd64, 30 packages asked"),
+        "{list}"
+    );
+    assert!(
+        lines[3].starts_with("bbbbbbbbbbbb")
+            && lines[3].contains("45 d ago")
+            && lines[3].ends_with(": consul"),
+        "{list}"
+    );
+    assert!(list.contains("2 root filesystem(s), 4.0 MiB"), "{list}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("unfinished") && l.ends_with("1 file(s)")),
+        "{list}"
+    );
+    let dry = cache(&["prune", "--dry-run"]);
+    assert!(
+        dry.contains(
+            "would remove rootfs bbbbbbbbbbbb (layer amd64 over aaaaaaaaaaaa: consul): 1.0 MiB"
+        ),
+        "{dry}"
+    );
+    assert!(dry.contains("would remove 2 item(s)"), "{dry}");
+    assert!(rootfs.join(format!("{layer}.tar")).exists());
+    let pruned = cache(&["prune"]);
+    assert!(pruned.contains("removed 2 item(s)"), "{pruned}");
+    assert!(
+        !rootfs.join(format!("{layer}.tar")).exists()
+            && !rootfs.join(format!("{layer}.json")).exists()
+    );
+    assert!(!left.exists());
+    assert!(rootfs.join(format!("{base}.tar")).exists());
+    let all = cache(&["prune", "--all"]);
+    assert!(all.contains("removed 1 item(s), 3.0 MiB"), "{all}");
+    assert!(!rootfs.join(format!("{base}.tar")).exists());
+}
