@@ -81,10 +81,18 @@ pub struct Manifest {
     /// The components' pinned artifacts installed into the root filesystem.
     pub artifacts: Vec<crate::artifact::Fetched>,
     pub disk: DiskManifest,
+    /// How the `.img.xz` was compressed (a rebuild with another level is not a no-op).
+    pub compression: Compression,
     /// Bytes in the root filesystem's regular files: what a stack adds to an image is the
     /// difference between two manifests' values.
     pub root_file_bytes: u64,
     pub packages: Vec<tarfs::Package>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Compression {
+    pub format: &'static str,
+    pub level: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -222,6 +230,16 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         &inputs_hash[..12],
         agent.path.display()
     ));
+    if !opts.refresh {
+        if let Some(done) = up_to_date(opts, &plan.name, &inputs_hash)? {
+            log(format!(
+                "up to date: {} was built from the same inputs ({}); --refresh builds it again",
+                done.image_xz.display(),
+                &inputs_hash[..12]
+            ));
+            return Ok(done);
+        }
+    }
     if opts.refresh || !crate::rootfs::is_cached(&plan, &cache) {
         let others: Vec<&str> = board
             .sources
@@ -393,6 +411,10 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
                 .collect(),
             ids,
         },
+        compression: Compression {
+            format: "xz",
+            level: opts.xz_level,
+        },
         root_file_bytes,
         packages,
     };
@@ -425,6 +447,45 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         manifest: opts.out.join(&names.manifest),
         raw: opts.keep_raw.then(|| opts.out.join(&names.raw)),
     })
+}
+
+/// The finished outputs of an earlier build with these inputs and options, if they are all
+/// there and match `SHA256SUMS`.
+fn up_to_date(opts: &BuildOptions, name: &str, inputs_hash: &str) -> Result<Option<Outputs>> {
+    let names = OutputNames::new(name);
+    let Ok(text) = std::fs::read(opts.out.join(&names.manifest)) else {
+        return Ok(None);
+    };
+    let Ok(old) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return Ok(None);
+    };
+    if old["inputs_hash"] != inputs_hash
+        || old["compression"]["level"].as_u64() != Some(u64::from(opts.xz_level))
+    {
+        return Ok(None);
+    }
+    let sums = std::fs::read_to_string(opts.out.join("SHA256SUMS")).unwrap_or_default();
+    let mut files = vec![&names.xz, &names.bmap, &names.manifest];
+    if opts.keep_raw {
+        files.push(&names.raw);
+    }
+    for f in files {
+        let listed = sums.lines().find_map(|l| {
+            let (sum, n) = l.split_once("  ")?;
+            (n.trim_start_matches('*') == f.as_str()).then_some(sum)
+        });
+        let path = opts.out.join(f);
+        match listed {
+            Some(sum) if path.is_file() && crate::output::sha256_file(&path)? == sum => {}
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(Outputs {
+        image_xz: opts.out.join(&names.xz),
+        bmap: opts.out.join(&names.bmap),
+        manifest: opts.out.join(&names.manifest),
+        raw: opts.keep_raw.then(|| opts.out.join(&names.raw)),
+    }))
 }
 
 /// File names of one image's outputs.
@@ -535,4 +596,46 @@ fn generated_files(
         0o644,
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An earlier build's outputs count only when its inputs hash and compression level are
+    /// this build's and every file is there with the sum SHA256SUMS gives it.
+    #[test]
+    fn up_to_date_needs_the_same_inputs_level_and_intact_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = BuildOptions::new("h4", "base");
+        opts.out = dir.path().to_owned();
+        let names = OutputNames::new("h4-base");
+        let write = |name: &str, body: &[u8]| std::fs::write(dir.path().join(name), body).unwrap();
+        write(
+            &names.manifest,
+            br#"{"inputs_hash": "abc", "compression": {"format": "xz", "level": 6}}"#,
+        );
+        write(&names.xz, b"image");
+        write(&names.bmap, b"map");
+        let sums: Vec<(String, String)> = [&names.xz, &names.bmap, &names.manifest]
+            .iter()
+            .map(|n| {
+                let s = crate::output::sha256_file(&dir.path().join(n)).unwrap();
+                (n.to_string(), s)
+            })
+            .collect();
+        crate::output::update_sums(dir.path(), &sums).unwrap();
+        assert!(up_to_date(&opts, "h4-base", "abc").unwrap().is_some());
+        assert!(up_to_date(&opts, "h4-base", "abd").unwrap().is_none());
+        opts.xz_level = 1;
+        assert!(up_to_date(&opts, "h4-base", "abc").unwrap().is_none());
+        opts.xz_level = 6;
+        opts.keep_raw = true;
+        assert!(up_to_date(&opts, "h4-base", "abc").unwrap().is_none());
+        opts.keep_raw = false;
+        write(&names.bmap, b"map, damaged");
+        assert!(up_to_date(&opts, "h4-base", "abc").unwrap().is_none());
+        std::fs::remove_file(dir.path().join(&names.bmap)).unwrap();
+        assert!(up_to_date(&opts, "h4-base", "abc").unwrap().is_none());
+    }
 }

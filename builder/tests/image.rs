@@ -1308,3 +1308,53 @@ fn a_stack_layer_over_the_base_equals_a_root_made_in_one_run() {
         "the layer replaced the packaged {key}"
     );
 }
+
+/// Building again with the same inputs and options reuses the finished outputs (hard links of
+/// h4-base's in a directory of its own, so nothing shared is touched) and says so.
+#[test]
+fn a_rebuild_with_the_same_inputs_reuses_the_outputs() {
+    let b = h4();
+    let out = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&b.out).unwrap().flatten() {
+        let name = f.file_name();
+        if name.to_string_lossy().starts_with("h4-base.") {
+            std::fs::hard_link(f.path(), out.path().join(&name)).unwrap();
+        }
+    }
+    std::fs::copy(b.out.join("SHA256SUMS"), out.path().join("SHA256SUMS")).unwrap();
+    let before = std::fs::metadata(out.path().join("h4-base.img.xz"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let started = Instant::now();
+    let o = picoimg()
+        .args([
+            "build",
+            "--board",
+            "h4",
+            "--stack",
+            "base",
+            "--keep-raw",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("up to date:") && err.contains("--refresh builds it again"),
+        "{err}"
+    );
+    assert!(!err.contains("compressing"), "{err}");
+    eprintln!(
+        "no-op rebuild of h4-base: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let after = std::fs::metadata(out.path().join("h4-base.img.xz"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("h4-base.img.xz"));
+}
