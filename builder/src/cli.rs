@@ -235,7 +235,8 @@ pub struct BuildArgs {
     /// xz compression level, 0 (fast) to 9 (small).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
     pub xz_level: u32,
-    /// Rebuild the root filesystem even if the cache has it (to pick up archive updates).
+    /// Build again even if the outputs are up to date, and remake the root filesystem (base
+    /// and stack layer) even if the cache has it (to pick up archive updates).
     #[arg(long)]
     pub refresh: bool,
     /// Local bootloader blob to write instead of downloading the board's (Odroid C5 u-boot).
