@@ -238,7 +238,12 @@ fn apt_cache_hooks(cmd: Cmd, apt_cache: &Path) -> Cmd {
             "--customize-hook=sync-out /var/cache/apt/archives {}",
             apt_cache.display()
         ))
+        .arg(KEEP_ARCHIVES_ROOTS)
 }
+
+/// sync-in copies the cache folder's owner onto the archives folder: a normal user's in
+/// unshare mode. It is root's in the image.
+const KEEP_ARCHIVES_ROOTS: &str = "--customize-hook=chown 0:0 \"$1\"/var/cache/apt/archives && if [ -e \"$1\"/var/cache/apt/archives/lock ]; then chown 0:0 \"$1\"/var/cache/apt/archives/lock; fi";
 
 /// The distribution's suite and mirror arguments (the same for a base and its layers).
 fn suite_and_mirror(mut cmd: Cmd, spec: &RootfsSpec, target: &Path) -> Cmd {
@@ -301,7 +306,8 @@ pub fn layer_cmd(
         .arg(format!(
             "--customize-hook=sync-out /var/cache/apt/archives {}",
             apt_cache.display()
-        ));
+        ))
+        .arg(KEEP_ARCHIVES_ROOTS);
     suite_and_mirror(cmd, spec, target)
 }
 

@@ -1187,6 +1187,74 @@ fn a_normal_users_build_keeps_ownership_and_modes() {
         );
     }
     run_ok(tool("e2fsck").args(["-fn"]).arg(&user_root));
+
+    // A stack's layer built by the user over its cached base: nothing in it is the user's
+    // (GNU tar reads the cached layer that goes into the image).
+    let o = Command::new("runuser")
+        .args(["-u", TEST_USER, "--"])
+        .arg("env")
+        .arg(format!("HOME={}", home.display()))
+        .arg(format!(
+            "PICOIMG_CACHE_DIR={}",
+            home.join(".cache/picoimg").display()
+        ))
+        .arg(env!("CARGO_BIN_EXE_picoimg"))
+        .arg("--data-dir")
+        .arg(&work)
+        .args([
+            "build",
+            "--board",
+            "h4",
+            "--stack",
+            "consul",
+            "--sources",
+            "debian",
+            "--xz-level",
+            "0",
+            "--firstboot",
+        ])
+        .arg(&agent_copy)
+        .arg("--out")
+        .arg(work.join("out"))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "consul build as {TEST_USER} failed: {}",
+        o.status
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("out/h4-consul.manifest.json")).unwrap())
+            .unwrap();
+    let layer = home.join(format!(
+        ".cache/picoimg/rootfs/{}.tar",
+        manifest["rootfs"]["key"].as_str().unwrap()
+    ));
+    assert!(
+        manifest["rootfs"]["base"]["key"].is_string(),
+        "{}",
+        manifest["rootfs"]
+    );
+    let listing = run_ok(
+        Command::new("tar")
+            .arg("--numeric-owner")
+            .arg("-tvf")
+            .arg(&layer),
+    );
+    let mine: Vec<&str> = listing
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|o| o.split('/').any(|id| id.parse::<u32>().ok() == Some(uid)))
+        })
+        .collect();
+    assert!(mine.is_empty(), "entries owned by {TEST_USER}: {mine:?}");
+    assert!(
+        listing.contains("./usr/bin/consul"),
+        "consul not in the layer"
+    );
 }
 
 /// The README's quick start builds picoimg alone: with no agent beside it, `picoimg build`
