@@ -381,7 +381,11 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     let bmap = crate::bmap::create(&raw)?;
     step.done();
     let xz = staging.path().join(format!("{}.img.xz", plan.name));
-    crate::output::xz_compress(&raw, &xz, opts.xz_level)?;
+    let packed = crate::output::xz_compress(&raw, &xz, opts.xz_level, Some(&cache.xz_dir()))?;
+    log(format!(
+        "compressed {} blocks, {} of them taken from the block cache",
+        packed.blocks, packed.reused
+    ));
     let manifest = Manifest {
         picoimg_version: plan.picoimg_version.clone(),
         name: plan.name.clone(),

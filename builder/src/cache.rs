@@ -72,6 +72,11 @@ impl Cache {
         self.root.join("rootfs").join(format!("{key}.tar"))
     }
 
+    /// Compressed `.xz` blocks by level and contents (see [`crate::output::xz_compress`]).
+    pub fn xz_dir(&self) -> PathBuf {
+        self.root.join("xz")
+    }
+
     /// Marks a cached root filesystem as used now (what `prune` goes by).
     pub fn touch(&self, key: &str) {
         let json = self.rootfs(key).with_extension("json");
@@ -125,6 +130,7 @@ impl Cache {
             }
         }
         dirs.push(("blobs".into(), self.root.join("blobs")));
+        dirs.push(("xz".into(), self.xz_dir()));
         dirs.push(("agent".into(), self.root.join("agent")));
         dirs.sort();
         for (name, d) in dirs {
@@ -143,7 +149,11 @@ impl Cache {
     /// Temporary files of builds that were killed (`.building-*`, `.download-*`).
     fn leftovers(&self) -> Vec<(PathBuf, u64)> {
         let mut out = Vec::new();
-        for d in [self.root.join("rootfs"), self.root.join("blobs")] {
+        for d in [
+            self.root.join("rootfs"),
+            self.root.join("blobs"),
+            self.xz_dir(),
+        ] {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with(".building-") || name.starts_with(".download-") {
@@ -188,6 +198,35 @@ impl Cache {
                 format!("rootfs {} ({what})", &e.key[..12.min(e.key.len())]),
                 e.bytes,
             ));
+        }
+        // Compressed blocks, by when a build last used them.
+        let (mut files, mut bytes) = (0, 0);
+        for e in std::fs::read_dir(self.xz_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(m) = e.metadata() else { continue };
+            if e.file_name().to_string_lossy().starts_with('.') || !m.is_file() {
+                continue;
+            }
+            if older_than.is_some_and(|d| !old(m.modified().unwrap_or(now), d)) {
+                continue;
+            }
+            if !dry_run {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(err) => {
+                        return Err(err).with_context(|| format!("removing {}", e.path().display()))
+                    }
+                }
+            }
+            files += 1;
+            bytes += m.len();
+        }
+        if files > 0 {
+            gone.push((format!("xz blocks ({files} compressed blocks)"), bytes));
         }
         for (p, bytes) in self.leftovers() {
             let modified = std::fs::metadata(&p)

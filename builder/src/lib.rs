@@ -31,6 +31,7 @@ pub mod interrupt;
 pub mod output;
 pub mod personalise;
 pub mod plan;
+pub mod pool;
 pub mod progress;
 pub mod ptable;
 pub mod qemu;

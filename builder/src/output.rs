@@ -16,44 +16,117 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     picoimg_firstboot::fsutil::write_atomic(path, data, 0o644)
 }
 
-/// Compresses `src` to `dst` with multi-threaded xz, showing progress.
-pub fn xz_compress(src: &Path, dst: &Path, level: u32) -> Result<()> {
+/// Bytes of image per `.xz` block. Each block is compressed on its own (in parallel), cached by
+/// its contents, and decodable on its own (`flash` decodes blocks in parallel). Measured on
+/// h4-base at xz -6: 8 MiB blocks cost under 1% in size against xz's own 24 MiB.
+pub const XZ_BLOCK: u64 = 8 << 20;
+
+/// What [`xz_compress`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Compressed {
+    pub blocks: u64,
+    /// Blocks taken from the block cache instead of compressed again.
+    pub reused: u64,
+}
+
+/// Compresses `src` to `dst` as xz at `level` in [`XZ_BLOCK`] blocks, on every core, showing
+/// progress. With `cache`, a block whose contents and level were compressed before is taken
+/// from there (an overlay change rewrites a few blocks of a 2 GiB image, so a rebuild
+/// compresses only those); new blocks are added to it.
+pub fn xz_compress(src: &Path, dst: &Path, level: u32, cache: Option<&Path>) -> Result<Compressed> {
     let input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let total = input.metadata()?.len();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    let stream = xz2::stream::MtStreamBuilder::new()
-        .threads(threads)
-        .preset(level)
-        .check(xz2::stream::Check::Crc64)
-        .encoder()
-        .context("setting up the xz encoder")?;
+    let input = std::sync::Arc::new(input);
+    let threads = crate::pool::threads();
+    let n = total.div_ceil(XZ_BLOCK) as usize;
+    let cache = cache.map(Path::to_owned);
+    let job_input = input.clone();
+    let jobs = crate::pool::ordered(n, threads, threads * 2, move |i| {
+        use std::os::unix::fs::FileExt;
+        let start = i as u64 * XZ_BLOCK;
+        let len = XZ_BLOCK.min(total - start) as usize;
+        let mut data = vec![0u8; len];
+        job_input
+            .read_exact_at(&mut data, start)
+            .with_context(|| format!("reading bytes {start}.. of the image"))?;
+        xz_block(&data, level, cache.as_deref())
+    });
     let out = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
-    let mut enc = xz2::write::XzEncoder::new_stream(BufWriter::with_capacity(1 << 20, out), stream);
+    let mut out = BufWriter::with_capacity(1 << 20, out);
     let mut step = Step::bytes(
         format!("compressing (xz -{level}, {threads} threads)"),
         total,
     );
-    let mut reader = std::io::BufReader::with_capacity(4 << 20, input);
-    let mut buf = vec![0u8; 4 << 20];
-    let mut done = 0u64;
-    loop {
+    let mut writer = crate::xz::Writer::start(&mut out)?;
+    let mut done = Compressed::default();
+    let mut pos = 0u64;
+    for (i, r) in jobs.enumerate() {
         crate::interrupt::check()?;
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        enc.write_all(&buf[..n])
+        let (bytes, unpadded, reused) = r?;
+        let size = XZ_BLOCK.min(total - i as u64 * XZ_BLOCK);
+        writer
+            .block(&mut out, &bytes, unpadded, size)
             .with_context(|| format!("writing {}", dst.display()))?;
-        done += n as u64;
-        step.position(done);
+        done.blocks += 1;
+        done.reused += u64::from(reused);
+        pos += size;
+        step.position(pos);
     }
-    let w = enc.finish().context("finishing xz stream")?;
-    w.into_inner()
+    writer
+        .finish(&mut out)
+        .with_context(|| format!("writing {}", dst.display()))?;
+    out.into_inner()
         .map_err(|e| e.into_error())
         .and_then(|f| f.sync_all())
         .with_context(|| format!("writing {}", dst.display()))?;
     step.done();
-    Ok(())
+    Ok(done)
+}
+
+/// Magic of a cached block file: then the unpadded size (u64 LE), the sha256 of the block's
+/// bytes, and the bytes.
+const BLOCK_MAGIC: &[u8; 8] = b"picoxzb1";
+
+/// One block, from the cache or compressed now: (padded bytes, unpadded size, reused).
+fn xz_block(data: &[u8], level: u32, cache: Option<&Path>) -> Result<(Vec<u8>, u64, bool)> {
+    let Some(dir) = cache else {
+        let (bytes, unpadded) = crate::xz::encode_block(data, level)?;
+        return Ok((bytes, unpadded, false));
+    };
+    let key = hex::encode(Sha256::new().chain_update(data).finalize());
+    let path = dir.join(format!("{level}-{key}"));
+    if let Ok(stored) = std::fs::read(&path) {
+        if let Some((bytes, unpadded)) = cached_block(&stored) {
+            if let Ok(f) = File::options().append(true).open(&path) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
+            return Ok((bytes.to_vec(), unpadded, true));
+        }
+    }
+    let (bytes, unpadded) = crate::xz::encode_block(data, level)?;
+    let mut stored = BLOCK_MAGIC.to_vec();
+    stored.extend(unpadded.to_le_bytes());
+    stored.extend(Sha256::digest(&bytes));
+    stored.extend(&bytes);
+    // A cache that cannot be written only costs speed next time.
+    let _ = std::fs::create_dir_all(dir)
+        .and_then(|()| tempfile::NamedTempFile::with_prefix_in(".building-", dir))
+        .and_then(|mut t| {
+            t.write_all(&stored)?;
+            t.persist(&path).map_err(|e| e.error)?;
+            Ok(())
+        });
+    Ok((bytes, unpadded, false))
+}
+
+/// A cached block's bytes and unpadded size, if the file is whole (its sha256 matches).
+fn cached_block(stored: &[u8]) -> Option<(&[u8], u64)> {
+    let rest = stored.strip_prefix(BLOCK_MAGIC)?;
+    let (unpadded, rest) = rest.split_first_chunk::<8>()?;
+    let (sum, bytes) = rest.split_first_chunk::<32>()?;
+    let unpadded = u64::from_le_bytes(*unpadded);
+    (Sha256::digest(bytes).as_slice() == sum && bytes.len() as u64 == unpadded.div_ceil(4) * 4)
+        .then_some((bytes, unpadded))
 }
 
 /// sha256 of a file, hex.

@@ -1894,6 +1894,18 @@ fn cache_list_and_prune() {
         1,
     );
     entry(&layer, "layer amd64 over aaaaaaaaaaaa: consul", 1 << 20, 45);
+    // Compressed image blocks: one used today, one 45 days ago.
+    let xz = dir.path().join("xz");
+    std::fs::create_dir_all(&xz).unwrap();
+    std::fs::write(xz.join(format!("6-{}", "c".repeat(64))), vec![1u8; 4096]).unwrap();
+    let old_block = xz.join(format!("6-{}", "d".repeat(64)));
+    std::fs::write(&old_block, vec![1u8; 8192]).unwrap();
+    std::fs::File::options()
+        .append(true)
+        .open(&old_block)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - day * 45)
+        .unwrap();
     let left = rootfs.join(".building-x.tar");
     std::fs::write(&left, b"half").unwrap();
     std::fs::File::options()
@@ -1931,6 +1943,11 @@ fn cache_list_and_prune() {
     assert!(list.contains("2 root filesystem(s), 4.0 MiB"), "{list}");
     assert!(
         list.lines()
+            .any(|l| l.starts_with("xz") && l.ends_with("2 file(s)")),
+        "{list}"
+    );
+    assert!(
+        list.lines()
             .any(|l| l.starts_with("unfinished") && l.ends_with("1 file(s)")),
         "{list}"
     );
@@ -1941,10 +1958,15 @@ fn cache_list_and_prune() {
         ),
         "{dry}"
     );
-    assert!(dry.contains("would remove 2 item(s)"), "{dry}");
-    assert!(rootfs.join(format!("{layer}.tar")).exists());
+    assert!(
+        dry.contains("would remove xz blocks (1 compressed blocks): 8.0 KiB"),
+        "{dry}"
+    );
+    assert!(dry.contains("would remove 3 item(s)"), "{dry}");
+    assert!(rootfs.join(format!("{layer}.tar")).exists() && old_block.exists());
     let pruned = cache(&["prune"]);
-    assert!(pruned.contains("removed 2 item(s)"), "{pruned}");
+    assert!(pruned.contains("removed 3 item(s)"), "{pruned}");
+    assert!(!old_block.exists());
     assert!(
         !rootfs.join(format!("{layer}.tar")).exists()
             && !rootfs.join(format!("{layer}.json")).exists()
@@ -1952,6 +1974,7 @@ fn cache_list_and_prune() {
     assert!(!left.exists());
     assert!(rootfs.join(format!("{base}.tar")).exists());
     let all = cache(&["prune", "--all"]);
-    assert!(all.contains("removed 1 item(s), 3.0 MiB"), "{all}");
+    assert!(all.contains("removed 2 item(s), 3.0 MiB"), "{all}");
+    assert_eq!(std::fs::read_dir(&xz).unwrap().count(), 0);
     assert!(!rootfs.join(format!("{base}.tar")).exists());
 }
