@@ -52,25 +52,39 @@ pub fn find_bmap(image: &Path) -> Option<PathBuf> {
 /// The image as a stream that can skip ahead.
 enum Source {
     Raw(File),
+    /// An `.xz` read as one stream (a file whose blocks are too big to hold in memory).
     Xz(Box<xz2::read::XzDecoder<BufReader<File>>>),
+    /// An `.xz` whose blocks are decoded in parallel, only those that are wanted.
+    Blocks(BlockReader),
 }
 
+/// Largest `.xz` block decoded whole in memory (picoimg writes 8 MiB, xz -T 24 MiB at -6).
+const MAX_BLOCK: u64 = 128 << 20;
+
 impl Source {
-    fn open(image: &Path) -> Result<Source> {
+    /// Opens the image; for an `.xz` in blocks, decoding starts at once on every core for the
+    /// blocks that hold bytes of `wanted` (all blocks with `None`).
+    fn open(image: &Path, wanted: Option<&[(u64, u64)]>) -> Result<Source> {
         let f = File::open(image).with_context(|| format!("opening {}", image.display()))?;
-        Ok(if is_xz(image) {
-            Source::Xz(Box::new(xz2::read::XzDecoder::new_multi_decoder(
-                BufReader::with_capacity(CHUNK, f),
-            )))
-        } else {
-            Source::Raw(f)
-        })
+        if !is_xz(image) {
+            return Ok(Source::Raw(f));
+        }
+        let len = f.metadata()?.len();
+        let (blocks, total) = crate::xz::blocks(&mut &f, len)
+            .with_context(|| format!("image {}", image.display()))?;
+        if blocks.iter().all(|b| b.size <= MAX_BLOCK) {
+            return Ok(Source::Blocks(BlockReader::new(f, blocks, total, wanted)));
+        }
+        Ok(Source::Xz(Box::new(
+            xz2::read::XzDecoder::new_multi_decoder(BufReader::with_capacity(CHUNK, f)),
+        )))
     }
 
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Source::Raw(f) => f.read(buf),
             Source::Xz(d) => d.read(buf),
+            Source::Blocks(b) => b.read(buf),
         }
     }
 
@@ -95,6 +109,7 @@ impl Source {
                 f.seek(SeekFrom::Start(to))?;
                 Ok(to - here)
             }
+            Source::Blocks(b) => Ok(b.skip(n)),
             Source::Xz(_) => {
                 let mut left = n;
                 while left > 0 {
@@ -108,6 +123,111 @@ impl Source {
                 Ok(n - left)
             }
         }
+    }
+}
+
+/// The decompressed image of an `.xz` in blocks: the wanted blocks are decoded ahead on every
+/// core (in order, a few at a time); reading skips over the others without decoding them.
+struct BlockReader {
+    blocks: Vec<crate::xz::Block>,
+    /// Index into `blocks` of each decoded block, in order.
+    scheduled: Vec<usize>,
+    decoded: crate::pool::Ordered<Vec<u8>>,
+    /// The decoded block being read: (index into `blocks`, its bytes).
+    current: Option<(usize, Vec<u8>)>,
+    /// How many of `scheduled` were taken from `decoded`.
+    taken: usize,
+    pos: u64,
+    total: u64,
+}
+
+impl BlockReader {
+    fn new(
+        file: File,
+        blocks: Vec<crate::xz::Block>,
+        total: u64,
+        wanted: Option<&[(u64, u64)]>,
+    ) -> BlockReader {
+        let scheduled: Vec<usize> = blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                b.size > 0
+                    && wanted.is_none_or(|w| {
+                        w.iter().any(|(a, e)| *a < b.start + b.size && b.start < *e)
+                    })
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let file = std::sync::Arc::new(file);
+        let jobs: Vec<crate::xz::Block> = scheduled.iter().map(|i| blocks[*i]).collect();
+        let threads = crate::pool::threads();
+        let decoded = crate::pool::ordered(jobs.len(), threads, threads * 2, move |j| {
+            let b = &jobs[j];
+            let mut bytes = vec![0u8; b.padded() as usize];
+            file.read_exact_at(&mut bytes, b.offset)
+                .with_context(|| format!("reading the .xz block at byte {}", b.offset))?;
+            crate::xz::decode_block(b, &bytes)
+        });
+        BlockReader {
+            blocks,
+            scheduled,
+            decoded,
+            current: None,
+            taken: 0,
+            pos: 0,
+            total,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.total || buf.is_empty() {
+            return Ok(0);
+        }
+        let i = self
+            .blocks
+            .partition_point(|b| b.start + b.size <= self.pos);
+        let b = self.blocks[i];
+        if self.current.as_ref().is_none_or(|(c, _)| *c != i) {
+            // Decoded blocks before this one were skipped over: drop them unread.
+            loop {
+                let Some(&next) = self.scheduled.get(self.taken) else {
+                    return Err(std::io::Error::other(format!(
+                        "image bytes {}.. were not scheduled for decoding",
+                        self.pos
+                    )));
+                };
+                if next > i {
+                    return Err(std::io::Error::other(format!(
+                        "image bytes {}.. were not scheduled for decoding",
+                        self.pos
+                    )));
+                }
+                let data = match self.decoded.next() {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => return Err(std::io::Error::other(format!("{e:#}"))),
+                    None => return Err(std::io::Error::other("the decoder stopped early")),
+                };
+                self.taken += 1;
+                if next == i {
+                    self.current = Some((i, data));
+                    break;
+                }
+            }
+        }
+        let (_, data) = self.current.as_ref().expect("current block");
+        let at = (self.pos - b.start) as usize;
+        let n = buf.len().min(data.len() - at);
+        buf[..n].copy_from_slice(&data[at..at + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn skip(&mut self, n: u64) -> u64 {
+        let to = self.pos.saturating_add(n).min(self.total);
+        let moved = to - self.pos;
+        self.pos = to;
+        moved
     }
 }
 
@@ -127,7 +247,9 @@ pub fn write_image(
     bmap: Option<&Bmap>,
     step: &mut Step,
 ) -> Result<Written> {
-    let mut src = Source::open(image)?;
+    let wanted: Option<Vec<(u64, u64)>> =
+        bmap.map(|b| b.ranges.iter().map(|(a, e, _)| (*a, *e)).collect());
+    let mut src = Source::open(image, wanted.as_deref())?;
     let mut buf = vec![0u8; CHUNK];
     let mut scratch = vec![0u8; CHUNK];
     let mut head = vec![0u8; HEAD as usize];
