@@ -12,6 +12,8 @@ use crate::tarfs::{self, Found};
 /// Everything the boot partition is made from.
 pub struct BootInputs<'a> {
     pub board: &'a Board,
+    /// The build's timestamp (`SOURCE_DATE_EPOCH`) for the files on FAT partitions.
+    pub epoch: u64,
     pub layout: &'a [Placed],
     pub ids: &'a DiskIds,
     pub root_tar: &'a Path,
@@ -282,7 +284,7 @@ fn write_fat(raw: &Path, b: &BootInputs<'_>, placed: &Placed, files: &[FatFile<'
         path: f.path,
         data: f.data,
     }));
-    crate::disk::write_fat(raw, placed, &part.label, b.ids.fat_volume_id, &all)
+    crate::disk::write_fat(raw, placed, &part.label, b.ids.fat_volume_id, b.epoch, &all)
 }
 
 /// A u-boot distro-boot menu with one entry; `files` are the kernel and initrd names at the

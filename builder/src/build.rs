@@ -1,6 +1,6 @@
 //! `picoimg build`: plan, root filesystem, overlays, disk image, outputs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -86,6 +86,9 @@ pub struct Manifest {
     /// Bytes in the root filesystem's regular files: what a stack adds to an image is the
     /// difference between two manifests' values.
     pub root_file_bytes: u64,
+    /// The timestamp of every file and filesystem field the build wrote: set
+    /// `SOURCE_DATE_EPOCH` to it to rebuild the same bytes from the same root filesystem.
+    pub source_date_epoch: u64,
     pub packages: Vec<tarfs::Package>,
 }
 
@@ -290,8 +293,9 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         crate::rootfs::check_sources_reachable(&plan, &hint_for)?;
     }
     let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan, &cache, opts.refresh)?;
+    let epoch = source_date_epoch(&base_tar)?;
 
-    let ids = DiskIds::derive(&inputs_hash, board);
+    let ids = DiskIds::derive(&plan.ids_seed(), board);
     let (root_index, root_part) = board.root_partition();
     let root_arg = match board.boot.root {
         crate::board::RootBy::Partuuid => format!("root=PARTUUID={}", ids.partuuid(root_index)),
@@ -322,7 +326,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     );
     tarfs::enable_units(&base_tar, &mut changes, &enable).context("enabling units")?;
     let root_tar = staging.path().join("root.tar");
-    tarfs::apply(&base_tar, &changes, &root_tar, mtime())?;
+    tarfs::apply(&base_tar, &changes, &root_tar, epoch)?;
     step.done();
 
     let found = tarfs::read_paths(&root_tar, &["vmlinuz", "var/lib/dpkg/status"])?;
@@ -358,6 +362,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
         &raw,
         &crate::boot::BootInputs {
             board,
+            epoch,
             layout: &layout,
             ids: &ids,
             root_tar: &root_tar,
@@ -372,7 +377,14 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     )?;
     let (ri, rp) = board.root_partition();
     let root_placed = layout.iter().find(|p| p.index == ri).expect("root placed");
-    crate::disk::write_ext4(&raw, root_placed, &rp.label, ids.root_fs_uuid, &root_tar)?;
+    crate::disk::write_ext4(
+        &raw,
+        root_placed,
+        &rp.label,
+        ids.root_fs_uuid,
+        epoch,
+        &root_tar,
+    )?;
     std::fs::remove_file(&root_tar).ok();
     step.done();
 
@@ -420,6 +432,7 @@ pub fn build(opts: &BuildOptions) -> Result<Outputs> {
             level: opts.xz_level,
         },
         root_file_bytes,
+        source_date_epoch: epoch,
         packages,
     };
     let names = OutputNames::new(&plan.name);
@@ -463,8 +476,12 @@ fn up_to_date(opts: &BuildOptions, name: &str, inputs_hash: &str) -> Result<Opti
     let Ok(old) = serde_json::from_slice::<serde_json::Value>(&text) else {
         return Ok(None);
     };
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
     if old["inputs_hash"] != inputs_hash
         || old["compression"]["level"].as_u64() != Some(u64::from(opts.xz_level))
+        || epoch.is_some_and(|e| old["source_date_epoch"].as_u64() != Some(e))
     {
         return Ok(None);
     }
@@ -511,15 +528,22 @@ impl OutputNames {
     }
 }
 
-fn mtime() -> u64 {
-    std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-        })
+/// The one timestamp of everything the build writes (overlay files, FAT entries, ext4
+/// metadata): `SOURCE_DATE_EPOCH` when set, else when the cached root filesystem was made, so
+/// two builds from the same cache entry and inputs give the same bytes.
+fn source_date_epoch(root_tar: &Path) -> Result<u64> {
+    if let Some(v) = std::env::var_os("SOURCE_DATE_EPOCH") {
+        let v = v.to_string_lossy();
+        return v.trim().parse().with_context(|| {
+            format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970: set it to one (`date +%s`) or unset it")
+        });
+    }
+    let made = std::fs::metadata(root_tar)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("reading the time of {}", root_tar.display()))?;
+    Ok(made
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()))
 }
 
 /// Files every image gets from its plan: hostname, fstab, machine-id, build info.

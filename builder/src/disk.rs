@@ -12,8 +12,10 @@ use uuid::Uuid;
 use crate::board::{Board, Placed, TableKind};
 use crate::cmd::Cmd;
 
-/// Identifiers written into the image, derived from the inputs hash so that the same plan
-/// always yields the same table.
+/// Identifiers written into the image, derived from the image's name and root filesystem
+/// (see `BuildPlan::ids_seed`) so that the same plan always yields the same table, and an
+/// overlay change keeps them (ext4 seeds its metadata checksums and directory hashes from
+/// them: new ones would rewrite every metadata block, and no compressed block could be reused).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DiskIds {
     pub disk_guid: Uuid,
@@ -37,11 +39,8 @@ impl DiskIds {
         }
     }
 
-    pub fn derive(inputs_hash: &str, board: &Board) -> DiskIds {
-        let ns = Uuid::new_v5(
-            &Uuid::NAMESPACE_OID,
-            format!("picoimg:{inputs_hash}").as_bytes(),
-        );
+    pub fn derive(seed: &str, board: &Board) -> DiskIds {
+        let ns = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("picoimg:{seed}").as_bytes());
         let id = |what: &str| Uuid::new_v5(&ns, what.as_bytes());
         let vol = id("fat-volume-id");
         let mbr = id("mbr-disk-id");
@@ -160,6 +159,7 @@ pub fn write_fat(
     placed: &Placed,
     label: &str,
     volume_id: u32,
+    epoch: u64,
     files: &[FatFile<'_>],
 ) -> Result<()> {
     let file = OpenOptions::new()
@@ -183,7 +183,60 @@ pub fn write_fat(
     )
     .context("formatting FAT32")?;
     slice.seek(SeekFrom::Start(0))?;
-    put_files(&mut slice, files, &[]).map(|_| ())
+    let options = fatfs::FsOptions::new().time_provider(FixedTime::leak(epoch));
+    put_files(&mut slice, options, files, &[]).map(|_| ())
+}
+
+/// Every FAT timestamp at one instant (the build's `SOURCE_DATE_EPOCH`), so two builds of the
+/// same inputs write the same bytes. FAT keeps local time without a zone: this is UTC.
+#[derive(Debug)]
+struct FixedTime(fatfs::DateTime);
+
+impl FixedTime {
+    /// A provider for `fatfs`, which wants a `'static` one: a few bytes per filesystem written.
+    fn leak(epoch: u64) -> &'static FixedTime {
+        Box::leak(Box::new(FixedTime(dos_time(epoch))))
+    }
+}
+
+impl fatfs::TimeProvider for FixedTime {
+    fn get_current_date(&self) -> fatfs::Date {
+        self.0.date
+    }
+    fn get_current_date_time(&self) -> fatfs::DateTime {
+        self.0
+    }
+}
+
+/// `epoch` (seconds since 1970, UTC) as a FAT date and time, clamped to FAT's 1980..=2107.
+fn dos_time(epoch: u64) -> fatfs::DateTime {
+    const MIN: u64 = 315_532_800; // 1980-01-01
+    const MAX: u64 = 4_354_819_199; // 2107-12-31 23:59:59
+    let t = epoch.clamp(MIN, MAX);
+    let (days, secs) = (t / 86_400, t % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    fatfs::DateTime {
+        date: fatfs::Date {
+            year: year as u16,
+            month: month as u16,
+            day: day as u16,
+        },
+        time: fatfs::Time {
+            hour: (secs / 3600) as u16,
+            min: (secs / 60 % 60) as u16,
+            sec: (secs % 60) as u16,
+            millis: 0,
+        },
+    }
 }
 
 /// Writes (or replaces) `files` on the FAT filesystem that starts `start` bytes into `image`
@@ -202,7 +255,7 @@ pub fn add_fat_files(
         .with_context(|| format!("opening {}", image.display()))?;
     let slice = fscommon::StreamSlice::new(file, start, start + size)?;
     let mut slice = fscommon::BufStream::new(slice);
-    let removed = put_files(&mut slice, files, remove)?;
+    let removed = put_files(&mut slice, fatfs::FsOptions::new(), files, remove)?;
     drop(slice);
     std::fs::File::open(image)
         .and_then(|f| f.sync_all())
@@ -212,13 +265,14 @@ pub fn add_fat_files(
 
 fn put_files<S: std::io::Read + Write + Seek>(
     slice: &mut S,
+    options: fatfs::FsOptions,
     files: &[FatFile<'_>],
     remove: &[&str],
 ) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     {
-        let fs = fatfs::FileSystem::new(&mut *slice, fatfs::FsOptions::new())
-            .context("opening the FAT filesystem")?;
+        let fs =
+            fatfs::FileSystem::new(&mut *slice, options).context("opening the FAT filesystem")?;
         {
             let root = fs.root_dir();
             for f in files {
@@ -356,14 +410,19 @@ pub fn write_ext4(
     placed: &Placed,
     label: &str,
     uuid: Uuid,
+    epoch: u64,
     root_tar: &Path,
 ) -> Result<()> {
+    // Timestamps mke2fs itself sets (superblock, inode change times, lost+found) at the
+    // build's epoch: e2fsprogs >= 1.47.1 reads SOURCE_DATE_EPOCH, older ones E2FSPROGS_FAKE_TIME.
     Cmd::new(crate::cmd::find_program("mke2fs").unwrap_or_else(|| "mke2fs".into()))
         .args(["-q", "-F", "-t", "ext4", "-L", label])
         .arg("-U")
         .arg(uuid.to_string())
         .arg("-E")
         .arg(format!("offset={},hash_seed={uuid}", placed.start))
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
         .arg("-d")
         .arg(root_tar)
         .arg(image)
@@ -446,7 +505,7 @@ mod tests {
                 data: &[1u8; 100_000],
             },
         ];
-        write_fat(&img, &placed, "ESP", 0x1234_5678, &files)?;
+        write_fat(&img, &placed, "ESP", 0x1234_5678, 0, &files)?;
         let part = dir.path().join("part.img");
         let mut src = File::open(&img)?;
         src.seek(SeekFrom::Start(placed.start))?;
@@ -476,5 +535,18 @@ mod tests {
             "{listing}"
         );
         Ok(())
+    }
+
+    /// FAT timestamps from an epoch: `date -u -d @1700000000` is Tue Nov 14 22:13:20 UTC 2023;
+    /// before 1980 FAT cannot say, so it is 1980-01-01.
+    #[test]
+    fn fat_time_of_an_epoch() {
+        let t = dos_time(1_700_000_000);
+        assert_eq!((t.date.year, t.date.month, t.date.day), (2023, 11, 14));
+        assert_eq!((t.time.hour, t.time.min, t.time.sec), (22, 13, 20));
+        let t = dos_time(951_782_400); // 2000-02-29 00:00:00, a leap day
+        assert_eq!((t.date.year, t.date.month, t.date.day), (2000, 2, 29));
+        let t = dos_time(0);
+        assert_eq!((t.date.year, t.date.month, t.date.day, t.time.hour), (1980, 1, 1, 0));
     }
 }

@@ -41,6 +41,10 @@ pub struct RootfsSpec {
     pub sources: Vec<SourceSpec>,
     /// Sorted, de-duplicated.
     pub packages: Vec<String>,
+    /// `SOURCE_DATE_EPOCH` when it is set: mmdebstrap then makes the root reproducibly (file
+    /// times clamped to it), and it is a different root than one made without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_date_epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -267,6 +271,9 @@ impl BuildPlan {
                     .clone()
                     .unwrap_or_else(|| board.distro.suite.clone()),
                 variant: board.distro.variant.clone(),
+                source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok()),
                 sources,
                 packages: base_packages.into_iter().collect(),
             },
@@ -302,6 +309,16 @@ impl BuildPlan {
         self.layer
             .as_ref()
             .map(|l| json_key(&(self.rootfs_key(), l)))
+    }
+
+    /// What the image's disk and filesystem identifiers derive from: its name and its root
+    /// filesystem's packages, not its overlays (so a rebuild after an overlay change keeps them).
+    pub fn ids_seed(&self) -> String {
+        format!(
+            "{}:{}",
+            self.name,
+            self.layer_key().unwrap_or_else(|| self.rootfs_key())
+        )
     }
 
     /// The same root made by one mmdebstrap run with every package and source (what a layered

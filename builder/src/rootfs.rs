@@ -380,6 +380,7 @@ mod tests {
             distro: "debian".into(),
             suite: "trixie".into(),
             variant: "apt".into(),
+            source_date_epoch: None,
             sources: vec![SourceSpec {
                 name: "debian".into(),
                 uri: uri.map(Into::into),
