@@ -232,7 +232,8 @@ pub struct BuildArgs {
     /// Also keep the uncompressed image (<board>-<stack>.img).
     #[arg(long)]
     pub keep_raw: bool,
-    /// xz compression level, 0 (fast) to 9 (small).
+    /// xz compression level, 0 (fast) to 9 (small). The image is compressed in 8 MiB blocks;
+    /// blocks compressed at this level before (same contents) are taken from the cache.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
     pub xz_level: u32,
     /// Build again even if the outputs are up to date, and remake the root filesystem (base
