@@ -195,6 +195,40 @@ pub fn image_inputs_hash(plan: &BuildPlan, agent: &crate::agentbin::AgentBinary)
     crate::plan::json_key(&(plan.inputs_hash(), &agent.sha256))
 }
 
+/// Builds one image per board of `boards` with the same stack and options, one after another
+/// in one run: every plan is resolved and checked first (so a wrong board name or an
+/// unreachable artifact stops the run before hours of work), then the images share the
+/// package, root filesystem and block caches. Stops at the first failure, naming the board.
+pub fn build_boards(opts: &BuildOptions, boards: &[String]) -> Result<Vec<Outputs>> {
+    if boards.len() > 1 && (opts.uboot.is_some() || opts.firstboot.is_some()) {
+        bail!("--uboot and --firstboot are for one board (one bootloader, one architecture): build {} one at a time", boards.join(", "));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut each = Vec::new();
+    for b in boards {
+        if !seen.insert(b.as_str()) {
+            bail!("--board names {b} twice");
+        }
+        let mut o = opts.clone();
+        o.board.clone_from(b);
+        resolve(&o)
+            .and_then(|(_, plan, _)| plan.require_complete())
+            .with_context(|| format!("board {b}"))?;
+        each.push(o);
+    }
+    let n = each.len();
+    let mut out = Vec::new();
+    for (i, o) in each.iter().enumerate() {
+        if n > 1 {
+            log(format!("board {} ({} of {n})", o.board, i + 1));
+        }
+        out.push(
+            build(o).with_context(|| format!("building board {} ({} of {n})", o.board, i + 1))?,
+        );
+    }
+    Ok(out)
+}
+
 pub fn build(opts: &BuildOptions) -> Result<Outputs> {
     let (data, plan, components) = resolve(opts)?;
     plan.require_complete()?;

@@ -188,7 +188,8 @@ pub enum ClusterCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct Target {
-    /// Board to build for (see `picoimg boards`).
+    /// Board to build for (see `picoimg boards`). `build` takes several, comma-separated
+    /// (`h4,c5`): one image each, in one run, sharing the caches.
     #[arg(long)]
     pub board: String,
     /// Stack of components to install (see `picoimg stacks`), or a list of components
@@ -337,12 +338,20 @@ pub fn main() -> Result<()> {
             o.refresh = a.refresh;
             o.uboot = a.uboot;
             o.firstboot = a.firstboot;
-            let out = crate::build::build(&o)?;
-            crate::outln!("{}", out.image_xz.display())?;
-            crate::outln!("{}", out.bmap.display())?;
-            crate::outln!("{}", out.manifest.display())?;
-            if let Some(r) = out.raw {
-                crate::outln!("{}", r.display())?;
+            let boards: Vec<String> = o
+                .board
+                .split(',')
+                .map(str::trim)
+                .filter(|b| !b.is_empty())
+                .map(str::to_owned)
+                .collect();
+            for out in crate::build::build_boards(&o, &boards)? {
+                crate::outln!("{}", out.image_xz.display())?;
+                crate::outln!("{}", out.bmap.display())?;
+                crate::outln!("{}", out.manifest.display())?;
+                if let Some(r) = out.raw {
+                    crate::outln!("{}", r.display())?;
+                }
             }
         }
         Command::Plan(a) => {

@@ -547,6 +547,9 @@ mod tests {
         let t = dos_time(951_782_400); // 2000-02-29 00:00:00, a leap day
         assert_eq!((t.date.year, t.date.month, t.date.day), (2000, 2, 29));
         let t = dos_time(0);
-        assert_eq!((t.date.year, t.date.month, t.date.day, t.time.hour), (1980, 1, 1, 0));
+        assert_eq!(
+            (t.date.year, t.date.month, t.date.day, t.time.hour),
+            (1980, 1, 1, 0)
+        );
     }
 }

@@ -112,6 +112,24 @@ fn unknown_board_lists_valid_names() {
     );
 }
 
+/// Several boards in one build: every board is checked before anything is built, so a wrong
+/// name in second place stops the run with nothing written; per-board files are refused.
+#[test]
+fn several_boards_are_all_checked_before_any_is_built() {
+    let e = refused(&["--board", "h4,h5", "--stack", "base"], None);
+    assert!(
+        e.contains("board h5") && e.contains("unknown board `h5`") && !e.contains("building"),
+        "{e}"
+    );
+    let e = refused(&["--board", "h4,h4"], None);
+    assert!(e.contains("--board names h4 twice"), "{e}");
+    let e = refused(&["--board", "h4,c5", "--firstboot", "/nonexistent"], None);
+    assert!(
+        e.contains("--uboot and --firstboot are for one board") && e.contains("h4, c5"),
+        "{e}"
+    );
+}
+
 #[test]
 fn unknown_stack_lists_valid_names() {
     let e = refused(&["--board", "h4", "--stack", "openstack"], None);

@@ -830,44 +830,58 @@ struct Pi {
 }
 
 /// Builds `board` from its Debian source set (xz level 1) into the test output directory.
-fn build_debian_set(board: &str) -> Pi {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("image-tests")
-        .join(board);
+/// Builds both Pi 5 boards' `debian` source sets in one `picoimg build --board A,B` run (issue
+/// 12 point 5: several boards in one run, sharing the caches; the two share one base root).
+fn build_debian_sets() -> (Pi, Pi) {
+    let boards = ["rpi5-raspbian", "rpi5-ubuntu"];
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("image-tests/rpi5");
     let _ = std::fs::remove_dir_all(&out);
     let started = Instant::now();
     let o = picoimg()
+        .args(["build", "--board", &boards.join(","), "--stack", "base"])
         .args([
-            "build",
-            "--board",
-            board,
-            "--stack",
-            "base",
             "--sources",
             "debian",
+            "--keep-raw",
+            "--xz-level",
+            "1",
+            "--out",
         ])
-        .args(["--keep-raw", "--xz-level", "1", "--out"])
         .arg(&out)
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
     assert!(
         o.status.success(),
-        "picoimg build {board} failed: {}",
+        "picoimg build {boards:?} failed: {}",
         o.status
     );
     eprintln!(
-        "{board}-base built in {:.0}s",
+        "{} built in {:.0}s",
+        boards.join(" and "),
         started.elapsed().as_secs_f64()
     );
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(out.join(format!("{board}-base.manifest.json"))).unwrap(),
-    )
-    .unwrap();
-    Pi {
-        raw: out.join(format!("{board}-base.img")),
-        manifest,
-    }
+    // stdout names each board's outputs, in order.
+    let listed = String::from_utf8_lossy(&o.stdout).into_owned();
+    let pi = |board: &str| {
+        assert!(listed.contains(&format!("{board}-base.img.xz")), "{listed}");
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join(format!("{board}-base.manifest.json"))).unwrap(),
+        )
+        .unwrap();
+        Pi {
+            raw: out.join(format!("{board}-base.img")),
+            manifest,
+        }
+    };
+    let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    assert_eq!(sums.lines().count(), 8, "{sums}");
+    (pi(boards[0]), pi(boards[1]))
+}
+
+fn debian_sets() -> &'static (Pi, Pi) {
+    static BUILT: OnceLock<(Pi, Pi)> = OnceLock::new();
+    BUILT.get_or_init(build_debian_sets)
 }
 
 /// Checks what every Pi 5 image's boot partition has (clean FAT with `label`, config.txt,
@@ -905,13 +919,11 @@ fn pi_boot_partition(pi: &Pi, label: &str, names: &[&str], dir: &Path) -> (PathB
 }
 
 fn rpi5() -> &'static Pi {
-    static BUILT: OnceLock<Pi> = OnceLock::new();
-    BUILT.get_or_init(|| build_debian_set("rpi5-raspbian"))
+    &debian_sets().0
 }
 
 fn rpi5_ubuntu() -> &'static Pi {
-    static BUILT: OnceLock<Pi> = OnceLock::new();
-    BUILT.get_or_init(|| build_debian_set("rpi5-ubuntu"))
+    &debian_sets().1
 }
 
 /// Boots an arm64 image on QEMU `virt` through u-boot's extlinux to the ready marker.
