@@ -59,143 +59,169 @@ pub fn write(raw: &Path, b: &BootInputs<'_>) -> Result<()> {
         dtbs.push((name, get(path, "the kernel package's device trees")?));
     }
 
+    let k = Kernel {
+        kernel,
+        initrd: initrd_data,
+        dtbs: &dtbs,
+    };
     match b.board.boot.loader {
-        Loader::SystemdBoot => {
-            let loader_conf = "default picoimg.conf\ntimeout 0\nconsole-mode keep\n";
-            let entry = format!(
-                "title   picoimg {} (Linux {})\nlinux   /picoimg/vmlinuz\ninitrd  /picoimg/initrd.img\noptions {}\n",
-                b.name, b.kver, b.cmdline
-            );
-            let esp = partition(b, |k, _| k == PartType::Esp)?;
-            write_fat(
-                raw,
-                b,
-                esp,
-                &[
-                    FatFile {
-                        path: "EFI/BOOT/BOOTX64.EFI",
-                        data: get(efi, "systemd-boot-efi")?,
-                    },
-                    FatFile {
-                        path: "loader/loader.conf",
-                        data: loader_conf.as_bytes(),
-                    },
-                    FatFile {
-                        path: "loader/entries/picoimg.conf",
-                        data: entry.as_bytes(),
-                    },
-                    FatFile {
-                        path: "picoimg/vmlinuz",
-                        data: kernel,
-                    },
-                    FatFile {
-                        path: "picoimg/initrd.img",
-                        data: initrd_data,
-                    },
-                ],
-            )
-            .context("writing the EFI system partition")
-        }
-        Loader::Extlinux => {
-            let boot = partition(b, |_, fs| fs == Filesystem::Vfat)?;
-            let fdt = dtbs.first().map(|(n, _)| format!("/{n}"));
-            let names = ("Image", "initrd.img");
-            let extlinux = extlinux_conf(b.name, b.kver, names, b.cmdline, fdt.as_deref());
-            let script = match &b.board.boot.script {
-                Some(file) => Some(boot_scr(&b.board_dir.join(file), b, fdt.as_deref())?),
-                None => None,
-            };
-            let mut out = kernel_files(names, kernel, initrd_data, &extlinux, &dtbs);
-            if let Some(s) = &script {
-                out.push(FatFile {
-                    path: "boot.scr",
-                    data: s,
-                });
-            }
-            write_fat(raw, b, boot, &out).context("writing the boot partition")
-        }
-        Loader::RaspberryPi => {
-            let boot = partition(b, |_, fs| fs == Filesystem::Vfat)?;
-            let mount = &b.board.disk.partitions[boot.index].mount;
-            let config = std::fs::read(b.board_dir.join("config.txt"))
-                .with_context(|| config_txt_missing(b.board, &b.board_dir))?;
-            let cmdline_txt = format!("{}\n", b.cmdline);
-            let names = (
-                b.board
-                    .boot
-                    .kernel_file
-                    .as_deref()
-                    .unwrap_or("kernel_2712.img"),
-                b.board
-                    .boot
-                    .initrd_file
-                    .as_deref()
-                    .unwrap_or("initramfs_2712"),
-            );
-            // The firmware package's kernel hook laid out the boot files (device trees,
-            // overlays/) under the mount point; take them, except what this image writes
-            // itself and what only older Pis read (the Pi 5 firmware is in its EEPROM).
-            let hook = tarfs::read_tree(b.base_tar, mount)?;
-            let older_pi = |p: &str| {
-                p == "bootcode.bin"
-                    || (p.starts_with("start") && p.ends_with(".elf"))
-                    || (p.starts_with("fixup") && p.ends_with(".dat"))
-            };
-            let ours = |p: &str| {
-                [names.0, names.1, "config.txt", "cmdline.txt"].contains(&p)
-                    || p.starts_with("vmlinuz-")
-                    || p.starts_with("initrd.img-")
-            };
-            let mut from_hook: Vec<(String, Vec<u8>)> = hook
-                .into_iter()
-                .filter(|(p, _)| !older_pi(p) && !ours(p))
-                .collect();
-            let has_pi5_dtb = |files: &[(String, Vec<u8>)]| {
-                files
-                    .iter()
-                    .any(|(p, _)| p.starts_with("bcm2712") && p.ends_with(".dtb"))
-            };
-            // Without a hook (no firmware package), the kernel package's own device trees;
-            // read only then, as it is another pass over the root tarball.
-            let kdir = format!("usr/lib/linux-image-{}", b.kver);
-            if !has_pi5_dtb(&from_hook) {
-                let broadcom = tarfs::read_tree(b.root_tar, &format!("{kdir}/broadcom"))?;
-                from_hook.extend(
-                    broadcom
-                        .into_iter()
-                        .filter(|(n, _)| n.starts_with("bcm2712") && n.ends_with(".dtb")),
-                );
-            }
-            if !has_pi5_dtb(&from_hook) {
-                bail!(
-                    "no bcm2712 device tree from the firmware package's hook (/{mount}) or the \
-                     kernel package (/{kdir}/broadcom): the Pi 5 firmware (os_check=1) will not \
-                     boot without one; pick packages that provide it"
-                );
-            }
-            if !from_hook.iter().any(|(p, _)| p.starts_with("overlays/")) {
-                crate::progress::log("note: no device tree overlays/ from the firmware package");
-            }
-            // u-boot (QEMU's virt machine) reads extlinux.conf; the Pi firmware ignores it. Its
-            // console is the PL011 of `virt`, named last so it becomes /dev/console there.
-            let qemu_cmdline = format!("{} console=ttyAMA0,115200", b.cmdline);
-            let extlinux = extlinux_conf(b.name, b.kver, names, &qemu_cmdline, None);
-            let from_hook: Vec<(String, &[u8])> = from_hook
-                .iter()
-                .map(|(p, d)| (p.clone(), d.as_slice()))
-                .collect();
-            let mut out = kernel_files(names, kernel, initrd_data, &extlinux, &from_hook);
-            out.push(FatFile {
-                path: "config.txt",
-                data: &config,
-            });
-            out.push(FatFile {
-                path: "cmdline.txt",
-                data: cmdline_txt.as_bytes(),
-            });
-            write_fat(raw, b, boot, &out).context("writing the boot partition")
-        }
+        Loader::SystemdBoot => systemd_boot(raw, b, &k, get(efi, "systemd-boot-efi")?),
+        Loader::Extlinux => extlinux(raw, b, &k),
+        Loader::RaspberryPi => raspberry_pi(raw, b, &k),
     }
+}
+
+/// What every loader boots: the kernel, the initrd and the device trees the board names.
+struct Kernel<'a> {
+    kernel: &'a [u8],
+    initrd: &'a [u8],
+    /// (file name, contents).
+    dtbs: &'a [(String, &'a [u8])],
+}
+
+/// systemd-boot on the EFI system partition: its EFI binary as the removable-media path, one
+/// loader entry, the kernel and initrd under /picoimg.
+fn systemd_boot(raw: &Path, b: &BootInputs<'_>, k: &Kernel<'_>, efi: &[u8]) -> Result<()> {
+    let loader_conf = "default picoimg.conf\ntimeout 0\nconsole-mode keep\n";
+    let entry = format!(
+        "title   picoimg {} (Linux {})\nlinux   /picoimg/vmlinuz\ninitrd  /picoimg/initrd.img\noptions {}\n",
+        b.name, b.kver, b.cmdline
+    );
+    let esp = partition(b, |k, _| k == PartType::Esp)?;
+    write_fat(
+        raw,
+        b,
+        esp,
+        &[
+            FatFile {
+                path: "EFI/BOOT/BOOTX64.EFI",
+                data: efi,
+            },
+            FatFile {
+                path: "loader/loader.conf",
+                data: loader_conf.as_bytes(),
+            },
+            FatFile {
+                path: "loader/entries/picoimg.conf",
+                data: entry.as_bytes(),
+            },
+            FatFile {
+                path: "picoimg/vmlinuz",
+                data: k.kernel,
+            },
+            FatFile {
+                path: "picoimg/initrd.img",
+                data: k.initrd,
+            },
+        ],
+    )
+    .context("writing the EFI system partition")
+}
+
+/// u-boot's distro boot: extlinux/extlinux.conf, the kernel as `Image`, device trees, and the
+/// board's boot.scr when it has one (the C5's u-boot reads that first).
+fn extlinux(raw: &Path, b: &BootInputs<'_>, k: &Kernel<'_>) -> Result<()> {
+    let boot = partition(b, |_, fs| fs == Filesystem::Vfat)?;
+    let fdt = k.dtbs.first().map(|(n, _)| format!("/{n}"));
+    let names = ("Image", "initrd.img");
+    let extlinux = extlinux_conf(b.name, b.kver, names, b.cmdline, fdt.as_deref());
+    let script = match &b.board.boot.script {
+        Some(file) => Some(boot_scr(&b.board_dir.join(file), b, fdt.as_deref())?),
+        None => None,
+    };
+    let mut out = kernel_files(names, k.kernel, k.initrd, &extlinux, k.dtbs);
+    if let Some(s) = &script {
+        out.push(FatFile {
+            path: "boot.scr",
+            data: s,
+        });
+    }
+    write_fat(raw, b, boot, &out).context("writing the boot partition")
+}
+
+/// The Raspberry Pi firmware's boot partition: config.txt, cmdline.txt, the kernel and initrd
+/// under the names config.txt gives, the firmware package's device trees and overlays; and an
+/// extlinux.conf for u-boot on QEMU's virt machine (the boot test).
+fn raspberry_pi(raw: &Path, b: &BootInputs<'_>, k: &Kernel<'_>) -> Result<()> {
+    let boot = partition(b, |_, fs| fs == Filesystem::Vfat)?;
+    let mount = &b.board.disk.partitions[boot.index].mount;
+    let config = std::fs::read(b.board_dir.join("config.txt"))
+        .with_context(|| config_txt_missing(b.board, &b.board_dir))?;
+    let cmdline_txt = format!("{}\n", b.cmdline);
+    let names = (
+        b.board
+            .boot
+            .kernel_file
+            .as_deref()
+            .unwrap_or("kernel_2712.img"),
+        b.board
+            .boot
+            .initrd_file
+            .as_deref()
+            .unwrap_or("initramfs_2712"),
+    );
+    // The firmware package's kernel hook laid out the boot files (device trees,
+    // overlays/) under the mount point; take them, except what this image writes
+    // itself and what only older Pis read (the Pi 5 firmware is in its EEPROM).
+    let hook = tarfs::read_tree(b.base_tar, mount)?;
+    let older_pi = |p: &str| {
+        p == "bootcode.bin"
+            || (p.starts_with("start") && p.ends_with(".elf"))
+            || (p.starts_with("fixup") && p.ends_with(".dat"))
+    };
+    let ours = |p: &str| {
+        [names.0, names.1, "config.txt", "cmdline.txt"].contains(&p)
+            || p.starts_with("vmlinuz-")
+            || p.starts_with("initrd.img-")
+    };
+    let mut from_hook: Vec<(String, Vec<u8>)> = hook
+        .into_iter()
+        .filter(|(p, _)| !older_pi(p) && !ours(p))
+        .collect();
+    let has_pi5_dtb = |files: &[(String, Vec<u8>)]| {
+        files
+            .iter()
+            .any(|(p, _)| p.starts_with("bcm2712") && p.ends_with(".dtb"))
+    };
+    // Without a hook (no firmware package), the kernel package's own device trees;
+    // read only then, as it is another pass over the root tarball.
+    let kdir = format!("usr/lib/linux-image-{}", b.kver);
+    if !has_pi5_dtb(&from_hook) {
+        let broadcom = tarfs::read_tree(b.root_tar, &format!("{kdir}/broadcom"))?;
+        from_hook.extend(
+            broadcom
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("bcm2712") && n.ends_with(".dtb")),
+        );
+    }
+    if !has_pi5_dtb(&from_hook) {
+        bail!(
+            "no bcm2712 device tree from the firmware package's hook (/{mount}) or the \
+             kernel package (/{kdir}/broadcom): the Pi 5 firmware (os_check=1) will not \
+             boot without one; pick packages that provide it"
+        );
+    }
+    if !from_hook.iter().any(|(p, _)| p.starts_with("overlays/")) {
+        crate::progress::log("note: no device tree overlays/ from the firmware package");
+    }
+    // u-boot (QEMU's virt machine) reads extlinux.conf; the Pi firmware ignores it. Its
+    // console is the PL011 of `virt`, named last so it becomes /dev/console there.
+    let qemu_cmdline = format!("{} console=ttyAMA0,115200", b.cmdline);
+    let extlinux = extlinux_conf(b.name, b.kver, names, &qemu_cmdline, None);
+    let from_hook: Vec<(String, &[u8])> = from_hook
+        .iter()
+        .map(|(p, d)| (p.clone(), d.as_slice()))
+        .collect();
+    let mut out = kernel_files(names, k.kernel, k.initrd, &extlinux, &from_hook);
+    out.push(FatFile {
+        path: "config.txt",
+        data: &config,
+    });
+    out.push(FatFile {
+        path: "cmdline.txt",
+        data: cmdline_txt.as_bytes(),
+    });
+    write_fat(raw, b, boot, &out).context("writing the boot partition")
 }
 
 /// What every u-boot style boot partition holds: the kernel and initrd under `names`,

@@ -391,21 +391,32 @@ const UNIT_DIRS: [&str; 3] = [
 /// `/etc/systemd/system`, following `Also=`. Unit files come from `changes` first, then from
 /// the base tarball.
 pub fn enable_units(base: &Path, changes: &mut Changes, units: &[String]) -> Result<()> {
+    // The unit files of every named unit, read from the base in one pass (a unit that only an
+    // `Also=` names costs another pass, if any does).
+    let mut files = UnitFiles {
+        looked_up: BTreeSet::new(),
+        found: BTreeMap::new(),
+    };
+    let in_changes = |name: &str| {
+        UNIT_DIRS
+            .iter()
+            .any(|d| changes.entries.contains_key(&format!("{d}/{name}")))
+    };
+    files.fetch(
+        base,
+        units
+            .iter()
+            .map(|u| unit_file_name(u))
+            .filter(|n| !in_changes(n)),
+    )?;
     let mut todo: Vec<String> = units.to_vec();
     let mut done = BTreeSet::new();
     while let Some(unit) = todo.pop() {
         if !done.insert(unit.clone()) {
             continue;
         }
-        // Template instances (serial-getty@ttyS0.service) use the template's file.
-        let file_name = match unit.split_once('@') {
-            Some((pre, rest)) if !rest.starts_with('.') => {
-                let suffix = rest.rsplit_once('.').map(|x| x.1).unwrap_or("service");
-                format!("{pre}@.{suffix}")
-            }
-            _ => unit.clone(),
-        };
-        let (path, text) = find_unit(base, changes, &file_name)?;
+        let file_name = unit_file_name(&unit);
+        let (path, text) = find_unit(base, changes, &mut files, &file_name)?;
         let inst = parse_install(&text);
         if inst.wanted_by.is_empty() && inst.required_by.is_empty() && inst.alias.is_empty() {
             bail!("unit `{unit}` has no [Install] section to enable it by");
@@ -424,19 +435,59 @@ pub fn enable_units(base: &Path, changes: &mut Changes, units: &[String]) -> Res
     Ok(())
 }
 
-fn find_unit(base: &Path, changes: &Changes, name: &str) -> Result<(String, String)> {
+/// The file a unit is defined by: template instances (serial-getty@ttyS0.service) use the
+/// template's file.
+fn unit_file_name(unit: &str) -> String {
+    match unit.split_once('@') {
+        Some((pre, rest)) if !rest.starts_with('.') => {
+            let suffix = rest.rsplit_once('.').map(|x| x.1).unwrap_or("service");
+            format!("{pre}@.{suffix}")
+        }
+        _ => unit.to_owned(),
+    }
+}
+
+/// Unit files read from the base tarball, by path.
+struct UnitFiles {
+    /// File names already looked for.
+    looked_up: BTreeSet<String>,
+    found: BTreeMap<String, Found>,
+}
+
+impl UnitFiles {
+    /// Reads every unit directory's copy of `names` not looked for yet, in one pass.
+    fn fetch(&mut self, base: &Path, names: impl Iterator<Item = String>) -> Result<()> {
+        let new: Vec<String> = names.filter(|n| self.looked_up.insert(n.clone())).collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let candidates: Vec<String> = new
+            .iter()
+            .flat_map(|n| UNIT_DIRS.iter().map(move |d| format!("{d}/{n}")))
+            .collect();
+        let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
+        self.found.extend(read_paths(base, &refs)?);
+        Ok(())
+    }
+}
+
+fn find_unit(
+    base: &Path,
+    changes: &Changes,
+    files: &mut UnitFiles,
+    name: &str,
+) -> Result<(String, String)> {
     for dir in UNIT_DIRS {
         let p = format!("{dir}/{name}");
         if let Some(NewEntry::File { data, .. }) = changes.entries.get(&p) {
             return Ok((p, String::from_utf8_lossy(data).into_owned()));
         }
     }
-    let candidates: Vec<String> = UNIT_DIRS.iter().map(|d| format!("{d}/{name}")).collect();
-    let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
-    let found = read_paths(base, &refs)?;
-    for c in &candidates {
-        if let Some(Found::File(data)) = found.get(c) {
-            return Ok((c.clone(), String::from_utf8_lossy(data).into_owned()));
+    files.fetch(base, std::iter::once(name.to_owned()))?;
+    for dir in UNIT_DIRS {
+        let c = format!("{dir}/{name}");
+        if let Some(Found::File(data)) = files.found.get(&c) {
+            return Ok((c, String::from_utf8_lossy(data).into_owned()));
         }
     }
     bail!("unit `{name}` to enable is in no overlay and no installed package")
