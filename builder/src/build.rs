@@ -229,275 +229,387 @@ pub fn build_boards(opts: &BuildOptions, boards: &[String]) -> Result<Vec<Output
     Ok(out)
 }
 
+/// Builds one image: a sequence of named stages over one [`Build`] (what the plan resolved,
+/// the cache and the staging directory), each stage taking what the earlier ones made.
 pub fn build(opts: &BuildOptions) -> Result<Outputs> {
-    let (data, plan, components) = resolve(opts)?;
-    plan.require_complete()?;
-    crate::doctor::preflight_build(plan.board.arch).context("checking host tools")?;
-    let staging = crate::output::staging_dir(&opts.out, &plan.name)?;
-    let cache = crate::cache::Cache::open(opts.cache.as_deref())?;
-    log(format!(
-        "building {} (board {}, stack {})",
-        plan.name, plan.board.name, plan.stack
-    ));
-    let board = &plan.board;
-    let layout = board.layout()?;
-    crate::boot::preflight(board, &data.join("boards").join(&board.name))?;
-    // The bootloader blob is fetched and checked before the long root filesystem step.
-    let blob = match &board.boot.blob {
-        Some(blob) => {
-            let (data, info) = crate::blob::fetch(blob, opts.uboot.as_deref(), &cache)?;
-            crate::blob::check_fits(board, &layout, blob, data.len() as u64)?;
-            Some((blob, data, info))
+    let b = Build::start(opts)?;
+    let inputs = b.inputs()?;
+    if let Some(done) = b.reuse(&inputs)? {
+        return Ok(done);
+    }
+    let root = b.root_filesystem()?;
+    let tree = b.overlays(&inputs, &root)?;
+    let raw = b.disk_image(&inputs, &root, &tree)?;
+    b.outputs(inputs, root, tree, &raw)
+}
+
+/// What every stage of one build reads.
+struct Build<'a> {
+    opts: &'a BuildOptions,
+    data: PathBuf,
+    plan: BuildPlan,
+    components: Vec<crate::component::Component>,
+    cache: crate::cache::Cache,
+    staging: tempfile::TempDir,
+    layout: Vec<Placed>,
+    ids: DiskIds,
+}
+
+/// Stage 1: the files from outside the archive, fetched and checked before the long work,
+/// and the hash of everything that goes into the image.
+struct Inputs {
+    blob: Option<(u64, Vec<u8>, crate::blob::BlobInfo)>,
+    artifacts: Vec<(crate::artifact::Fetched, Vec<u8>, u32)>,
+    agent: crate::agentbin::AgentBinary,
+    hash: String,
+}
+
+/// Stage 2: the cached root filesystem (base, or a stack's layer over it).
+struct Root {
+    tar: PathBuf,
+    info: RootfsInfo,
+    /// The build's one timestamp (see [`source_date_epoch`]).
+    epoch: u64,
+}
+
+/// Stage 3: the image's root tree (the cached root with overlays, generated files and unit
+/// links) and what was read from it.
+struct Tree {
+    tar: PathBuf,
+    kernel_path: String,
+    kver: String,
+    cmdline: String,
+    packages: Vec<crate::tarfs::Package>,
+    file_bytes: u64,
+}
+
+impl<'a> Build<'a> {
+    fn start(opts: &'a BuildOptions) -> Result<Build<'a>> {
+        let (data, plan, components) = resolve(opts)?;
+        plan.require_complete()?;
+        crate::doctor::preflight_build(plan.board.arch).context("checking host tools")?;
+        let staging = crate::output::staging_dir(&opts.out, &plan.name)?;
+        let cache = crate::cache::Cache::open(opts.cache.as_deref())?;
+        log(format!(
+            "building {} (board {}, stack {})",
+            plan.name, plan.board.name, plan.stack
+        ));
+        let layout = plan.board.layout()?;
+        crate::boot::preflight(&plan.board, &data.join("boards").join(&plan.board.name))?;
+        let ids = DiskIds::derive(&plan.ids_seed(), &plan.board);
+        Ok(Build {
+            opts,
+            data,
+            plan,
+            components,
+            cache,
+            staging,
+            layout,
+            ids,
+        })
+    }
+
+    fn inputs(&self) -> Result<Inputs> {
+        let board = &self.plan.board;
+        // The bootloader blob is fetched and checked before the long root filesystem step.
+        let blob = match &board.boot.blob {
+            Some(blob) => {
+                let (data, info) =
+                    crate::blob::fetch(blob, self.opts.uboot.as_deref(), &self.cache)?;
+                crate::blob::check_fits(board, &self.layout, blob, data.len() as u64)?;
+                Some((blob.offset.0, data, info))
+            }
+            None => None,
+        };
+        // So are the components' pinned artifacts (release binaries no apt archive carries).
+        let artifacts = crate::artifact::fetch_all(
+            &self.components,
+            board.arch,
+            self.opts.sources.as_deref(),
+            &self.opts.artifacts,
+            &self.cache,
+        )?;
+        // The agent is part of every image's inputs.
+        let agent = crate::agentbin::find_or_build(
+            board.arch,
+            self.opts.firstboot.as_deref(),
+            &self.cache,
+        )?;
+        let hash = image_inputs_hash(&self.plan, &agent);
+        log(format!(
+            "inputs {} (first-boot agent {})",
+            &hash[..12],
+            agent.path.display()
+        ));
+        Ok(Inputs {
+            blob,
+            artifacts,
+            agent,
+            hash,
+        })
+    }
+
+    /// The outputs of an earlier build with the same inputs, unless `--refresh`.
+    fn reuse(&self, inputs: &Inputs) -> Result<Option<Outputs>> {
+        if self.opts.refresh {
+            return Ok(None);
         }
-        None => None,
-    };
-    // So are the components' pinned artifacts (release binaries no apt archive carries).
-    let artifacts = crate::artifact::fetch_all(
-        &components,
-        board.arch,
-        opts.sources.as_deref(),
-        &opts.artifacts,
-        &cache,
-    )?;
-    // The agent is part of every image's inputs (its disk ids too).
-    let agent = crate::agentbin::find_or_build(board.arch, opts.firstboot.as_deref(), &cache)?;
-    let inputs_hash = image_inputs_hash(&plan, &agent);
-    log(format!(
-        "inputs {} (first-boot agent {})",
-        &inputs_hash[..12],
-        agent.path.display()
-    ));
-    if !opts.refresh {
-        if let Some(done) = up_to_date(opts, &plan.name, &inputs_hash)? {
+        let done = up_to_date(self.opts, &self.plan.name, &inputs.hash)?;
+        if let Some(done) = &done {
             log(format!(
                 "up to date: {} was built from the same inputs ({}); --refresh builds it again",
                 done.image_xz.display(),
-                &inputs_hash[..12]
+                &inputs.hash[..12]
             ));
-            return Ok(done);
         }
+        Ok(done)
     }
-    if opts.refresh || !crate::rootfs::is_cached(&plan, &cache) {
-        let others: Vec<&str> = board
-            .sources
-            .keys()
-            .map(String::as_str)
-            .filter(|k| *k != plan.sources)
-            .collect();
-        let hint = match others.as_slice() {
+
+    fn root_filesystem(&self) -> Result<Root> {
+        if self.opts.refresh || !crate::rootfs::is_cached(&self.plan, &self.cache) {
+            let others: Vec<&str> = self
+                .plan
+                .board
+                .sources
+                .keys()
+                .map(String::as_str)
+                .filter(|k| *k != self.plan.sources)
+                .collect();
+            let hint = match others.as_slice() {
             [] => "hint: check the network or pass --mirror".to_owned(),
             sets => format!(
                 "hint: build from substitute packages with {} (the manifest records it), or check the network",
                 sets.iter().map(|s| format!("--sources {s}")).collect::<Vec<_>>().join(" or ")
             ),
         };
-        // A component's own source: its substitute set if it has one, else say there is none.
-        let hint_for = |source: &str| {
-            // The component whose chosen set brings this source.
-            let owner = components.iter().find(|c| {
-                c.source_set(opts.sources.as_deref())
-                    .ok()
-                    .flatten()
-                    .is_some_and(|(_, set)| set.apt.iter().any(|a| a.name == source))
-            });
-            match owner {
-                Some(c) => {
-                    let chosen = c
-                        .source_set(opts.sources.as_deref())
+            // A component's own source: its substitute set if it has one, else say there is none.
+            let hint_for = |source: &str| {
+                // The component whose chosen set brings this source.
+                let owner = self.components.iter().find(|c| {
+                    c.source_set(self.opts.sources.as_deref())
                         .ok()
                         .flatten()
-                        .map_or("", |(n, _)| n);
-                    let others = c.substitutes(chosen);
-                    if others.is_empty() {
-                        format!(
+                        .is_some_and(|(_, set)| set.apt.iter().any(|a| a.name == source))
+                });
+                match owner {
+                    Some(c) => {
+                        let chosen = c
+                            .source_set(self.opts.sources.as_deref())
+                            .ok()
+                            .flatten()
+                            .map_or("", |(n, _)| n);
+                        let others = c.substitutes(chosen);
+                        if others.is_empty() {
+                            format!(
                             "hint: component `{}` has no substitute source set; it needs this repository (check the network, or build a stack without it)",
                             c.name
                         )
-                    } else {
-                        format!(
-                            "hint: build component `{}` without it: {}",
-                            c.name,
-                            others.join(" or ")
-                        )
+                        } else {
+                            format!(
+                                "hint: build component `{}` without it: {}",
+                                c.name,
+                                others.join(" or ")
+                            )
+                        }
                     }
+                    None => hint.clone(),
                 }
-                None => hint.clone(),
-            }
-        };
-        crate::rootfs::check_sources_reachable(&plan, &hint_for)?;
-    }
-    let (base_tar, rootfs_info) = crate::rootfs::ensure(&plan, &cache, opts.refresh)?;
-    let epoch = source_date_epoch(&base_tar)?;
-
-    let ids = DiskIds::derive(&plan.ids_seed(), board);
-    let (root_index, root_part) = board.root_partition();
-    let root_arg = match board.boot.root {
-        crate::board::RootBy::Partuuid => format!("root=PARTUUID={}", ids.partuuid(root_index)),
-        crate::board::RootBy::Label => format!("root=LABEL={}", root_part.label),
-    };
-    let cmdline = format!("{root_arg} {}", board.boot.cmdline);
-
-    // Root filesystem: base + overlays + generated files.
-    let step = Step::start("applying overlays");
-    let mut changes = Changes::default();
-    let mut enable = Vec::new();
-    for c in &components {
-        if let Some(dir) = &c.rootfs {
-            changes
-                .add_tree(dir)
-                .with_context(|| format!("component `{}`", c.name))?;
+            };
+            crate::rootfs::check_sources_reachable(&self.plan, &hint_for)?;
         }
-        enable.extend(c.file.enable.iter().cloned());
+        let (tar, info) = crate::rootfs::ensure(&self.plan, &self.cache, self.opts.refresh)?;
+        let epoch = source_date_epoch(&tar)?;
+        Ok(Root { tar, info, epoch })
     }
-    for (a, data, mode) in &artifacts {
-        changes.file(a.path.trim_start_matches('/'), data.clone(), *mode);
+
+    fn overlays(&self, inputs: &Inputs, root: &Root) -> Result<Tree> {
+        let (board, plan) = (&self.plan.board, &self.plan);
+        let (root_index, root_part) = board.root_partition();
+        let root_arg = match board.boot.root {
+            crate::board::RootBy::Partuuid => {
+                format!("root=PARTUUID={}", self.ids.partuuid(root_index))
+            }
+            crate::board::RootBy::Label => format!("root=LABEL={}", root_part.label),
+        };
+        let cmdline = format!("{root_arg} {}", board.boot.cmdline);
+
+        let step = Step::start("applying overlays");
+        let mut changes = Changes::default();
+        let mut enable = Vec::new();
+        for c in &self.components {
+            if let Some(dir) = &c.rootfs {
+                changes
+                    .add_tree(dir)
+                    .with_context(|| format!("component `{}`", c.name))?;
+            }
+            enable.extend(c.file.enable.iter().cloned());
+        }
+        for (a, data, mode) in &inputs.artifacts {
+            changes.file(a.path.trim_start_matches('/'), data.clone(), *mode);
+        }
+        generated_files(&mut changes, plan, &self.layout, &self.ids, &inputs.hash)?;
+        changes.file(
+            "usr/lib/picoimg/picoimg-firstboot",
+            inputs.agent.bytes.clone(),
+            0o755,
+        );
+        tarfs::enable_units(&root.tar, &mut changes, &enable).context("enabling units")?;
+        let tar = self.staging.path().join("root.tar");
+        tarfs::apply(&root.tar, &changes, &tar, root.epoch)?;
+        step.done();
+
+        let found = tarfs::read_paths(&tar, &["vmlinuz", "var/lib/dpkg/status"])?;
+        let kernel_path = match found.get("vmlinuz") {
+            Some(Found::Symlink(t)) => tarfs::norm(t),
+            _ => bail!(
+                "the root filesystem has no /vmlinuz link: is a kernel package ({}) installed?",
+                plan.source_set().packages.kernel.join(", ")
+            ),
+        };
+        let kver = kernel_path
+            .rsplit_once("vmlinuz-")
+            .map(|x| x.1.to_owned())
+            .with_context(|| format!("cannot read a kernel version from {kernel_path}"))?;
+        let packages = match found.get("var/lib/dpkg/status") {
+            Some(Found::File(d)) => tarfs::parse_dpkg_status(&String::from_utf8_lossy(d)),
+            _ => bail!("the root filesystem has no dpkg status file"),
+        };
+        let file_bytes = tarfs::file_bytes(&tar).context("measuring the root filesystem")?;
+        Ok(Tree {
+            tar,
+            kernel_path,
+            kver,
+            cmdline,
+            packages,
+            file_bytes,
+        })
     }
-    generated_files(&mut changes, &plan, &layout, &ids, &inputs_hash)?;
-    changes.file(
-        "usr/lib/picoimg/picoimg-firstboot",
-        agent.bytes.clone(),
-        0o755,
-    );
-    tarfs::enable_units(&base_tar, &mut changes, &enable).context("enabling units")?;
-    let root_tar = staging.path().join("root.tar");
-    tarfs::apply(&base_tar, &changes, &root_tar, epoch)?;
-    step.done();
 
-    let found = tarfs::read_paths(&root_tar, &["vmlinuz", "var/lib/dpkg/status"])?;
-    let kernel_path = match found.get("vmlinuz") {
-        Some(Found::Symlink(t)) => tarfs::norm(t),
-        _ => bail!(
-            "the root filesystem has no /vmlinuz link: is a kernel package ({}) installed?",
-            plan.source_set().packages.kernel.join(", ")
-        ),
-    };
-    let kver = kernel_path
-        .rsplit_once("vmlinuz-")
-        .map(|x| x.1.to_owned())
-        .with_context(|| format!("cannot read a kernel version from {kernel_path}"))?;
-    let packages = match found.get("var/lib/dpkg/status") {
-        Some(Found::File(d)) => tarfs::parse_dpkg_status(&String::from_utf8_lossy(d)),
-        _ => bail!("the root filesystem has no dpkg status file"),
-    };
-    let root_file_bytes = tarfs::file_bytes(&root_tar).context("measuring the root filesystem")?;
-
-    // Disk image.
-    let raw = staging.path().join(format!("{}.img", plan.name));
-    let step = Step::start(format!(
-        "disk image ({} {})",
-        board.disk.size, board.disk.table
-    ));
-    crate::disk::create(&raw, board, &layout, &ids)?;
-    if let Some((blob, data, _)) = &blob {
-        crate::blob::write(&raw, blob.offset.0, data)?;
-    }
-    let blob_info = blob.map(|(_, _, info)| info);
-    crate::boot::write(
-        &raw,
-        &crate::boot::BootInputs {
-            board,
-            epoch,
-            layout: &layout,
-            ids: &ids,
-            root_tar: &root_tar,
-            base_tar: &base_tar,
-            kernel_path: &kernel_path,
-            kver: &kver,
-            cmdline: &cmdline,
-            name: &plan.name,
-            dtbs: &plan.source_set().dtbs,
-            board_dir: data.join("boards").join(&board.name),
-        },
-    )?;
-    let (ri, rp) = board.root_partition();
-    let root_placed = layout.iter().find(|p| p.index == ri).expect("root placed");
-    crate::disk::write_ext4(
-        &raw,
-        root_placed,
-        &rp.label,
-        ids.root_fs_uuid,
-        epoch,
-        &root_tar,
-    )?;
-    std::fs::remove_file(&root_tar).ok();
-    step.done();
-
-    // Outputs.
-    let step = Step::start("block map");
-    let bmap = crate::bmap::create(&raw)?;
-    step.done();
-    let xz = staging.path().join(format!("{}.img.xz", plan.name));
-    let packed = crate::output::xz_compress(&raw, &xz, opts.xz_level, Some(&cache.xz_dir()))?;
-    log(format!(
-        "compressed {} blocks, {} of them taken from the block cache",
-        packed.blocks, packed.reused
-    ));
-    let manifest = Manifest {
-        picoimg_version: plan.picoimg_version.clone(),
-        name: plan.name.clone(),
-        board: board.clone(),
-        stack: plan.stack.clone(),
-        sources: plan.sources.clone(),
-        components: components.iter().map(|c| c.name.clone()).collect(),
-        inputs_hash: inputs_hash.clone(),
-        firstboot: agent,
-        rootfs: rootfs_info,
-        kernel: kver,
-        kernel_cmdline: cmdline,
-        blob: blob_info,
-        artifacts: artifacts.into_iter().map(|(a, _, _)| a).collect(),
-        disk: DiskManifest {
-            size: board.disk.size.0,
-            partitions: layout
-                .iter()
-                .map(|p| PartManifest {
-                    number: p.index + 1,
-                    name: board.disk.partitions[p.index].name.clone(),
-                    start: p.start,
-                    size: p.size,
-                    type_guid: board.disk.partitions[p.index].kind.gpt_guid().to_owned(),
-                    uuid: ids.partuuid(p.index),
-                })
-                .collect(),
-            ids,
-        },
-        compression: Compression {
-            format: "xz",
-            level: opts.xz_level,
-        },
-        root_file_bytes,
-        source_date_epoch: epoch,
-        packages,
-    };
-    let names = OutputNames::new(&plan.name);
-    std::fs::write(staging.path().join(&names.bmap), &bmap)?;
-    std::fs::write(
-        staging.path().join(&names.manifest),
-        serde_json::to_vec_pretty(&manifest)?,
-    )?;
-
-    let mut sums = Vec::new();
-    let mut publish = vec![names.xz.clone(), names.bmap.clone(), names.manifest.clone()];
-    if opts.keep_raw {
-        publish.push(names.raw.clone());
-    }
-    for n in &publish {
-        sums.push((
-            n.clone(),
-            crate::output::sha256_file(&staging.path().join(n))?,
+    fn disk_image(&self, inputs: &Inputs, root: &Root, tree: &Tree) -> Result<PathBuf> {
+        let board = &self.plan.board;
+        let raw = self.staging.path().join(format!("{}.img", self.plan.name));
+        let step = Step::start(format!(
+            "disk image ({} {})",
+            board.disk.size, board.disk.table
         ));
+        crate::disk::create(&raw, board, &self.layout, &self.ids)?;
+        if let Some((offset, data, _)) = &inputs.blob {
+            crate::blob::write(&raw, *offset, data)?;
+        }
+        crate::boot::write(
+            &raw,
+            &crate::boot::BootInputs {
+                board,
+                epoch: root.epoch,
+                layout: &self.layout,
+                ids: &self.ids,
+                root_tar: &tree.tar,
+                base_tar: &root.tar,
+                kernel_path: &tree.kernel_path,
+                kver: &tree.kver,
+                cmdline: &tree.cmdline,
+                name: &self.plan.name,
+                dtbs: &self.plan.source_set().dtbs,
+                board_dir: self.data.join("boards").join(&board.name),
+            },
+        )?;
+        let (ri, rp) = board.root_partition();
+        let root_placed = self
+            .layout
+            .iter()
+            .find(|p| p.index == ri)
+            .expect("root placed");
+        crate::disk::write_ext4(
+            &raw,
+            root_placed,
+            &rp.label,
+            self.ids.root_fs_uuid,
+            root.epoch,
+            &tree.tar,
+        )?;
+        std::fs::remove_file(&tree.tar).ok();
+        step.done();
+        Ok(raw)
     }
-    for n in &publish {
-        crate::output::publish(&staging.path().join(n), &opts.out.join(n))?;
+
+    fn outputs(self, inputs: Inputs, root: Root, tree: Tree, raw: &Path) -> Result<Outputs> {
+        let (opts, plan, board) = (self.opts, &self.plan, &self.plan.board);
+        let staging = self.staging.path();
+        let step = Step::start("block map");
+        let bmap = crate::bmap::create(raw)?;
+        step.done();
+        let xz = staging.join(format!("{}.img.xz", plan.name));
+        let packed =
+            crate::output::xz_compress(raw, &xz, opts.xz_level, Some(&self.cache.xz_dir()))?;
+        log(format!(
+            "compressed {} blocks, {} of them taken from the block cache",
+            packed.blocks, packed.reused
+        ));
+        let manifest = Manifest {
+            picoimg_version: plan.picoimg_version.clone(),
+            name: plan.name.clone(),
+            board: board.clone(),
+            stack: plan.stack.clone(),
+            sources: plan.sources.clone(),
+            components: self.components.iter().map(|c| c.name.clone()).collect(),
+            inputs_hash: inputs.hash.clone(),
+            firstboot: inputs.agent,
+            rootfs: root.info,
+            kernel: tree.kver,
+            kernel_cmdline: tree.cmdline,
+            blob: inputs.blob.map(|(_, _, info)| info),
+            artifacts: inputs.artifacts.into_iter().map(|(a, _, _)| a).collect(),
+            disk: DiskManifest {
+                size: board.disk.size.0,
+                partitions: self
+                    .layout
+                    .iter()
+                    .map(|p| PartManifest {
+                        number: p.index + 1,
+                        name: board.disk.partitions[p.index].name.clone(),
+                        start: p.start,
+                        size: p.size,
+                        type_guid: board.disk.partitions[p.index].kind.gpt_guid().to_owned(),
+                        uuid: self.ids.partuuid(p.index),
+                    })
+                    .collect(),
+                ids: self.ids.clone(),
+            },
+            compression: Compression {
+                format: "xz",
+                level: opts.xz_level,
+            },
+            root_file_bytes: tree.file_bytes,
+            source_date_epoch: root.epoch,
+            packages: tree.packages,
+        };
+        let names = OutputNames::new(&plan.name);
+        std::fs::write(staging.join(&names.bmap), &bmap)?;
+        std::fs::write(
+            staging.join(&names.manifest),
+            serde_json::to_vec_pretty(&manifest)?,
+        )?;
+
+        let mut sums = Vec::new();
+        let mut publish = vec![names.xz.clone(), names.bmap.clone(), names.manifest.clone()];
+        if opts.keep_raw {
+            publish.push(names.raw.clone());
+        }
+        for n in &publish {
+            sums.push((n.clone(), crate::output::sha256_file(&staging.join(n))?));
+        }
+        for n in &publish {
+            crate::output::publish(&staging.join(n), &opts.out.join(n))?;
+        }
+        crate::output::update_sums(&opts.out, &sums)?;
+        log(format!("wrote {}", opts.out.join(&names.xz).display()));
+        Ok(Outputs {
+            image_xz: opts.out.join(&names.xz),
+            bmap: opts.out.join(&names.bmap),
+            manifest: opts.out.join(&names.manifest),
+            raw: opts.keep_raw.then(|| opts.out.join(&names.raw)),
+        })
     }
-    crate::output::update_sums(&opts.out, &sums)?;
-    log(format!("wrote {}", opts.out.join(&names.xz).display()));
-    Ok(Outputs {
-        image_xz: opts.out.join(&names.xz),
-        bmap: opts.out.join(&names.bmap),
-        manifest: opts.out.join(&names.manifest),
-        raw: opts.keep_raw.then(|| opts.out.join(&names.raw)),
-    })
 }
 
 /// The finished outputs of an earlier build with these inputs and options, if they are all
