@@ -36,6 +36,7 @@ printf ' %8s  %s\n' "other" "xz size"
 row() {
   local name=$1 out=$2; shift 2
   local log=$work/log t0 t1
+  touch "$work/mark"
   t0=$(date +%s.%N)
   PICOIMG_CACHE_DIR=$cache "$picoimg" build --data-dir "$data" --out "$out" "${level[@]}" "$@" \
     >/dev/null 2>"$log" || { cat "$log" >&2; exit 1; }
@@ -44,12 +45,12 @@ row() {
   wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')
   printf '%-34s %8s' "$name" "$wall"
   for s in "${stages[@]}"; do
-    v=$(grep -E "^picoimg: $s.* done in " "$log" | sed -E 's/.* done in ([0-9.]+)s$/\1/' | awk '{t+=$1} END{printf "%.1f", t}')
+    v=$({ grep -E "^picoimg: $s.* done in " "$log" || true; } | sed -E 's/.* done in ([0-9.]+)s$/\1/' | awk '{t+=$1} END{printf "%.1f", t}')
     printf ' %10s' "$v"
     sum=$(awk -v a="$sum" -v b="$v" 'BEGIN{print a+b}')
   done
   local xz
-  xz=$(find "$out" -maxdepth 1 -name '*.img.xz' -newer "$log" -printf '%s\n' 2>/dev/null | head -1)
+  xz=$(find "$out" -maxdepth 1 -name '*.img.xz' -newer "$work/mark" -printf '%s\n' 2>/dev/null | head -1)
   printf ' %8s  %s\n' "$(awk -v w="$wall" -v s="$sum" 'BEGIN{printf "%.1f", w-s}')" "${xz:-unchanged}"
 }
 
