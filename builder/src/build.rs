@@ -455,10 +455,17 @@ impl<'a> Build<'a> {
         );
         tarfs::enable_units(&root.tar, &mut changes, &enable).context("enabling units")?;
         let tar = self.staging.path().join("root.tar");
-        tarfs::apply(&root.tar, &changes, &tar, root.epoch)?;
+        // One pass: the new tree written, its kernel link and package list kept, its bytes
+        // counted.
+        let applied = tarfs::apply(
+            &root.tar,
+            &changes,
+            &tar,
+            root.epoch,
+            &["vmlinuz", "var/lib/dpkg/status"],
+        )?;
         step.done();
-
-        let found = tarfs::read_paths(&tar, &["vmlinuz", "var/lib/dpkg/status"])?;
+        let found = &applied.found;
         let kernel_path = match found.get("vmlinuz") {
             Some(Found::Symlink(t)) => tarfs::norm(t),
             _ => bail!(
@@ -474,7 +481,7 @@ impl<'a> Build<'a> {
             Some(Found::File(d)) => tarfs::parse_dpkg_status(&String::from_utf8_lossy(d)),
             _ => bail!("the root filesystem has no dpkg status file"),
         };
-        let file_bytes = tarfs::file_bytes(&tar).context("measuring the root filesystem")?;
+        let file_bytes = applied.file_bytes;
         Ok(Tree {
             tar,
             kernel_path,

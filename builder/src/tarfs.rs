@@ -188,9 +188,28 @@ impl Changes {
     }
 }
 
+/// What [`apply`] read on its way through the tree.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The entries asked for (`keep`) as the new tree has them.
+    pub found: BTreeMap<String, Found>,
+    /// Bytes in the new tree's regular files, as [`file_bytes`] counts them.
+    pub file_bytes: u64,
+}
+
 /// Writes `out` = `base` with `changes` applied. Base entries replaced or removed are skipped;
 /// new directories come before their contents; existing directories are kept as they are.
-pub fn apply(base: &Path, changes: &Changes, out: &Path, mtime: u64) -> Result<()> {
+/// In the same pass it keeps the files and symlinks named in `keep` and counts the file bytes,
+/// so the new tree is not read again for them.
+pub fn apply(
+    base: &Path,
+    changes: &Changes,
+    out: &Path,
+    mtime: u64,
+    keep: &[&str],
+) -> Result<Applied> {
+    let keep: BTreeSet<String> = keep.iter().map(|p| norm(p)).collect();
+    let mut applied = Applied::default();
     let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut builder = tar::Builder::new(BufWriter::with_capacity(1 << 20, file));
     let mut present = BTreeSet::new();
@@ -225,13 +244,32 @@ pub fn apply(base: &Path, changes: &Changes, out: &Path, mtime: u64) -> Result<(
                 .link_name()?
                 .map(|l| l.into_owned())
                 .unwrap_or_default();
+            if keep.contains(&path) && entry.header().entry_type().is_symlink() {
+                applied
+                    .found
+                    .insert(path.clone(), Found::Symlink(link.to_string_lossy().into_owned()));
+            }
             builder
                 .append_link(&mut header, &name, link)
                 .with_context(|| format!("copying {path}"))?;
         } else {
-            builder
-                .append_data(&mut header, &name, &mut entry)
-                .with_context(|| format!("copying {path}"))?;
+            if entry.header().entry_type().is_file() {
+                applied.file_bytes += entry.header().size()?;
+            }
+            if keep.contains(&path) && entry.header().entry_type().is_file() {
+                let mut data = Vec::new();
+                entry
+                    .read_to_end(&mut data)
+                    .with_context(|| format!("reading {path}"))?;
+                builder
+                    .append_data(&mut header, &name, data.as_slice())
+                    .with_context(|| format!("copying {path}"))?;
+                applied.found.insert(path.clone(), Found::File(data));
+            } else {
+                builder
+                    .append_data(&mut header, &name, &mut entry)
+                    .with_context(|| format!("copying {path}"))?;
+            }
         }
     }
     // Parents first: BTreeMap order puts "a" before "a/b".
@@ -257,6 +295,10 @@ pub fn apply(base: &Path, changes: &Changes, out: &Path, mtime: u64) -> Result<(
                 h.set_mode(*mode);
                 h.set_size(data.len() as u64);
                 builder.append_data(&mut h, &name, data.as_slice())?;
+                applied.file_bytes += data.len() as u64;
+                if keep.contains(path) {
+                    applied.found.insert(path.clone(), Found::File(data.clone()));
+                }
             }
             NewEntry::Symlink { target } => {
                 ensure_parents(&mut builder, &mut present, changes, path, mtime)?;
@@ -264,6 +306,11 @@ pub fn apply(base: &Path, changes: &Changes, out: &Path, mtime: u64) -> Result<(
                 h.set_mode(0o777);
                 h.set_size(0);
                 builder.append_link(&mut h, &name, target)?;
+                if keep.contains(path) {
+                    applied
+                        .found
+                        .insert(path.clone(), Found::Symlink(target.clone()));
+                }
             }
         }
     }
@@ -272,7 +319,7 @@ pub fn apply(base: &Path, changes: &Changes, out: &Path, mtime: u64) -> Result<(
         .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
         .and_then(|f| f.sync_all())
         .with_context(|| format!("writing {}", out.display()))?;
-    Ok(())
+    Ok(applied)
 }
 
 /// Adds directory entries for parents that neither the base nor the changes have.
@@ -528,7 +575,7 @@ mod tests {
         let mut c = Changes::default();
         c.remove.push("boot/firmware/*".into());
         let out = dir.path().join("out.tar");
-        apply(&base, &c, &out, 0)?;
+        apply(&base, &c, &out, 0, &[])?;
         let all = list(&out)?;
         assert!(all.contains("boot/firmware"), "{all:?}");
         assert!(!all.contains("boot/firmware/config.txt"), "{all:?}");
@@ -569,13 +616,19 @@ mod tests {
         c.file("/etc/hostname", "h4\n", 0o644);
         c.file("/usr/lib/picoimg/new/tool", "#!/bin/sh\n", 0o755);
         c.remove.push("/etc/ssh/ssh_host_*".into());
+        c.symlink("vmlinuz", "boot/vmlinuz-6.1");
         let out = dir.path().join("out.tar");
-        apply(&base, &c, &out, 0)?;
+        let keep = ["etc/hostname", "vmlinuz", "etc/ssh/ssh_host_rsa_key"];
+        let applied = apply(&base, &c, &out, 0, &keep)?;
         let all = list(&out)?;
         assert!(!all.contains("etc/ssh/ssh_host_rsa_key"));
         assert!(all.contains("usr/lib/picoimg/new"), "{all:?}");
-        let got = read_paths(&out, &["etc/hostname"])?;
+        let got = read_paths(&out, &keep)?;
         assert!(matches!(got.get("etc/hostname"), Some(Found::File(d)) if d == b"h4\n"));
+        // What apply kept on its way is what a second pass over its output reads.
+        assert_eq!(format!("{got:?}"), format!("{:?}", applied.found));
+        assert_eq!(applied.file_bytes, file_bytes(&out)?);
+        assert_eq!(applied.file_bytes, 3 + 10);
         Ok(())
     }
 }
