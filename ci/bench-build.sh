@@ -68,6 +68,6 @@ row "h4-base no-op" "$work/h4b" --board h4
 # reachable from every machine); checked against the board's pin like a download.
 uboot=(--uboot "${UBOOT:-$here/builder/tests/data/odroid-c5/u-boot.bin.signed}")
 row "c5-base cold" "$work/c5a" --board c5 "${uboot[@]}"
-row "c5-consul (layer over cached base)" "$work/c5c" --board c5 --stack consul "${uboot[@]}"
+row "c5-consul (layer over cached base)" "$work/c5c" --board c5 --stack consul --sources debian "${uboot[@]}"
 touch_overlay
 row "c5-base warm (overlay changed)" "$work/c5b" --board c5 "${uboot[@]}"
