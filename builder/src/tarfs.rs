@@ -245,9 +245,10 @@ pub fn apply(
                 .map(|l| l.into_owned())
                 .unwrap_or_default();
             if keep.contains(&path) && entry.header().entry_type().is_symlink() {
-                applied
-                    .found
-                    .insert(path.clone(), Found::Symlink(link.to_string_lossy().into_owned()));
+                applied.found.insert(
+                    path.clone(),
+                    Found::Symlink(link.to_string_lossy().into_owned()),
+                );
             }
             builder
                 .append_link(&mut header, &name, link)
@@ -297,7 +298,9 @@ pub fn apply(
                 builder.append_data(&mut h, &name, data.as_slice())?;
                 applied.file_bytes += data.len() as u64;
                 if keep.contains(path) {
-                    applied.found.insert(path.clone(), Found::File(data.clone()));
+                    applied
+                        .found
+                        .insert(path.clone(), Found::File(data.clone()));
                 }
             }
             NewEntry::Symlink { target } => {
