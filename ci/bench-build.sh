@@ -29,7 +29,9 @@ data=$work/data
 mkdir -p "$data"
 cp -a "$here/boards" "$here/overlays" "$data/"
 
-stages=("root filesystem" "applying overlays" "disk image" "block map" "compressing")
+# A stack's layer is the root column too; building the first-boot agent (a cold cache) has
+# its own.
+stages=("root filesystem|stack layer" "first-boot agent" "applying overlays" "disk image" "block map" "compressing")
 printf '%-34s %8s' "build" "wall s"
 for s in "${stages[@]}"; do printf ' %10s' "${s%% *}"; done
 printf ' %8s  %s\n' "other" "xz size"
@@ -46,7 +48,7 @@ row() {
   wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')
   printf '%-34s %8s' "$name" "$wall"
   for s in "${stages[@]}"; do
-    v=$({ grep -E "^picoimg: $s.* done in " "$log" || true; } | sed -E 's/.* done in ([0-9.]+)s$/\1/' | awk '{t+=$1} END{printf "%.1f", t}')
+    v=$({ grep -E "^picoimg: ($s).* done in " "$log" || true; } | sed -E 's/.* done in ([0-9.]+)s$/\1/' | awk '{t+=$1} END{printf "%.1f", t}')
     printf ' %10s' "$v"
     sum=$(awk -v a="$sum" -v b="$v" 'BEGIN{print a+b}')
   done
