@@ -1607,3 +1607,83 @@ fn two_root_filesystems_made_with_one_source_date_epoch_give_the_same_image() {
         explain_difference(&ra, &rb, &manifest)
     );
 }
+
+/// SIGTERM to picoimg alone (no terminal to signal the whole group) while mmdebstrap installs:
+/// the build ends with status 130, and mmdebstrap's chroot is unmounted and removed (its
+/// tempdir, named on stderr, is gone and nothing is mounted under it); no cache entry is left.
+#[test]
+fn an_interrupt_during_mmdebstrap_leaves_no_mounts() {
+    use std::io::BufRead;
+    let out = tempfile::tempdir().unwrap();
+    let mut child = picoimg()
+        // A root nobody caches (the build never finishes), so mmdebstrap runs.
+        .env("SOURCE_DATE_EPOCH", "86400")
+        .args([
+            "build",
+            "--board",
+            "h4",
+            "--stack",
+            "base",
+            "--xz-level",
+            "0",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let mut tempdir = None;
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "mmdebstrap never reached its package installation:\n{log}"
+        );
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(600)) else {
+            panic!("no output:\n{log}")
+        };
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.split("using ").nth(1) {
+            if let Some(d) = rest.strip_suffix(" as tempdir") {
+                tempdir = Some(d.to_owned());
+            }
+        }
+        if line.contains("installing essential packages")
+            || line.contains("installing remaining packages")
+        {
+            break;
+        }
+    }
+    let tempdir = tempdir.expect("mmdebstrap names its tempdir");
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = child.wait().unwrap();
+    let _ = reader.join();
+    log.extend(rx.try_iter().map(|l| l + "\n"));
+    assert_eq!(status.code(), Some(130), "{}", tail(&log));
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.contains(&format!("{tempdir}/")),
+        "mounts left under {tempdir}:\n{mounts}"
+    );
+    assert!(
+        !Path::new(&tempdir).exists(),
+        "{tempdir} left behind\n{}",
+        tail(&log)
+    );
+    let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left in the output directory: {left:?}");
+}
