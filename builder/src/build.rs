@@ -89,6 +89,10 @@ pub struct Manifest {
     /// The timestamp of every file and filesystem field the build wrote: set
     /// `SOURCE_DATE_EPOCH` to it to rebuild the same bytes from the same root filesystem.
     pub source_date_epoch: u64,
+    /// Every apt source the root filesystem was made from (the base's, then the stack
+    /// layer's), with suites, components and keyring sha256s: with `packages`' versions, what
+    /// a rebuild needs.
+    pub apt_sources: Vec<crate::plan::SourceSpec>,
     pub packages: Vec<tarfs::Package>,
 }
 
@@ -588,6 +592,7 @@ impl<'a> Build<'a> {
             },
             root_file_bytes: tree.file_bytes,
             source_date_epoch: root.epoch,
+            apt_sources: plan.all_sources().cloned().collect(),
             packages: tree.packages,
         };
         let names = OutputNames::new(&plan.name);

@@ -369,6 +369,10 @@ fn manifest_lists_packages_and_matches_the_plan() {
     let plan = run_ok(picoimg().args(["plan", "--board", "h4", "--stack", "base"]));
     let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
     assert_eq!(plan["inputs_hash"], b.manifest["inputs_hash"]);
+    // The apt sources it was made from, as the plan has them (h4-base: no stack layer).
+    assert!(plan["layer"].is_null());
+    assert_eq!(b.manifest["apt_sources"], plan["rootfs"]["sources"]);
+    assert!(!b.manifest["apt_sources"].as_array().unwrap().is_empty());
     assert_eq!(b.manifest["board"]["name"], "h4");
     assert_eq!(b.manifest["picoimg_version"], env!("CARGO_PKG_VERSION"));
 }
