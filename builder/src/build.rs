@@ -730,9 +730,16 @@ fn generated_files(
         let part = &board.disk.partitions[p.index];
         let (fs, opts, pass) = match part.fs {
             Filesystem::Ext4 if part.mount == "/" => ("ext4", "rw,errors=remount-ro", 1),
-            Filesystem::Ext4 => ("ext4", "rw,nofail", 2),
+            // The device may appear late: an SD card in a slow reader, or a VM under heavy
+            // emulation, where udev needed more than systemd's default 90 s and the boot
+            // partition's mount (which the first-boot agent requires) failed.
+            Filesystem::Ext4 => ("ext4", "rw,nofail,x-systemd.device-timeout=10min", 2),
             // flush: write FAT changes early; boards lose power without a shutdown.
-            Filesystem::Vfat => ("vfat", "umask=0077,flush,nofail", 2),
+            Filesystem::Vfat => (
+                "vfat",
+                "umask=0077,flush,nofail,x-systemd.device-timeout=10min",
+                2,
+            ),
         };
         fstab.push_str(&format!(
             "PARTUUID={}\t{}\t{fs}\t{opts}\t0\t{pass}\n",

@@ -234,6 +234,10 @@ fn root_has_overlays_and_no_per_node_identity() {
         fstab.contains(&format!("PARTUUID={root_uuid}\t/\text4")),
         "{fstab}"
     );
+    // The ESP may appear late (slow readers, emulation under load): systemd waits 10 min for
+    // it, not its default 90 s, since the first-boot agent requires the mount.
+    let esp = fstab.lines().find(|l| l.contains("/boot/efi")).unwrap();
+    assert!(esp.contains("x-systemd.device-timeout=10min"), "{fstab}");
     assert_eq!(debugfs("cat /etc/machine-id").trim(), "uninitialized");
     let ssh = debugfs("ls /etc/ssh");
     assert!(
