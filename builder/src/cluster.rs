@@ -204,7 +204,7 @@ pub fn token(path: &Path, name: Option<&str>) -> Result<()> {
         .copied()
         .filter(|s| picoimg_firstboot::stack::used(*s, &c.file))
         .collect();
-    let secrets = Secrets::derive(&stacks, &c.secret, c.file.cluster.get_ref().id.get_ref());
+    let secrets = Secrets::of(&stacks, &c);
     let names = || {
         secrets
             .specs()

@@ -96,7 +96,7 @@ pub enum TimePolicy {
     Sync,
     /// As `sync`, but a clock still unsynchronised after `timeout` fails the node.
     Require,
-    /// Do not wait (for clusters without a time source; TLS and Ceph may complain).
+    /// Do not wait (for clusters without a time source; TLS and storage clusters may complain).
     Skip,
 }
 

@@ -21,7 +21,7 @@ pub type Section = Arc<dyn Any + Send + Sync>;
 pub type Raw<'i> = toml::Spanned<toml::de::DeValue<'i>>;
 
 /// How a derived secret is written where it is used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum Form {
     /// Standard base64 of the bytes.
     Base64,
@@ -29,6 +29,8 @@ pub enum Form {
     Uuid,
     /// Lowercase hex of the bytes.
     Hex,
+    /// The stack's own encoding of the bytes (a tool's binary key format, ...).
+    Custom(fn(&[u8]) -> String),
 }
 
 /// One secret a stack derives from the cluster secret (HKDF-SHA256, see `secrets`).
@@ -42,6 +44,9 @@ pub struct SecretSpec {
     pub form: Form,
     /// The token an operator logs in with (printed by `picoimg cluster token FILE`).
     pub operator: bool,
+    /// One value per node of the file (the label gets `/<node name>` appended), for keys that
+    /// belong to one daemon each.
+    pub per_node: bool,
 }
 
 /// Every secret of every registered stack for one cluster, derived once. Stacks get their
@@ -50,30 +55,53 @@ pub struct SecretSpec {
 #[derive(Debug, Clone)]
 pub struct Secrets {
     cluster: String,
-    values: BTreeMap<&'static str, (SecretSpec, String)>,
+    /// By label (`label/node` for a per-node secret).
+    values: BTreeMap<String, (SecretSpec, String)>,
 }
 
 impl Secrets {
-    pub fn derive(stacks: &[&dyn Stack], secret: &[u8; 32], cluster_id: &str) -> Secrets {
+    /// Derives every secret the stacks declare; per-node ones for each of `nodes`.
+    pub fn derive(
+        stacks: &[&dyn Stack],
+        secret: &[u8; 32],
+        cluster_id: &str,
+        nodes: &[&str],
+    ) -> Secrets {
         let mut values = BTreeMap::new();
         for spec in stacks.iter().flat_map(|s| s.secrets()) {
-            let bytes = crate::secrets::derive(secret, cluster_id, spec.label, spec.bytes);
-            let value = match spec.form {
-                Form::Base64 => base64::engine::general_purpose::STANDARD.encode(&bytes),
-                Form::Hex => hex::encode(&bytes),
-                Form::Uuid => {
-                    let mut b = [0u8; 16];
-                    let n = bytes.len().min(16);
-                    b[..n].copy_from_slice(&bytes[..n]);
-                    uuid::Builder::from_random_bytes(b).into_uuid().to_string()
-                }
+            let labels: Vec<String> = if spec.per_node {
+                nodes
+                    .iter()
+                    .map(|n| format!("{}/{n}", spec.label))
+                    .collect()
+            } else {
+                vec![spec.label.to_owned()]
             };
-            values.insert(spec.label, (*spec, value));
+            for label in labels {
+                let bytes = crate::secrets::derive(secret, cluster_id, &label, spec.bytes);
+                values.insert(label, (*spec, encode(spec.form, &bytes)));
+            }
         }
         Secrets {
             cluster: base64::engine::general_purpose::STANDARD.encode(secret),
             values,
         }
+    }
+
+    /// Every secret of `stacks` for the checked cluster file `c` (its id, secret and nodes).
+    pub fn of(stacks: &[&dyn Stack], c: &crate::cluster::Checked) -> Secrets {
+        let nodes: Vec<&str> = c
+            .file
+            .nodes
+            .iter()
+            .map(|n| n.name.get_ref().as_str())
+            .collect();
+        Secrets::derive(
+            stacks,
+            &c.secret,
+            c.file.cluster.get_ref().id.get_ref(),
+            &nodes,
+        )
     }
 
     /// The value for `label`; an error if no registered stack declares it.
@@ -84,12 +112,27 @@ impl Secrets {
         }
     }
 
-    /// The value of the secret named `name` (`SecretSpec::name`).
+    /// The value of a per-node secret for `node`.
+    pub fn get_for(&self, label: &str, node: &str) -> Result<&str> {
+        self.get(&format!("{label}/{node}"))
+    }
+
+    /// The value of the secret named `name` (`SecretSpec::name`; `name/node` for a per-node
+    /// one).
     pub fn named(&self, name: &str) -> Option<(&SecretSpec, &str)> {
         self.values
-            .values()
-            .find(|(s, _)| s.name == name)
-            .map(|(s, v)| (s, v.as_str()))
+            .iter()
+            .find(|(label, (s, _))| {
+                if s.per_node {
+                    label
+                        .strip_prefix(s.label)
+                        .and_then(|n| n.strip_prefix('/'))
+                        .is_some_and(|n| name.strip_prefix(s.name) == Some(&format!("/{n}")))
+                } else {
+                    s.name == name
+                }
+            })
+            .map(|(_, (s, v))| (s, v.as_str()))
     }
 
     /// Every declared secret with its value.
@@ -102,6 +145,21 @@ impl Secrets {
         std::iter::once(self.cluster.clone())
             .chain(self.values.values().map(|(_, v)| v.clone()))
             .collect()
+    }
+}
+
+/// Writes derived bytes in `form`.
+pub fn encode(form: Form, bytes: &[u8]) -> String {
+    match form {
+        Form::Base64 => base64::engine::general_purpose::STANDARD.encode(bytes),
+        Form::Hex => hex::encode(bytes),
+        Form::Uuid => {
+            let mut b = [0u8; 16];
+            let n = bytes.len().min(16);
+            b[..n].copy_from_slice(&bytes[..n]);
+            uuid::Builder::from_random_bytes(b).into_uuid().to_string()
+        }
+        Form::Custom(f) => f(bytes),
     }
 }
 
@@ -266,7 +324,14 @@ pub trait Stack: Sync {
     fn steps<'a>(&self, ctx: &Ctx<'a>, t: &Target<'_>, memo: &mut Memo) -> Result<Vec<Step<'a>>>;
 
     /// The units to enable and start on this node (none without one of its roles).
-    fn units(&self, node: &Node) -> Vec<&'static str>;
+    fn units(&self, file: &ClusterFile, node: &Node) -> Vec<String>;
+
+    /// The block devices this node's roles use besides its system disk (absolute paths as the
+    /// file names them): a rehearsal gives its VM an empty disk for each.
+    fn devices(&self, file: &ClusterFile, node: &Node) -> Vec<String> {
+        let _ = (file, node);
+        Vec::new()
+    }
 
     /// Waits until its services on this node are healthy; `None` if the node has none of
     /// its roles. Bounded by the file's `[firstboot] health_timeout`.

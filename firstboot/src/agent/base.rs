@@ -80,7 +80,7 @@ pub fn before<'a>(
 }
 
 /// The last step: enable and start the stacks' units for this node.
-pub fn services<'a>(units: Vec<&'static str>) -> Step<'a> {
+pub fn services<'a>(units: Vec<String>) -> Step<'a> {
     Step {
         name: "services".into(),
         input: fingerprint(&[&units.join(" ")]),
@@ -222,7 +222,7 @@ fn time(t: &Target<'_>, file: &ClusterFile, dropin: Option<&str>) -> Result<Stri
     ))
 }
 
-fn start(t: &Target<'_>, units: &[&str]) -> Result<String> {
+fn start(t: &Target<'_>, units: &[String]) -> Result<String> {
     if units.is_empty() {
         return Ok("no cluster services on this node".into());
     }

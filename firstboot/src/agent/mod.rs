@@ -99,9 +99,8 @@ impl<'a> Agent<'a> {
             .map(|saved| saved.secret);
         match cluster::check_in(&text, kept, self.stacks) {
             Ok(c) => {
-                let id = c.file.cluster.get_ref().id.get_ref();
                 // From here on, no report carries the secret or anything derived from it.
-                let secrets = Secrets::derive(self.stacks, &c.secret, id);
+                let secrets = Secrets::of(self.stacks, &c);
                 self.rep.hide(secrets.redacted());
                 for w in &c.warnings {
                     self.rep.say(format!(
@@ -248,7 +247,7 @@ impl<'a> Agent<'a> {
                 s.steps(&ctx, &t, &mut state.memo)
                     .with_context(|| format!("planning the {} steps", s.name()))?,
             );
-            units.extend(s.units(node));
+            units.extend(s.units(file, node));
         }
         steps.push(base::services(units));
         let kept = runner::run(steps, &t, &mut self.rep, &mut state, node.name.get_ref())?;

@@ -52,11 +52,12 @@ fn node_root(text: &str) -> tempfile::TempDir {
 
 fn secret_strings(text: &str) -> Vec<String> {
     let c = check(text).unwrap();
-    let id = c.file.cluster.get_ref().id.get_ref().clone();
-    let s = Secrets::derive(crate::stacks::registry(), &c.secret, &id).redacted();
+    let s = Secrets::of(crate::stacks::registry(), &c).redacted();
+    // A per-node secret once for every node of the file.
     let declared: usize = crate::stacks::registry()
         .iter()
-        .map(|st| st.secrets().len())
+        .flat_map(|st| st.secrets())
+        .map(|x| if x.per_node { c.file.nodes.len() } else { 1 })
         .sum();
     assert_eq!(
         s.len(),
@@ -537,6 +538,7 @@ impl crate::stack::Stack for Leaky {
             bytes: 24,
             form: crate::stack::Form::Hex,
             operator: false,
+            per_node: false,
         }]
     }
     fn check(&self, _: &str, _: &cluster::ClusterFile, _: &mut Vec<cluster::Problem>) {}
@@ -560,8 +562,8 @@ impl crate::stack::Stack for Leaky {
             }),
         }])
     }
-    fn units(&self, _: &cluster::Node) -> Vec<&'static str> {
-        vec!["leaky.service"]
+    fn units(&self, _: &cluster::ClusterFile, _: &cluster::Node) -> Vec<String> {
+        vec!["leaky.service".into()]
     }
     fn health(
         &self,
@@ -610,7 +612,7 @@ fn a_registered_stacks_new_secret_never_reaches_a_report() {
     let json = std::fs::read_to_string(r.join(STATUS_JSON)).unwrap();
     let txt = std::fs::read_to_string(r.join("boot/efi/picoimg/status.txt")).unwrap();
     assert!(txt.contains("<redacted>"), "{txt}");
-    for s in Secrets::derive(&stacks, &c.secret, id).redacted() {
+    for s in Secrets::of(&stacks, &c).redacted() {
         for (what, body) in [
             ("lines", &all),
             ("status.json", &json),

@@ -1,6 +1,7 @@
 //! The registry of cluster stacks: each is a folder here implementing `crate::stack::Stack`.
 //! Adding a stack means a new folder, one line below, and its component in `overlays/`.
 
+pub mod ceph;
 pub mod consul;
 pub mod nomad;
 
@@ -8,7 +9,7 @@ use crate::stack::Stack;
 
 /// Every stack this agent knows, in the order their steps and health checks run.
 pub fn registry() -> &'static [&'static dyn Stack] {
-    &[&consul::Consul, &nomad::Nomad]
+    &[&consul::Consul, &nomad::Nomad, &ceph::Ceph]
 }
 
 /// The registered stacks among `names` (e.g. the components of an image), in registry order.

@@ -70,7 +70,7 @@ fn every_role_section_and_secret_has_one_owner() {
         names.push(s.name());
         for x in s.secrets() {
             assert!(x.label.starts_with("picoimg/v1/"), "{}", x.label);
-            if x.form == crate::stack::Form::Uuid {
+            if matches!(x.form, crate::stack::Form::Uuid) {
                 assert_eq!(x.bytes, 16, "{}", x.label);
             }
         }

@@ -208,8 +208,7 @@ mod tests {
     fn server_config_has_expect_join_encrypt_and_version_keyed_token() {
         let c = lab();
         let node = &c.file.nodes[1];
-        let id = c.file.cluster.get_ref().id.get_ref();
-        let secrets = Secrets::derive(crate::stacks::registry(), &c.secret, id);
+        let secrets = Secrets::of(crate::stacks::registry(), &c);
         let old = config(&c.file, node, &secrets, Version(1, 8, 7)).unwrap();
         assert_eq!(old["bootstrap_expect"], 3);
         assert_eq!(old["server"], true);

@@ -44,6 +44,7 @@ const SECRETS: &[SecretSpec] = &[
         bytes: 32,
         form: Form::Base64,
         operator: false,
+        per_node: false,
     },
     SecretSpec {
         name: "consul-management-token",
@@ -51,6 +52,7 @@ const SECRETS: &[SecretSpec] = &[
         bytes: 16,
         form: Form::Uuid,
         operator: true,
+        per_node: false,
     },
 ];
 
@@ -116,8 +118,11 @@ impl Stack for Consul {
         }])
     }
 
-    fn units(&self, node: &Node) -> Vec<&'static str> {
-        config::role(node).map(|_| UNIT).into_iter().collect()
+    fn units(&self, _file: &ClusterFile, node: &Node) -> Vec<String> {
+        config::role(node)
+            .map(|_| UNIT.into())
+            .into_iter()
+            .collect()
     }
 
     fn health(

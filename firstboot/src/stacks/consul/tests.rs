@@ -7,7 +7,7 @@ use crate::stack::Secrets;
 fn pinned_vectors() {
     let secret = [7u8; 32];
     let id = "5f2b9a0e-7c1d-4e8a-9b3f-2d6c8e1a4b70";
-    let s = Secrets::derive(&[&Consul], &secret, id);
+    let s = Secrets::derive(&[&Consul], &secret, id, &[]);
     assert_eq!(
         s.get(label::GOSSIP).unwrap(),
         "v56PW4ex8JnoICTWU2/IYgZzUzqCtcJJQ6+QYDpp42g="
@@ -16,13 +16,13 @@ fn pinned_vectors() {
         s.get(label::MANAGEMENT_TOKEN).unwrap(),
         "9372d4f4-d864-4090-a5a4-dd62e307b9ab"
     );
-    let other = Secrets::derive(&[&Consul], &secret, "another-cluster");
+    let other = Secrets::derive(&[&Consul], &secret, "another-cluster", &[]);
     assert_ne!(
         other.get(label::GOSSIP).unwrap(),
         s.get(label::GOSSIP).unwrap()
     );
     // A secret no registered stack declares cannot be had.
-    assert!(Secrets::derive(&[], &secret, id)
+    assert!(Secrets::derive(&[], &secret, id, &[])
         .get(label::GOSSIP)
         .is_err());
 }

@@ -53,6 +53,7 @@ const fn uuid(name: &'static str, label: &'static str, operator: bool) -> Secret
         bytes: 16,
         form: Form::Uuid,
         operator,
+        per_node: false,
     }
 }
 
@@ -64,6 +65,7 @@ const SECRETS: &[SecretSpec] = &[
         bytes: 32,
         form: Form::Base64,
         operator: false,
+        per_node: false,
     },
     // `nomad acl bootstrap` accepts only a UUID (nomad/acl_endpoint.go, helper.IsUUID).
     uuid("nomad-root-token", label::ROOT_TOKEN, true),
@@ -175,10 +177,10 @@ impl Stack for Nomad {
         }])
     }
 
-    fn units(&self, node: &Node) -> Vec<&'static str> {
+    fn units(&self, _file: &ClusterFile, node: &Node) -> Vec<String> {
         config::roles(node)
             .any()
-            .then_some(UNIT)
+            .then(|| UNIT.to_owned())
             .into_iter()
             .collect()
     }

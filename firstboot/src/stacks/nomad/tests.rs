@@ -41,11 +41,7 @@ fn problems(t: &str) -> Vec<Problem> {
 }
 
 fn secrets(c: &Checked) -> Secrets {
-    Secrets::derive(
-        crate::stacks::registry(),
-        &c.secret,
-        c.file.cluster.get_ref().id.get_ref(),
-    )
+    Secrets::of(crate::stacks::registry(), c)
 }
 
 #[test]
