@@ -274,7 +274,8 @@ pub struct RunArgs {
     /// Guest network.
     #[arg(long, value_enum, default_value_t = Net::User)]
     pub net: Net,
-    /// Make the emulated disk this big (exercises growing the root partition).
+    /// Make the emulated disk this big (exercises growing the root partition); with --cluster,
+    /// each node's system disk.
     #[arg(long, value_name = "SIZE")]
     pub disk_size: Option<Bytes>,
     /// Boot the raw image itself, keeping changes (default: a throw-away overlay).
@@ -300,6 +301,10 @@ pub struct RunArgs {
     /// With --cluster: give node i SSH on 127.0.0.1:PORT+i (a second, restricted NIC).
     #[arg(long, value_name = "PORT", requires = "cluster")]
     pub ssh_port_base: Option<u16>,
+    /// With --cluster: size of each extra empty disk a node's roles name (Ceph's OSD devices):
+    /// thin qcow2 files in the run directory, kept if there already [default: 8GiB].
+    #[arg(long, value_name = "SIZE", requires = "cluster")]
+    pub data_disk_size: Option<Bytes>,
 }
 
 impl Target {
@@ -397,6 +402,10 @@ pub fn main() -> Result<()> {
                 expect_ready: a.expect_ready,
                 ssh_port_base: a.ssh_port_base,
                 accel: a.accel,
+                disk_size: a.disk_size.map(|b| b.0),
+                data_disk_size: a
+                    .data_disk_size
+                    .map_or(crate::rehearsal::DATA_DISK_SIZE, |b| b.0),
             })?
         }
         Command::Run(a) => crate::qemu::run(&RunOptions {
@@ -411,6 +420,7 @@ pub fn main() -> Result<()> {
             ssh_port: a.ssh_port,
             accel: a.accel,
             nics: Vec::new(),
+            data_disks: Vec::new(),
         })?,
         Command::Boards { sources, json } => boards(data_dir.as_deref(), sources, json)?,
         Command::Stacks { json } => {

@@ -44,6 +44,16 @@ pub struct RunOptions {
     pub accel: Accel,
     /// `-nic` specifications replacing `net` and `ssh_port` (cluster rehearsals).
     pub nics: Vec<String>,
+    /// Extra disks (qcow2), each a virtio disk with its serial (cluster rehearsals).
+    pub data_disks: Vec<DataDisk>,
+}
+
+/// An extra empty disk of a rehearsal VM: the guest sees it as a virtio disk with this
+/// serial, so udev names it /dev/disk/by-id/virtio-SERIAL.
+#[derive(Debug, Clone)]
+pub struct DataDisk {
+    pub path: PathBuf,
+    pub serial: String,
 }
 
 /// The board an image was built for: `--board`, else the manifest beside the image.
@@ -346,6 +356,18 @@ pub fn qemu_cmd(
             .arg(format!("{file},if=none,id=disk0"))
             .args(["-device", "nvme,drive=disk0,serial=picoimg0"]),
     };
+    for (i, d) in opts.data_disks.iter().enumerate() {
+        c = c
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=qcow2,if=none,id=data{i}",
+                d.path.display()
+            ))
+            .args([
+                "-device",
+                &format!("virtio-blk-pci,drive=data{i},serial={}", d.serial),
+            ]);
+    }
     let fwd = opts
         .ssh_port
         .map(|p| format!(",hostfwd=tcp:127.0.0.1:{p}-:22"))

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cmd::{Cmd, Running};
 use crate::progress::log;
-use crate::qemu::{Accel, Net, RunOptions};
+use crate::qemu::{Accel, DataDisk, Net, RunOptions};
 
 /// What the agent prints when a node is done (see `picoimg_firstboot::agent`).
 pub use picoimg_firstboot::contract::{NODE_FAILED, NODE_READY};
@@ -35,7 +35,14 @@ pub struct ClusterOptions {
     pub expect_ready: bool,
     pub ssh_port_base: Option<u16>,
     pub accel: Accel,
+    /// Size of each node's system disk (default: the image's); the root grows into it.
+    pub disk_size: Option<u64>,
+    /// Size of each extra disk a node's roles name (thin qcow2 files).
+    pub data_disk_size: u64,
 }
+
+/// Default size of a rehearsal's extra disks: Ceph's ceph-volume refuses devices under 5 GB.
+pub const DATA_DISK_SIZE: u64 = 8 << 30;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeState {
@@ -51,6 +58,8 @@ pub struct Node {
     pub log: PathBuf,
     pub state: NodeState,
     pub ssh_port: Option<u16>,
+    /// The extra disks its roles name, each with the path the cluster file gives it.
+    pub data_disks: Vec<(String, DataDisk)>,
     dir: PathBuf,
     overlay: PathBuf,
     started: Instant,
@@ -90,6 +99,8 @@ pub struct Rehearsal {
     board: crate::board::Board,
     socket: PathBuf,
     accel: Accel,
+    base: PathBuf,
+    disk_size: Option<u64>,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
 }
@@ -97,6 +108,83 @@ pub struct Rehearsal {
 /// The MAC a rehearsal VM gets when its node has no `match.mac`.
 pub fn rehearsal_mac(index: usize) -> String {
     format!("52:54:00:70:00:{:02x}", index + 1)
+}
+
+/// A node's system disk: a qcow2 overlay over the rehearsal's copy of the image (replacing
+/// any there), `size` bytes if given.
+fn system_disk(base: &std::path::Path, overlay: &std::path::Path, size: Option<u64>) -> Result<()> {
+    let mut c = Cmd::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(overlay);
+    if let Some(s) = size {
+        c = c.arg(s.to_string());
+    }
+    c.run().context("creating a node's disk overlay")?;
+    Ok(())
+}
+
+/// The serial a rehearsal disk gets for the device path the cluster file names:
+/// `/dev/disk/by-id/virtio-SERIAL` keeps its serial (so the path exists in the VM as written);
+/// any other path gets `picoimg-dN` and is named differently in the VM.
+pub fn data_disk_serial(device: &str, index: usize) -> (String, bool) {
+    match device.strip_prefix("/dev/disk/by-id/virtio-") {
+        // virtio-blk serials are at most 20 bytes.
+        Some(s)
+            if !s.is_empty()
+                && s.len() <= 20
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+        {
+            (s.to_owned(), true)
+        }
+        _ => (format!("picoimg-d{index}"), false),
+    }
+}
+
+/// The extra disks node `node` gets: one per device its roles name, thin qcow2 files in its
+/// run directory. A disk file already there is kept (a re-run rehearsal keeps its data).
+fn data_disks(
+    file: &picoimg_firstboot::cluster::ClusterFile,
+    node: &picoimg_firstboot::cluster::Node,
+    dir: &std::path::Path,
+    size: u64,
+) -> Result<Vec<(String, DataDisk)>> {
+    let mut devices: Vec<String> = Vec::new();
+    for s in picoimg_firstboot::stacks::registry() {
+        for d in s.devices(file, node) {
+            if !devices.contains(&d) {
+                devices.push(d);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (i, device) in devices.into_iter().enumerate() {
+        let (serial, same) = data_disk_serial(&device, i);
+        let path = dir.join(format!("data-{serial}.qcow2"));
+        if path.exists() {
+            log(format!(
+                "{}: {device}: keeping {}",
+                node.name.get_ref(),
+                path.display()
+            ));
+        } else {
+            Cmd::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&path)
+                .arg(size.to_string())
+                .run()
+                .context("creating a rehearsal data disk")?;
+        }
+        if !same {
+            log(format!(
+                "{}: {device} cannot be given that name in a VM: its disk is /dev/disk/by-id/virtio-{serial} there (name disks /dev/disk/by-id/virtio-SERIAL in a rehearsal's file)",
+                node.name.get_ref()
+            ));
+        }
+        out.push((device, DataDisk { path, serial }));
+    }
+    Ok(out)
 }
 
 /// The cluster file as the rehearsal's nodes read it: nodes without a MAC match get their
@@ -165,6 +253,7 @@ impl Rehearsal {
             ssh_port: None,
             accel: o.accel,
             nics: Vec::new(),
+            data_disks: Vec::new(),
         };
         let board = crate::qemu::board_for(&run)?;
         let (tmp, dir) = match &o.dir {
@@ -212,13 +301,10 @@ impl Rehearsal {
             let ndir = dir.join(&name);
             std::fs::create_dir_all(&ndir)?;
             let overlay = ndir.join("disk.qcow2");
-            Cmd::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                .arg(&base)
-                .arg(&overlay)
-                .run()
-                .context("creating a node's disk overlay")?;
+            system_disk(&base, &overlay, o.disk_size)?;
+            let data_disks = data_disks(&checked.file, node, &ndir, o.data_disk_size)?;
             nodes.push(Node {
+                data_disks,
                 log: dir.join(format!("{name}.log")),
                 name,
                 mac: macs[i].clone(),
@@ -234,6 +320,8 @@ impl Rehearsal {
         let accel = crate::qemu::resolve_accel(o.accel, &board);
         let mut r = Rehearsal {
             nodes,
+            base,
+            disk_size: o.disk_size,
             dir,
             _tmp: tmp,
             board,
@@ -275,6 +363,7 @@ impl Rehearsal {
             ssh_port: None,
             accel: self.accel,
             nics,
+            data_disks: node.data_disks.iter().map(|(_, d)| d.clone()).collect(),
         };
         let cmd = crate::qemu::qemu_cmd(&self.board, &node.overlay, "qcow2", &node.dir, &run)?;
         let vm = cmd.spawn_reader().context("starting QEMU")?;
@@ -308,6 +397,20 @@ impl Rehearsal {
                 .map(|p| format!(", ssh 127.0.0.1:{p}"))
                 .unwrap_or_default(),
             node.log.display()
+        ));
+        Ok(())
+    }
+
+    /// Replaces node `i`'s system disk with a fresh copy of the image (as after a dead card is
+    /// replaced and flashed again); its extra disks are kept. The node must be off.
+    pub fn reflash(&mut self, i: usize) -> Result<()> {
+        if self.nodes[i].vm.is_some() {
+            bail!("{} is running: power it off first", self.nodes[i].name);
+        }
+        system_disk(&self.base, &self.nodes[i].overlay, self.disk_size)?;
+        log(format!(
+            "{}: system disk replaced by a fresh copy of the image",
+            self.nodes[i].name
         ));
         Ok(())
     }

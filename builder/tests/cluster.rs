@@ -226,7 +226,7 @@ fn assert_nomads_consul_tokens_work(f: &Fixture, port: u16) {
     let text = std::fs::read_to_string(&f.cluster).unwrap();
     let stacks = picoimg_firstboot::stacks::registry();
     let c = picoimg_firstboot::cluster::check_in(&text, None, stacks).unwrap();
-    let secrets = Secrets::derive(stacks, &c.secret, c.file.cluster.get_ref().id.get_ref());
+    let secrets = Secrets::of(stacks, &c);
     let local = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -531,6 +531,8 @@ fn power_cut_during_first_boot_still_converges() {
         expect_ready: false,
         ssh_port_base: Some(port),
         accel: picoimg::qemu::Accel::Tcg,
+        disk_size: None,
+        data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
     })
     .unwrap();
     // Cut pc1 as soon as its network step is recorded (users, time, consul still to do).
