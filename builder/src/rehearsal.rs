@@ -483,6 +483,23 @@ impl Rehearsal {
         }
     }
 
+    /// Waits (bounded) until node `i`'s QEMU has exited (after a shutdown inside the VM);
+    /// returns whether it did.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.nodes[i].vm.is_some()
+            && Instant::now() < deadline
+            && !crate::interrupt::requested()
+        {
+            self.watch(Duration::from_secs(1), |_, _, _| false);
+        }
+        if self.nodes[i].vm.is_none() {
+            self.nodes[i].state = NodeState::Off;
+            return true;
+        }
+        false
+    }
+
     /// Waits until every running node has reported ready or failed.
     pub fn wait_all(&mut self, timeout: Duration) -> bool {
         let decided = |nodes: &[Node]| {

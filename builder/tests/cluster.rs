@@ -1,6 +1,6 @@
-//! Tier 4, clusters: one h4 image with the consul and docker components (Consul from Debian
-//! bullseye, the substitute for HashiCorp's repository; Docker from Debian), one cluster file,
-//! three QEMU VMs told apart by MAC on a private VDE switch (unix sockets; no host network). Assertions are made from inside the VMs over SSH
+//! Tier 4, clusters: one h4 image with the consul, docker and ceph components (Consul from Debian
+//! bullseye, the substitute for HashiCorp's repository; Docker and Ceph 18 from Debian trixie),
+//! one cluster file per stack, three QEMU VMs told apart by MAC on a private VDE switch (unix sockets; no host network). Assertions are made from inside the VMs over SSH
 //! (a restricted user-mode NIC forwards 127.0.0.1:PORT to each VM's port 22), with the key the
 //! cluster file gives user `pico`.
 //!
@@ -33,8 +33,8 @@ fn picoimg() -> Command {
     Command::new(env!("CARGO_BIN_EXE_picoimg"))
 }
 
-/// Builds the rehearsal image once (h4 with the consul and docker components: one image
-/// carries both stacks' parts that are reachable here) and writes a three-node cluster file with
+/// Builds the rehearsal image once (h4 with the consul, docker and ceph components: one image
+/// carries every stack's parts that are reachable here) and writes a three-node cluster file with
 /// a fresh SSH key.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
@@ -50,7 +50,7 @@ fn fixture() -> &'static Fixture {
                 "--board",
                 "h4",
                 "--stack",
-                "consul,docker",
+                "consul,docker,ceph",
                 "--sources",
                 "debian",
             ])
@@ -58,9 +58,9 @@ fn fixture() -> &'static Fixture {
             .arg(&out)
             .status()
             .unwrap();
-        assert!(st.success(), "picoimg build h4-consul+docker failed");
+        assert!(st.success(), "picoimg build h4-consul+docker+ceph failed");
         eprintln!(
-            "h4-consul+docker built in {:.0}s",
+            "h4-consul+docker+ceph built in {:.0}s",
             started.elapsed().as_secs_f64()
         );
         let key = dir.join("id_ed25519");
@@ -99,7 +99,7 @@ fn fixture() -> &'static Fixture {
             .unwrap();
         assert!(token.status.success());
         Fixture {
-            image: out.join("h4-consul+docker.img"),
+            image: out.join("h4-consul+docker+ceph.img"),
             dir,
             key,
             cluster,
@@ -640,4 +640,347 @@ fn flashed_and_personalised_card_boots_as_its_node() {
         console.contains("picoimg: ready: node edge7 of cluster solo"),
         "{console}"
     );
+}
+
+/// A Ceph cluster file for `nodes` nodes from `picoimg cluster init --stack ceph`: the fixture's
+/// user, no time source on the switch, each OSD on the VM's extra disk (virtio serial osd0),
+/// and a health timeout for TCG (managers load their modules for minutes there).
+fn ceph_cluster(f: &Fixture, nodes: u32, name: &str) -> PathBuf {
+    let init = picoimg()
+        .args(["cluster", "init", "--name", name, "--stack", "ceph"])
+        .args(["--nodes", &nodes.to_string(), "--subnet", "10.78.0.0/24"])
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let pubkey = std::fs::read_to_string(f.key.with_extension("pub")).unwrap();
+    let mut text = String::from_utf8(init.stdout)
+        .unwrap()
+        .replace(
+            "# [[user]]\n# name = \"pico\"\n# ssh_keys = [\"ssh-ed25519 AAAA... you@laptop\"]",
+            &format!(
+                "[[user]]\nname = \"pico\"\nssh_keys = [\"{}\"]",
+                pubkey.trim()
+            ),
+        )
+        .replace("policy = \"sync\"", "policy = \"skip\"")
+        .replace("dns = [\"10.78.0.1\"]", "dns = []")
+        .replace("/dev/disk/by-id/CHANGE-ME", "/dev/disk/by-id/virtio-osd0")
+        .replace("health_timeout = 900", "health_timeout = 2700");
+    if nodes == 1 {
+        text = text.replace("pool_size = 3", "pool_size = 1");
+    }
+    let path = f.dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn ceph_rehearsal(f: &Fixture, cluster: &Path, nodes: usize, dir: &Path, port: u16) -> Rehearsal {
+    let _ = std::fs::remove_dir_all(dir);
+    Rehearsal::start(&ClusterOptions {
+        image: f.image.clone(),
+        board: None,
+        data_dir: None,
+        cluster: cluster.to_owned(),
+        nodes: Some(nodes),
+        dir: Some(dir.to_owned()),
+        timeout: Duration::from_secs(3000),
+        expect_ready: false,
+        ssh_port_base: Some(port),
+        accel: picoimg::qemu::Accel::Tcg,
+        // The monitors warn below 30% free space on their disk (mon_data_avail_warn): the
+        // image's 2 GiB root is grown to 4 GiB, as a card would be.
+        disk_size: Some(4 << 30),
+        data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
+    })
+    .unwrap()
+}
+
+/// The last 40 console lines of each node, for a failure message.
+fn console_tails(r: &Rehearsal) -> String {
+    r.nodes
+        .iter()
+        .map(|n| {
+            let t = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = t.lines().rev().take(40).collect();
+            format!(
+                "---- {}\n{}",
+                n.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect()
+}
+
+fn wait_ready(r: &mut Rehearsal, what: &str) -> Duration {
+    let started = Instant::now();
+    let decided = r.wait_all(Duration::from_secs(3000));
+    if !decided || !r.all_ready() {
+        panic!(
+            "{what}: not every node reported ready:\n{}\n{}",
+            r.summary(),
+            console_tails(r)
+        );
+    }
+    started.elapsed()
+}
+
+/// `ceph status` as JSON, read on a node with its admin key.
+fn ceph_status(f: &Fixture, port: u16) -> serde_json::Value {
+    serde_json::from_str(&ssh_ok(f, port, "sudo ceph status --format json")).unwrap()
+}
+
+/// What the cluster must look like: HEALTH_OK, three monitors in quorum, a manager active,
+/// three OSDs up and in, each on its own host; returns the fsid.
+fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
+    let s = ceph_status(f, port);
+    assert_eq!(s["health"]["status"], "HEALTH_OK", "{s:#}");
+    assert_eq!(
+        s["quorum_names"],
+        serde_json::json!(["pc0", "pc1", "pc2"]),
+        "{s:#}"
+    );
+    assert_eq!(s["mgrmap"]["available"], true, "{s:#}");
+    assert_eq!(s["osdmap"]["num_osds"], 3, "{s:#}");
+    assert_eq!(s["osdmap"]["num_up_osds"], 3, "{s:#}");
+    assert_eq!(s["osdmap"]["num_in_osds"], 3, "{s:#}");
+    let tree: serde_json::Value =
+        serde_json::from_str(&ssh_ok(f, port, "sudo ceph osd tree --format json")).unwrap();
+    let mut hosts: Vec<(String, usize)> = tree["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["type"] == "host")
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_owned(),
+                n["children"].as_array().map_or(0, |c| c.len()),
+            )
+        })
+        .collect();
+    hosts.sort();
+    assert_eq!(
+        hosts,
+        [("pc0".into(), 1), ("pc1".into(), 1), ("pc2".into(), 1)],
+        "{tree:#}"
+    );
+    s["fsid"].as_str().unwrap().to_owned()
+}
+
+/// Three VMs, each with an empty 8 GiB disk, form a Ceph cluster by themselves: monitors in
+/// quorum from monitor stores made apart, managers and OSDs with derived keys, HEALTH_OK, and
+/// an object written on one node read back on another. Then all three are shut down and booted
+/// again (same fsid and keys, HEALTH_OK), and one node's system disk is replaced by a fresh copy
+/// of the image, its OSD disk kept: it rejoins, and its OSD is activated, not made again.
+#[test]
+fn three_nodes_form_a_ceph_cluster_that_survives_reboot_and_reflash() {
+    let f = fixture();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_ports();
+    let cluster = ceph_cluster(f, 3, "store");
+    let dir = f.dir.join("ceph");
+    let mut r = ceph_rehearsal(f, &cluster, 3, &dir, port);
+    let took = wait_ready(&mut r, "first boot");
+    eprintln!(
+        "ceph: three nodes ready {:.0}s after the last VM started",
+        took.as_secs_f64()
+    );
+    let fsid = assert_ceph_healthy(f, port);
+    // Every key as derived (the library's own derivation, read back by Ceph's tools).
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    let c =
+        picoimg_firstboot::cluster::check_in(&text, None, picoimg_firstboot::stacks::registry())
+            .unwrap();
+    let secrets = Secrets::of(picoimg_firstboot::stacks::registry(), &c);
+    use picoimg_firstboot::stacks::ceph::label;
+    assert_eq!(fsid, secrets.get(label::FSID).unwrap());
+    // ceph-authtool (Debian's ceph-common 18.2) reads the derived admin keyring back.
+    let admin = ssh_ok(
+        f,
+        port,
+        "sudo ceph-authtool /etc/ceph/ceph.client.admin.keyring -n client.admin --print-key",
+    );
+    assert_eq!(admin.trim(), secrets.get(label::ADMIN).unwrap());
+    // The monitors hold the keys of the mkfs keyring, with their caps.
+    let mgr1 = ssh_ok(f, port + 2, "sudo ceph auth get-key mgr.pc1");
+    assert_eq!(mgr1.trim(), secrets.get_for(label::MGR, "pc1").unwrap());
+    let bootstrap = ssh_ok(f, port, "sudo ceph auth get client.bootstrap-osd");
+    assert!(
+        bootstrap.contains(secrets.get(label::BOOTSTRAP_OSD).unwrap())
+            && bootstrap.contains("caps mon = \"allow profile bootstrap-osd\""),
+        "{bootstrap}"
+    );
+    for (p, who) in [(port, "mon node"), (port + 1, "mon node")] {
+        let modes = ssh_ok(
+            f,
+            p,
+            "sudo stat -c '%a %U' /etc/ceph/ceph.client.admin.keyring /etc/ceph/ceph.conf",
+        );
+        assert_eq!(modes, "600 root\n644 root\n", "{who}");
+    }
+    // Data: an object written through pc0, read back through pc2, same checksum.
+    ssh_ok(
+        f,
+        port,
+        "sudo ceph osd pool create picoimg-test 8 >/dev/null 2>&1 && \
+         sudo ceph osd pool application enable picoimg-test rados >/dev/null 2>&1 && \
+         head -c 4194304 /dev/urandom > /tmp/obj && \
+         sudo rados -p picoimg-test put obj /tmp/obj",
+    );
+    let sum = |p: u16, cmd: &str| {
+        ssh_ok(f, p, cmd)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let written = sum(port, "sha256sum /tmp/obj");
+    let read = sum(
+        port + 2,
+        "sudo rados -p picoimg-test get obj /tmp/back && sha256sum /tmp/back",
+    );
+    assert_eq!(written, read);
+
+    // All three shut down and booted again: the same cluster, nothing made again.
+    for i in 0..3 {
+        let _ = ssh(f, port + i as u16, "sudo systemctl poweroff");
+    }
+    for i in 0..3 {
+        assert!(
+            r.wait_exit(i, Duration::from_secs(600)),
+            "pc{i} did not power off"
+        );
+    }
+    for i in 0..3 {
+        r.power_on(i).unwrap();
+    }
+    let took = wait_ready(&mut r, "after a reboot of every node");
+    eprintln!(
+        "ceph: HEALTH_OK again {:.0}s after the reboot",
+        took.as_secs_f64()
+    );
+    assert_eq!(assert_ceph_healthy(f, port), fsid);
+    let read = sum(
+        port + 1,
+        "sudo rados -p picoimg-test get obj /tmp/back && sha256sum /tmp/back",
+    );
+    assert_eq!(written, read);
+    let log = std::fs::read_to_string(dir.join("pc1.log")).unwrap();
+    let second = log.split("power on (boot 2)").nth(1).unwrap();
+    assert!(
+        second.contains("picoimg: step ceph-mon ok: already done"),
+        "{second}"
+    );
+    assert!(!second.contains("OSD created"), "{second}");
+
+    // pc2's card dies: a fresh copy of the image, the OSD disk kept.
+    let _ = ssh(f, port + 2, "sudo systemctl poweroff");
+    assert!(
+        r.wait_exit(2, Duration::from_secs(600)),
+        "pc2 did not power off"
+    );
+    r.reflash(2).unwrap();
+    r.power_on(2).unwrap();
+    let took = wait_ready(&mut r, "after pc2 was re-flashed");
+    eprintln!(
+        "ceph: re-flashed pc2 ready {:.0}s after power on",
+        took.as_secs_f64()
+    );
+    let log = std::fs::read_to_string(dir.join("pc2.log")).unwrap();
+    let third = log.split("power on (boot 3)").nth(1).unwrap();
+    assert!(
+        third.contains("picoimg: step ceph-devices ok: /dev/disk/by-id/virtio-osd0 holds osd."),
+        "{third}"
+    );
+    assert!(third.contains("activated (made before)"), "{third}");
+    assert!(!third.contains("OSD created"), "{third}");
+    assert_eq!(assert_ceph_healthy(f, port), fsid);
+    let read = sum(
+        port + 2,
+        "sudo rados -p picoimg-test get obj /tmp/back2 && sha256sum /tmp/back2",
+    );
+    assert_eq!(written, read);
+}
+
+/// A node whose OSD disk holds a filesystem refuses it: the node reports failed naming the
+/// device and what is on it, and the filesystem and its file are intact (checked after the
+/// run by e2fsck and debugfs on the disk's contents).
+#[test]
+fn a_node_refuses_an_osd_disk_that_holds_a_filesystem() {
+    let f = fixture();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_ports();
+    let cluster = ceph_cluster(f, 1, "solo-store");
+    let dir = f.dir.join("ceph-refuse");
+    let _ = std::fs::remove_dir_all(&dir);
+    // The disk the rehearsal would make, made first: ext4 labelled "photos" with one file.
+    let node_dir = dir.join("pc0");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let raw = dir.join("photos.raw");
+    let run = |c: &mut Command| {
+        let o = c.output().unwrap();
+        assert!(
+            o.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "photos"])
+        .arg(&raw));
+    let photo = dir.join("holiday.txt");
+    std::fs::write(&photo, "a file the user keeps\n").unwrap();
+    run(Command::new("debugfs")
+        .arg("-w")
+        .arg("-R")
+        .arg(format!("write {} holiday.txt", photo.display()))
+        .arg(&raw));
+    let disk = node_dir.join("data-osd0.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&disk));
+    let mut r = Rehearsal::start(&ClusterOptions {
+        image: f.image.clone(),
+        board: None,
+        data_dir: None,
+        cluster,
+        nodes: Some(1),
+        dir: Some(dir.clone()),
+        timeout: Duration::from_secs(1500),
+        expect_ready: false,
+        ssh_port_base: Some(port),
+        accel: picoimg::qemu::Accel::Tcg,
+        disk_size: None,
+        data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
+    })
+    .unwrap();
+    assert!(r.wait_all(Duration::from_secs(1500)), "{}", r.summary());
+    let NodeState::Failed(why) = &r.nodes[0].state else {
+        panic!("pc0 did not fail: {}\n{}", r.summary(), console_tails(&r));
+    };
+    assert!(
+        why.contains("/dev/disk/by-id/virtio-osd0 is not empty (signatures: ext4 (label \"photos\")): left untouched"),
+        "{why}"
+    );
+    // Nothing of Ceph started on it.
+    let units = ssh_ok(f, port, "systemctl is-active ceph-mon@pc0 || true");
+    assert_eq!(units.trim(), "inactive", "{units}");
+    r.power_cut(0);
+    drop(r);
+    let back = dir.join("back.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "raw"])
+        .arg(&disk)
+        .arg(&back));
+    run(Command::new("e2fsck").args(["-f", "-n"]).arg(&back));
+    let text = run(Command::new("debugfs")
+        .arg("-R")
+        .arg("cat holiday.txt")
+        .arg(&back));
+    assert_eq!(text, "a file the user keeps\n");
 }

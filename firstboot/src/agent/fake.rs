@@ -46,6 +46,14 @@ impl System for Fake {
         if self.fail.is_some_and(|f| line.starts_with(f)) {
             bail!("`{line}` failed (exit status: 1)");
         }
+        // `ceph-mon --mkfs -i NAME` makes the monitor's store.
+        if let Some(rest) = line.strip_prefix("ceph-mon --cluster ceph --mkfs -i ") {
+            let name = rest.split(' ').next().unwrap();
+            let db = self
+                .root
+                .join(format!("var/lib/ceph/mon/ceph-{name}/store.db"));
+            std::fs::create_dir_all(db).unwrap();
+        }
         if line.starts_with("useradd") {
             let name = line.rsplit(' ').next().unwrap();
             let mut p = std::fs::read_to_string(self.root.join("etc/passwd")).unwrap();

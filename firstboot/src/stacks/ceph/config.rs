@@ -14,7 +14,7 @@ use base64::Engine;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::cluster::{ClusterFile, Node, Subnet};
+use crate::cluster::{ClusterFile, Node, Subnet, TimePolicy};
 use crate::stack::Secrets;
 
 use super::{label, SECTION};
@@ -321,6 +321,14 @@ pub fn osd_memory_target(s: &Section, mem_bytes: u64, osds: usize) -> u64 {
     (mem_bytes / 3 / osds.max(1) as u64).clamp(MIN_OSD_MEMORY, MAX_OSD_MEMORY)
 }
 
+/// Manager modules never loaded: all of Ceph 18's except the ones it keeps always on
+/// (balancer, crash, devicehealth, orchestrator, pg_autoscaler, progress, rbd_support, status,
+/// telemetry, volumes: not loading one of those is HEALTH_ERR, "Module 'volumes' has failed:
+/// Not found or unloadable", seen on a rehearsal) and iostat (enabled on a new cluster).
+pub const MGR_DISABLED_MODULES: &str = "alerts,influx,insights,localpool,mirroring,nfs,\
+osd_perf_query,osd_support,prometheus,restful,selftest,snap_schedule,stats,telegraf,\
+test_orchestrator,zabbix";
+
 /// `/etc/ceph/ceph.conf` for `node`. Every value is written, with why, so the file explains
 /// the cluster to whoever reads it on a node.
 pub fn ceph_conf(file: &ClusterFile, node: &Node, fsid: &str, osd_memory: Option<u64>) -> String {
@@ -347,12 +355,21 @@ pub fn ceph_conf(file: &ClusterFile, node: &Node, fsid: &str, osd_memory: Option
          osd_pool_default_size = {size}\n\
          osd_pool_default_min_size = {min}\n\
          osd_crush_chooseleaf_type = 1\n\
+         # A new cluster enables only the manager module iostat (of those it may start with).\n\
+         mgr_initial_modules = iostat\n\
          \n\
          [mon]\n\
          # Only clients that reclaim their global id securely (every Ceph 14.2.20+ client).\n\
          auth_allow_insecure_global_id_reclaim = false\n\
          # Pools are not deleted by a slip of the keyboard.\n\
-         mon_allow_pool_delete = false\n",
+         mon_allow_pool_delete = false\n\
+         {drift}\
+         \n\
+         [mgr]\n\
+         # Small boards: the manager imports every module it finds at start (seconds each on\n\
+         # a small CPU); these are never loaded. Remove a name and restart ceph-mgr@NAME to\n\
+         # use one (`ceph mgr module enable NAME`).\n\
+         mgr_disabled_modules = {MGR_DISABLED_MODULES}\n",
         node.name.get_ref(),
         file.cluster.get_ref().name.get_ref(),
         mons.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
@@ -360,6 +377,13 @@ pub fn ceph_conf(file: &ClusterFile, node: &Node, fsid: &str, osd_memory: Option
             .map(|(_, a)| addrvec(a))
             .collect::<Vec<_>>()
             .join(","),
+        drift = if file.time.policy == TimePolicy::Skip {
+            "# [time] policy = \"skip\": no time source keeps the monitors' clocks together, so\n\
+             # allow them half a second apart (Ceph warns of skew past 0.05 s).\n\
+             mon_clock_drift_allowed = 0.5\n"
+        } else {
+            ""
+        },
     );
     if let Some(m) = osd_memory {
         c.push_str(&format!(

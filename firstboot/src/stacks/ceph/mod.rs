@@ -304,12 +304,16 @@ fn make_mon(t: &Target<'_>, name: &str, keyring: &str, monmap_args: &[String]) -
             t.sys
                 .chown(&t.p(monmap.trim_start_matches('/')), uid, gid)?;
         }
-        // A half-made store from an interrupted mkfs would refuse a second mkfs.
+        // A half-made store from an interrupted mkfs: `ceph-mon --mkfs` leaves a directory
+        // that is not empty alone and exits 0 ("monitor may already exist").
         let dir = t.p(&data);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
-        write_ceph_owned(t, &format!("{data}/.picoimg"), "")?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some((uid, gid)) = t.ids("ceph") {
+            t.sys.chown(&dir, uid, gid)?;
+        }
         t.sys.run(
             &Cmd::new("ceph-mon")
                 .args(["--cluster", "ceph", "--mkfs", "-i", name])
@@ -323,6 +327,9 @@ fn make_mon(t: &Target<'_>, name: &str, keyring: &str, monmap_args: &[String]) -
     let _ = std::fs::remove_file(t.p(tmp_keyring));
     let _ = std::fs::remove_file(t.p(monmap.trim_start_matches('/')));
     made.with_context(|| format!("making the store of monitor {name}"))?;
+    if !t.p(&format!("{data}/store.db")).exists() {
+        bail!("`ceph-mon --mkfs` made no store in /{data}");
+    }
     write_ceph_owned(t, &format!("{data}/done"), "")?;
     Ok(format!("monitor {name}: store made in /{data}"))
 }
@@ -412,7 +419,8 @@ fn ceph_cmd(file: &ClusterFile, node: &Node) -> Cmd {
     }
 }
 
-/// Polls `f` every 5 s until it gives `Some`, bounded by `limit` seconds (by the seconds slept
+/// Polls `f` every 15 s (the `ceph` command is a Python program: each call costs a small
+/// board seconds of CPU) until it gives `Some`, bounded by `limit` seconds (by the seconds slept
 /// and by the clock, whichever is further along); reports changes of state.
 fn wait<T>(
     what: &str,
@@ -439,8 +447,8 @@ fn wait<T>(
         if waited >= limit {
             bail!("{what} not reached after {limit} s: {last}");
         }
-        t.sys.sleep(Duration::from_secs(5));
-        slept += 5;
+        t.sys.sleep(Duration::from_secs(15));
+        slept += 15;
     }
 }
 
