@@ -205,13 +205,7 @@ pub fn token(path: &Path, name: Option<&str>) -> Result<()> {
         .filter(|s| picoimg_firstboot::stack::used(*s, &c.file))
         .collect();
     let secrets = Secrets::of(&stacks, &c);
-    let names = || {
-        secrets
-            .specs()
-            .map(|(s, _)| s.name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let names = || secrets.names().join(", ");
     let value = match name {
         Some(n) => match secrets.named(n) {
             Some((_, v)) => v.to_owned(),

@@ -135,6 +135,14 @@ impl Secrets {
             .map(|(_, (s, v))| (s, v.as_str()))
     }
 
+    /// The name of every value (`name`, or `name/node` for a per-node secret), in label order.
+    pub fn names(&self) -> Vec<String> {
+        self.values
+            .iter()
+            .map(|(label, (s, _))| format!("{}{}", s.name, &label[s.label.len()..]))
+            .collect()
+    }
+
     /// Every declared secret with its value.
     pub fn specs(&self) -> impl Iterator<Item = (&SecretSpec, &str)> {
         self.values.values().map(|(s, v)| (s, v.as_str()))

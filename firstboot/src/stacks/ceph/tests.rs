@@ -83,6 +83,8 @@ fn keys_are_in_cephs_secret_format_and_pinned() {
     assert_eq!(s.specs().count(), 10);
     assert!(s.named("ceph-mgr-key/pc1").is_some());
     assert!(s.named("ceph-mgr-key/pc2").is_none());
+    assert!(s.names().contains(&"ceph-mgr-key/pc1".to_owned()));
+    assert!(s.names().contains(&"ceph-fsid".to_owned()));
 }
 
 #[test]
