@@ -8,8 +8,9 @@
 #![cfg(feature = "image-tests")]
 #![allow(clippy::unwrap_used)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -389,6 +390,120 @@ fn assert_cluster_formed(f: &Fixture, port: u16) {
     assert!(put.contains("Success"), "{put}");
 }
 
+/// `picoimg run --cluster lab.toml --nodes 3`: the three nodes form the cluster by themselves.
+#[test]
+fn three_nodes_form_a_consul_cluster() {
+    let f = fixture();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_ports();
+    let dir = f.dir.join("run-3");
+    let started = Instant::now();
+    let mut child = picoimg()
+        .args(["run", "--accel", "tcg", "--timeout", "1500", "--nodes", "3"])
+        .arg("--cluster")
+        .arg(&f.cluster)
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--ssh-port-base", &port.to_string()])
+        .arg(&f.image)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The summary: one line per node once every node has reported.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut summary = Vec::new();
+    while summary.len() < 3 {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        summary.push(line);
+    }
+    let last_ready = started.elapsed();
+    let stop = |child: &mut std::process::Child| {
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = child.kill();
+        panic!("picoimg run did not stop within 60 s of Ctrl-C");
+    };
+    let ready = summary.iter().filter(|l| l.contains("ready after")).count();
+    if ready != 3 {
+        stop(&mut child);
+        let logs: String = ["pc0", "pc1", "pc2"]
+            .iter()
+            .map(|n| {
+                let t = std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(40).collect();
+                format!(
+                    "---- {n}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        panic!(
+            "not every node reported ready:\n{}\n{logs}",
+            summary.join("")
+        );
+    }
+    eprintln!(
+        "three nodes ready {:.0}s after start",
+        last_ready.as_secs_f64()
+    );
+    assert_cluster_formed(f, port);
+    assert_docker_runs_a_container(f, port + 1);
+    assert_nomads_consul_tokens_work(f, port + 2);
+    // Each console is in its own log, with the node's step lines.
+    let log = std::fs::read_to_string(dir.join("pc2.log")).unwrap();
+    assert!(
+        log.contains("picoimg: this is node pc2 of cluster lab (MAC 52:54:00:70:00:03)"),
+        "{log}"
+    );
+    // The secret is gone from the boot partitions' copies but the nodes still have it.
+    let secret_line = std::fs::read_to_string(&f.cluster)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("secret = "))
+        .unwrap()
+        .to_owned();
+    let on_node = ssh_ok(
+        f,
+        port,
+        "sudo cat /etc/picoimg/cluster.toml /boot/efi/picoimg/cluster.toml",
+    );
+    assert_eq!(on_node.matches(&secret_line).count(), 1, "{on_node}");
+    assert!(on_node.contains("secret = \"\""), "{on_node}");
+    let modes = ssh_ok(
+        f,
+        port,
+        "sudo stat -c '%a %U' /etc/picoimg/cluster.toml /var/lib/picoimg/state.json",
+    );
+    assert_eq!(modes, "600 root\n600 root\n");
+    // A rerun on a configured node: every step already done, and quick.
+    let rerun = ssh_ok(
+        f,
+        port + 1,
+        "sudo bash -c 'time -p /usr/lib/picoimg/picoimg-firstboot apply' 2>&1",
+    );
+    assert_eq!(rerun.matches("ok: already done").count(), 7, "{rerun}");
+    let secs: f64 = rerun
+        .lines()
+        .find_map(|l| l.strip_prefix("real "))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap();
+    eprintln!("firstboot rerun on a configured node: {secs:.2}s (TCG)");
+    stop(&mut child);
+    let st = child.wait().unwrap();
+    assert!(st.success() || st.code() == Some(130), "picoimg run: {st}");
+    assert!(!switch_alive(&dir), "the VDE switch outlived picoimg run");
+}
+
 fn switch_alive(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("switch.pid"))
         .ok()
@@ -651,54 +766,34 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
     s["fsid"].as_str().unwrap().to_owned()
 }
 
-/// The fixture's cluster file with Ceph too: every node a monitor, manager and OSD on the VM's
-/// extra disk (virtio serial osd0), no time source, a health timeout for TCG.
-fn consul_and_ceph_cluster(f: &Fixture) -> PathBuf {
-    let text = std::fs::read_to_string(&f.cluster)
-        .unwrap()
-        .replace(
-            "roles = [\"consul-server\"]",
-            "roles = [\"consul-server\", \"ceph-mon\", \"ceph-mgr\", \"ceph-osd\"]",
-        )
-        .replace(
-            "[firstboot]",
-            "[ceph]\nosd_devices = [\"/dev/disk/by-id/virtio-osd0\"]\n\n[firstboot]",
-        )
-        .replace("health_timeout = 900", "health_timeout = 2700");
-    assert_eq!(text.matches("\"ceph-osd\"").count(), 3, "{text}");
-    let path = f.dir.join("lab-ceph.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Three VMs, each with an empty 8 GiB disk, form a Consul cluster and a Ceph cluster by
-/// themselves from one file: Consul as in the Consul stack's checks (members, voters, DNS,
-/// ACLs, Docker, Nomad's Consul tokens); Ceph with monitors in quorum from monitor stores made
-/// apart, managers and OSDs with the derived keys (read back by ceph-authtool and the
-/// monitors), HEALTH_OK, and an object written on one node read back on another. Then all
-/// three are shut down, pc2's system disk is replaced by a fresh copy of the image (its OSD
-/// disk kept, as after a dead card), and all three boot again: the same fsid and keys,
-/// HEALTH_OK, pc2's OSD activated, not made again, the object still there.
+/// Three VMs, each with an empty 8 GiB disk, form a Ceph cluster by themselves: monitors in
+/// quorum from monitor stores made apart, managers and OSDs with the derived keys (read back by
+/// ceph-authtool and the monitors), HEALTH_OK, and an object written on one node read back on
+/// another. Then all three are shut down, pc2's system disk is replaced by a fresh copy of the
+/// image (its OSD disk kept, as after a dead card), and all three boot again: the same fsid and
+/// keys, HEALTH_OK, pc2's OSD activated, not made again, the object still there.
+///
+/// Not in CI yet: under TCG on two cores it takes about 35 minutes (the managers import their
+/// Python modules for minutes), which the CI run cannot afford beside the other tiers; run it
+/// with `cargo test --all-features --test cluster -- --ignored`.
 #[test]
-fn three_nodes_form_consul_and_ceph_clusters_that_survive_a_shutdown_and_a_reflash() {
+#[ignore = "35 minutes under TCG: run with --ignored (see the doc comment)"]
+fn three_nodes_form_a_ceph_cluster_that_survives_a_shutdown_and_a_reflash() {
     let f = fixture();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let port = free_ports();
-    let cluster = consul_and_ceph_cluster(f);
-    let dir = f.dir.join("run-3");
+    let cluster = ceph_cluster(f, 3, "store");
+    let dir = f.dir.join("ceph");
     let mut r = ceph_rehearsal(f, &cluster, 3, &dir, port);
     let took = wait_ready(&mut r, "first boot");
     eprintln!(
-        "consul + ceph: three nodes ready {:.0}s after the last VM started",
+        "ceph: three nodes ready {:.0}s after the last VM started",
         took.as_secs_f64()
     );
-    assert_cluster_formed(f, port);
-    assert_docker_runs_a_container(f, port + 1);
-    assert_nomads_consul_tokens_work(f, port + 2);
     // Each console is in its own log, with the node's step lines.
     let log = std::fs::read_to_string(dir.join("pc2.log")).unwrap();
     assert!(
-        log.contains("picoimg: this is node pc2 of cluster lab (MAC 52:54:00:70:00:03)"),
+        log.contains("picoimg: this is node pc2 of cluster store (MAC 52:54:00:70:00:03)"),
         "{log}"
     );
     assert!(
@@ -706,7 +801,7 @@ fn three_nodes_form_consul_and_ceph_clusters_that_survive_a_shutdown_and_a_refla
         "{log}"
     );
     // The secret is gone from the boot partitions' copies but the nodes still have it.
-    let secret_line = std::fs::read_to_string(&f.cluster)
+    let secret_line = std::fs::read_to_string(&cluster)
         .unwrap()
         .lines()
         .find(|l| l.starts_with("secret = "))
@@ -741,7 +836,7 @@ fn three_nodes_form_consul_and_ceph_clusters_that_survive_a_shutdown_and_a_refla
         .iter()
         .filter(|l| !l.contains("ok: already done") && !l.contains("step ceph-devices ok: "))
         .collect();
-    assert!(steps.len() >= 11 && fresh.is_empty(), "{rerun}");
+    assert!(steps.len() >= 10 && fresh.is_empty(), "{rerun}");
     assert!(
         rerun.contains("step ceph-devices ok: /dev/disk/by-id/virtio-osd0 holds osd."),
         "{rerun}"
@@ -818,11 +913,10 @@ fn three_nodes_form_consul_and_ceph_clusters_that_survive_a_shutdown_and_a_refla
     }
     let took = wait_ready(&mut r, "after a shutdown of every node and pc2 re-flashed");
     eprintln!(
-        "consul + ceph: ready again {:.0}s after the second power on",
+        "ceph: ready again {:.0}s after the second power on",
         took.as_secs_f64()
     );
     assert_eq!(assert_ceph_healthy(f, port), fsid);
-    assert_cluster_formed(f, port + 1);
     let read = sum(
         port + 2,
         "sudo rados -p picoimg-test get obj /tmp/back2 && sha256sum /tmp/back2",

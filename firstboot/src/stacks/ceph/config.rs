@@ -378,9 +378,10 @@ pub fn ceph_conf(file: &ClusterFile, node: &Node, fsid: &str, osd_memory: Option
             .collect::<Vec<_>>()
             .join(","),
         drift = if file.time.policy == TimePolicy::Skip {
-            "# [time] policy = \"skip\": no time source keeps the monitors' clocks together, so\n\
-             # allow them half a second apart (Ceph warns of skew past 0.05 s).\n\
-             mon_clock_drift_allowed = 0.5\n"
+            "# [time] policy = \"skip\": no time source keeps the monitors' clocks together; each\n\
+             # starts from its RTC, which counts whole seconds, so allow them two seconds apart\n\
+             # (Ceph warns of skew past 0.05 s).\n\
+             mon_clock_drift_allowed = 2\n"
         } else {
             ""
         },
