@@ -1011,9 +1011,15 @@ fn a_node_refuses_an_osd_disk_that_holds_a_filesystem() {
         why.contains("/dev/disk/by-id/virtio-osd0 is not empty (signatures: ext4 (label \"photos\")): left untouched"),
         "{why}"
     );
-    // Nothing of Ceph started on it.
+    // Nothing of Ceph made or started on it.
     let units = ssh_ok(f, port, "systemctl is-active ceph-mon@pc0 || true");
     assert_eq!(units.trim(), "inactive", "{units}");
+    let store = ssh_ok(
+        f,
+        port,
+        "sudo test -e /var/lib/ceph/mon/ceph-pc0/store.db && echo made || echo none",
+    );
+    assert_eq!(store.trim(), "none", "{store}");
     r.power_cut(0);
     drop(r);
     let back = dir.join("back.raw");

@@ -178,6 +178,18 @@ impl Stack for Ceph {
                 ))
             }),
         }];
+        if r.osd {
+            let wipe = config::wipe(file, node);
+            let fsid = fsid.clone();
+            steps.push(Step {
+                name: "ceph-devices".into(),
+                input: stack::fingerprint(&[&devices.join(" "), &wipe.join(" "), &fsid]),
+                // Before the monitor is made: a refused device leaves nothing behind. Checked
+                // again on every boot; it only reads.
+                reapply: true,
+                apply: Box::new(move |t: &Target<'_>| check_devices(t, &devices, &wipe, &fsid)),
+            });
+        }
         if r.mon {
             let keyring = config::keyring(&config::mkfs_entities(file, ctx.secrets)?);
             let args = config::monmap_args(file, &fsid, "/var/lib/ceph/tmp/picoimg-monmap");
@@ -205,16 +217,6 @@ impl Stack for Ceph {
                     write_ceph_owned(t, &rel, &key)?;
                     Ok(format!("mgr.{name} key in /{rel}"))
                 }),
-            });
-        }
-        if r.osd {
-            let wipe = config::wipe(file, node);
-            steps.push(Step {
-                name: "ceph-devices".into(),
-                input: stack::fingerprint(&[&devices.join(" "), &wipe.join(" "), &fsid]),
-                // Checked again on every boot until it passes; it only reads.
-                reapply: true,
-                apply: Box::new(move |t: &Target<'_>| check_devices(t, &devices, &wipe, &fsid)),
             });
         }
         Ok(steps)
