@@ -1022,11 +1022,25 @@ fn a_node_refuses_an_osd_disk_that_holds_a_filesystem() {
     assert_eq!(store.trim(), "none", "{store}");
     r.power_cut(0);
     drop(r);
+    // QEMU holds the disk's lock until it has exited: wait for that, bounded.
     let back = dir.join("back.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-q", "-O", "raw"])
-        .arg(&disk)
-        .arg(&back));
+    let unlocked = (0..60).any(|_| {
+        let ok = Command::new("qemu-img")
+            .args(["convert", "-q", "-O", "raw"])
+            .arg(&disk)
+            .arg(&back)
+            .status()
+            .unwrap()
+            .success();
+        if !ok {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        ok
+    });
+    assert!(
+        unlocked,
+        "the OSD disk stayed locked 60 s after QEMU was stopped"
+    );
     run(Command::new("e2fsck").args(["-f", "-n"]).arg(&back));
     let text = run(Command::new("debugfs")
         .arg("-R")
