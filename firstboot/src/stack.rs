@@ -276,6 +276,40 @@ pub trait Progress {
     ) -> Result<()>;
 }
 
+/// Polls `f` every `every` seconds until it gives `Ok(Ok(value))`, bounded by `limit` seconds
+/// (by the seconds slept and by the clock, whichever is further along); `Ok(Err(state))` is
+/// "not yet", reported through `p` when it changes and at least once a minute.
+pub fn wait<T>(
+    what: &str,
+    limit: u64,
+    every: u64,
+    t: &Target<'_>,
+    p: &mut dyn Progress,
+    mut f: impl FnMut() -> Result<Result<T, String>>,
+) -> Result<T> {
+    let started = std::time::Instant::now();
+    let mut slept = 0;
+    let mut reported = 0;
+    let mut last = String::new();
+    loop {
+        let now = match f()? {
+            Ok(v) => return Ok(v),
+            Err(state) => state,
+        };
+        let waited = slept.max(started.elapsed().as_secs());
+        if now != last || waited >= reported + 60 {
+            reported = waited;
+            p.say(format!("picoimg: waiting for {what} ({waited} s): {now}"));
+            last = now;
+        }
+        if waited >= limit {
+            bail!("{what} not done after {limit} s: {last}");
+        }
+        t.sys.sleep(std::time::Duration::from_secs(every));
+        slept += every;
+    }
+}
+
 /// A cluster stack on the node. See the module documentation.
 pub trait Stack: Sync {
     /// The stack's name (the component that installs it has the same name).

@@ -8,8 +8,6 @@
 pub mod config;
 pub mod disks;
 
-use std::time::{Duration, Instant};
-
 use anyhow::{bail, Context, Result};
 
 use crate::agent::system::Target;
@@ -421,39 +419,6 @@ fn ceph_cmd(file: &ClusterFile, node: &Node) -> Cmd {
     }
 }
 
-/// Polls `f` every 15 s (the `ceph` command is a Python program: each call costs a small
-/// board seconds of CPU) until it gives `Some`, bounded by `limit` seconds (by the seconds slept
-/// and by the clock, whichever is further along); reports changes of state.
-fn wait<T>(
-    what: &str,
-    limit: u64,
-    t: &Target<'_>,
-    p: &mut dyn Progress,
-    mut f: impl FnMut() -> Result<T, String>,
-) -> Result<T> {
-    let started = Instant::now();
-    let mut slept = 0;
-    let mut reported = 0;
-    let mut last = String::new();
-    loop {
-        let now = match f() {
-            Ok(v) => return Ok(v),
-            Err(state) => state,
-        };
-        let waited = slept.max(started.elapsed().as_secs());
-        if now != last || waited >= reported + 60 {
-            reported = waited;
-            p.say(format!("picoimg: waiting for {what} ({waited} s): {now}"));
-            last = now;
-        }
-        if waited >= limit {
-            bail!("{what} not reached after {limit} s: {last}");
-        }
-        t.sys.sleep(Duration::from_secs(15));
-        slept += 15;
-    }
-}
-
 fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles) -> Result<String> {
     let file = ctx.file;
     let limit = file.firstboot.health_timeout;
@@ -468,17 +433,20 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles)
         config::status(&out).ok_or_else(|| "unreadable `ceph status`".to_owned())
     };
     // 1. A monitor quorum (OSDs are made through it).
-    wait("a Ceph monitor quorum", limit, t, p, || {
-        let s = status()?;
-        if s.quorum.len() * 2 > mons.len() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} of {} monitors in quorum",
-                s.quorum.len(),
-                mons.len()
-            ))
-        }
+    // The `ceph` command is a Python program (seconds of CPU a call on a small board): every 15 s.
+    stack::wait("a Ceph monitor quorum", limit, 15, t, p, || {
+        Ok((|| {
+            let s = status()?;
+            if s.quorum.len() * 2 > mons.len() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} of {} monitors in quorum",
+                    s.quorum.len(),
+                    mons.len()
+                ))
+            }
+        })())
     })
     .map_err(|e| {
         e.context(format!(
@@ -507,35 +475,37 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles)
         .iter()
         .map(|n| config::osd_devices(file, n).len())
         .sum();
-    let s = wait("Ceph HEALTH_OK", limit, t, p, || {
-        let s = status()?;
-        let ok = s.health == "HEALTH_OK"
-            && s.quorum.len() == mons.len()
-            && s.mgr_available
-            && s.up as usize >= expect
-            && s.in_ as usize >= expect;
-        if ok {
-            Ok(s)
-        } else {
-            Err(format!(
-                "{}{}, {} of {} monitors in quorum, {}, {} of {expect} OSDs up, {} in",
-                s.health,
-                if s.checks.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", s.checks.join(", "))
-                },
-                s.quorum.len(),
-                mons.len(),
-                if s.mgr_available {
-                    "a manager active"
-                } else {
-                    "no manager active yet"
-                },
-                s.up,
-                s.in_
-            ))
-        }
+    let s = stack::wait("Ceph HEALTH_OK", limit, 15, t, p, || {
+        Ok((|| {
+            let s = status()?;
+            let ok = s.health == "HEALTH_OK"
+                && s.quorum.len() == mons.len()
+                && s.mgr_available
+                && s.up as usize >= expect
+                && s.in_ as usize >= expect;
+            if ok {
+                Ok(s)
+            } else {
+                Err(format!(
+                    "{}{}, {} of {} monitors in quorum, {}, {} of {expect} OSDs up, {} in",
+                    s.health,
+                    if s.checks.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", s.checks.join(", "))
+                    },
+                    s.quorum.len(),
+                    mons.len(),
+                    if s.mgr_available {
+                        "a manager active"
+                    } else {
+                        "no manager active yet"
+                    },
+                    s.up,
+                    s.in_
+                ))
+            }
+        })())
     })?;
     Ok(format!(
         "ceph HEALTH_OK, {} mons, {} osds up",

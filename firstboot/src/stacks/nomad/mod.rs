@@ -295,38 +295,6 @@ fn apply(t: &Target<'_>, conf: Option<(config::Version, String)>) -> Result<Stri
     Ok(format!("Nomad {version}: /{CONFIG}"))
 }
 
-/// Polls `f` every 2 s until it gives `Some`, bounded by the file's health timeout (by the
-/// seconds slept and by the clock, whichever is further along); reports changes of `state`.
-fn wait<T>(
-    what: &str,
-    limit: u64,
-    t: &Target<'_>,
-    p: &mut dyn Progress,
-    mut f: impl FnMut() -> Result<Result<T, String>>,
-) -> Result<T> {
-    let started = Instant::now();
-    let mut slept = 0;
-    let mut reported = 0;
-    let mut last = String::new();
-    loop {
-        let now = match f()? {
-            Ok(v) => return Ok(v),
-            Err(state) => state,
-        };
-        let waited = slept.max(started.elapsed().as_secs());
-        if now != last || waited >= reported + 60 {
-            reported = waited;
-            p.say(format!("picoimg: waiting for {what} ({waited} s): {now}"));
-            last = now;
-        }
-        if waited >= limit {
-            bail!("{what} not done after {limit} s: {last}");
-        }
-        t.sys.sleep(Duration::from_secs(2));
-        slept += 2;
-    }
-}
-
 fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles) -> Result<String> {
     let limit = ctx.file.firstboot.health_timeout;
     let root = ctx.secrets.get(label::ROOT_TOKEN)?;
@@ -351,7 +319,7 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles)
     let expect = config::server_addresses(ctx.file).len();
     let nomad = |args: &[&str]| Cmd::new("nomad").args(args).env("NOMAD_TOKEN", root);
     let name = ctx.node.name.get_ref().clone();
-    let (alive, _) = wait("nomad servers", limit, t, p, || {
+    let (alive, _) = stack::wait("nomad servers", limit, 2, t, p, || {
         let out = t
             .sys
             .run(&nomad(&["server", "members"]))
@@ -377,7 +345,7 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles)
         ))
     })?;
     if r.client {
-        wait("this nomad client", limit, t, p, || {
+        stack::wait("this nomad client", limit, 2, t, p, || {
             let out = t.sys.run(&nomad(&["node", "status"])).unwrap_or_default();
             Ok(match config::node_status(&out, &name) {
                 Some(s) if s == "ready" => Ok(()),
