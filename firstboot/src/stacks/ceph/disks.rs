@@ -19,6 +19,9 @@ pub enum Found {
     Empty,
     /// An OSD of this cluster (`ceph.cluster_fsid` tag): activate it.
     Ours { id: String, osd_fsid: String },
+    /// The disk this node runs from (or one holding a partition of it): never an OSD, even
+    /// when listed under `wipe`.
+    SystemDisk,
     /// Something else, described for the report.
     Other(String),
 }
@@ -126,7 +129,7 @@ pub struct Facts<'a> {
 /// count as "something"), then anything at all makes it not empty.
 pub fn classify(f: &Facts<'_>, fsid: &str) -> Found {
     if f.system_disk {
-        return Found::Other("this node's system disk".into());
+        return Found::SystemDisk;
     }
     let (ours, others) = lvm_osds(f.lvm_list, fsid);
     if let Some((id, osd_fsid)) = ours {

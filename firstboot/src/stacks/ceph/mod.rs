@@ -348,8 +348,8 @@ fn check_devices(
         match disks::inspect(t, d, fsid)? {
             Found::Empty => said.push(format!("{d} empty")),
             Found::Ours { id, .. } => said.push(format!("{d} holds osd.{id} of this cluster")),
-            Found::Other(what) if what.contains("system disk") => {
-                refused.push(format!("{d}: {what}: never used for an OSD"))
+            Found::SystemDisk => {
+                refused.push(format!("{d}: this node's system disk: never used for an OSD"))
             }
             Found::Other(what) if wipe.contains(d) => {
                 said.push(format!("{d} holds {what}: will be wiped (listed under wipe)"))
@@ -389,7 +389,8 @@ fn make_osd(t: &Target<'_>, device: &str, wipe: bool, fsid: &str) -> Result<Stri
             create()?;
             Ok(format!("OSD created on {device}"))
         }
-        Found::Other(what) if wipe && !what.contains("system disk") => {
+        Found::SystemDisk => bail!("{device} is this node's system disk: never used for an OSD"),
+        Found::Other(what) if wipe => {
             t.sys.run(
                 &Cmd::new("ceph-volume")
                     .args(["lvm", "zap", "--destroy"])

@@ -424,7 +424,7 @@ fn only_an_empty_device_becomes_an_osd() {
     // The system disk, whatever it holds.
     assert_eq!(
         f(true, none, LSBLK_EMPTY, &lvm_list(fsid)),
-        Found::Other("this node's system disk".into())
+        Found::SystemDisk
     );
 }
 
