@@ -286,9 +286,16 @@ impl Running {
         self.reader.clone()
     }
 
-    /// Stops the program and reaps it.
+    /// Stops the program and waits (at most ten seconds) until it has exited, so what it
+    /// held (files, locks such as QEMU's on its disks) is free when this returns.
     pub fn kill(&self) {
         let _ = self.reader.kill();
+        for _ in 0..500 {
+            if !matches!(self.reader.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
@@ -361,6 +368,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(seen, ["one", "two"]);
         assert!(format!("{err}").contains("two"));
+    }
+
+    #[test]
+    fn kill_returns_once_the_program_is_gone() {
+        let running = Cmd::new("sleep").arg("60").spawn_reader().unwrap();
+        let pid = running.reader().pids()[0];
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        running.kill();
+        // Reaped, not a zombie: its /proc entry is gone.
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
     }
 
     #[test]
