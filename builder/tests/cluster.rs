@@ -821,8 +821,7 @@ fn three_nodes_form_a_ceph_cluster_that_survives_a_shutdown_and_a_reflash() {
          /etc/ceph/ceph.client.admin.keyring /etc/ceph/ceph.conf",
     );
     assert_eq!(modes, "600 root\n600 root\n600 root\n644 root\n");
-    // A rerun on a configured node: every step already done (the OSD device is looked at
-    // again: it only reads), and quick.
+    // A rerun on a configured node: every step already done, and quick.
     let rerun = ssh_ok(
         f,
         port + 1,
@@ -832,13 +831,8 @@ fn three_nodes_form_a_ceph_cluster_that_survives_a_shutdown_and_a_reflash() {
         .lines()
         .filter(|l| l.contains("picoimg: step "))
         .collect();
-    let fresh: Vec<&&str> = steps
-        .iter()
-        .filter(|l| !l.contains("ok: already done") && !l.contains("step ceph-devices ok: "))
-        .collect();
-    assert!(steps.len() >= 10 && fresh.is_empty(), "{rerun}");
     assert!(
-        rerun.contains("step ceph-devices ok: /dev/disk/by-id/virtio-osd0 holds osd."),
+        steps.len() >= 10 && steps.iter().all(|l| l.ends_with("ok: already done")),
         "{rerun}"
     );
     let secs: f64 = rerun
@@ -1020,27 +1014,14 @@ fn a_node_refuses_an_osd_disk_that_holds_a_filesystem() {
         "sudo test -e /var/lib/ceph/mon/ceph-pc0/store.db && echo made || echo none",
     );
     assert_eq!(store.trim(), "none", "{store}");
+    // A power cut returns once QEMU has exited, so its lock on the disk is gone.
     r.power_cut(0);
     drop(r);
-    // QEMU holds the disk's lock until it has exited: wait for that, bounded.
     let back = dir.join("back.raw");
-    let unlocked = (0..60).any(|_| {
-        let ok = Command::new("qemu-img")
-            .args(["convert", "-q", "-O", "raw"])
-            .arg(&disk)
-            .arg(&back)
-            .status()
-            .unwrap()
-            .success();
-        if !ok {
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        ok
-    });
-    assert!(
-        unlocked,
-        "the OSD disk stayed locked 60 s after QEMU was stopped"
-    );
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "raw"])
+        .arg(&disk)
+        .arg(&back));
     run(Command::new("e2fsck").args(["-f", "-n"]).arg(&back));
     let text = run(Command::new("debugfs")
         .arg("-R")

@@ -182,8 +182,9 @@ impl Stack for Ceph {
             steps.push(Step {
                 name: "ceph-devices".into(),
                 input: stack::fingerprint(&[&devices.join(" "), &wipe.join(" "), &fsid]),
-                // Before the monitor is made: a refused device leaves nothing behind. Checked
-                // again on every boot; it only reads.
+                // Before the monitor is made: a refused device leaves nothing behind. Once
+                // done, later boots leave the OSD to ceph-volume's own unit; a changed device
+                // list is checked again (it only reads).
                 reapply: true,
                 apply: Box::new(move |t: &Target<'_>| check_devices(t, &devices, &wipe, &fsid)),
             });
