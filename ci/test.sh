@@ -27,4 +27,7 @@ cargo build --release -p picoimg-firstboot \
   --target x86_64-unknown-linux-musl --target aarch64-unknown-linux-musl
 step "cargo test (unit, CLI, image and QEMU boot tests)"
 # Two test threads: the image build, the boot and the checks share one built image.
-cargo test --workspace --all-features -- --test-threads=2
+# Each line carries the seconds since the tests started, so the log shows what took long
+# (the status is cargo's: pipefail).
+cargo test --workspace --all-features -- --test-threads=2 2>&1 |
+  perl -pe 'BEGIN { $| = 1; $t0 = time } printf "[%5ds] ", time - $t0'
