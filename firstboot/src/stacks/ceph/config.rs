@@ -440,6 +440,17 @@ pub fn status(json: &str) -> Option<Status> {
     })
 }
 
+/// The age in seconds of the oldest operation a daemon has in flight, from
+/// `ceph daemon NAME ops` (JSON: `ops[].age`); None without any.
+pub fn oldest_op_age(json: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v.pointer("/ops")?
+        .as_array()?
+        .iter()
+        .filter_map(|o| o.get("age").and_then(|a| a.as_f64()))
+        .reduce(f64::max)
+}
+
 /// Whether `s` is a public network Ceph can use: an IPv4 subnet.
 pub fn valid_network(s: &str) -> bool {
     Subnet::parse(s).is_some()

@@ -477,6 +477,8 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles)
         .iter()
         .map(|n| config::osd_devices(file, n).len())
         .sum();
+    let name = ctx.node.name.get_ref();
+    let mut restarted = None;
     let s = stack::wait("Ceph HEALTH_OK", limit, 15, t, p, || {
         Ok((|| {
             let s = status()?;
@@ -486,33 +488,64 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles)
                 && s.up as usize >= expect
                 && s.in_ as usize >= expect;
             if ok {
-                Ok(s)
-            } else {
-                Err(format!(
-                    "{}{}, {} of {} monitors in quorum, {}, {} of {expect} OSDs up, {} in",
-                    s.health,
-                    if s.checks.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", s.checks.join(", "))
-                    },
-                    s.quorum.len(),
-                    mons.len(),
-                    if s.mgr_available {
-                        "a manager active"
-                    } else {
-                        "no manager active yet"
-                    },
-                    s.up,
-                    s.in_
-                ))
+                return Ok(s);
             }
+            if r.mon
+                && restarted.is_none()
+                && s.quorum.len() == mons.len()
+                && s.checks.iter().any(|c| c == "SLOW_OPS")
+            {
+                restarted = unstick_monitor(t, name);
+            }
+            Err(format!(
+                "{}{}, {} of {} monitors in quorum, {}, {} of {expect} OSDs up, {} in{}",
+                s.health,
+                if s.checks.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", s.checks.join(", "))
+                },
+                s.quorum.len(),
+                mons.len(),
+                if s.mgr_available {
+                    "a manager active"
+                } else {
+                    "no manager active yet"
+                },
+                s.up,
+                s.in_,
+                restarted.as_deref().unwrap_or_default()
+            ))
         })())
     })?;
     Ok(format!(
         "ceph HEALTH_OK, {} mons, {} osds up",
         s.quorum.len(),
         s.up
+    ))
+}
+
+/// An operation older than this on this node's monitor, with every monitor in quorum, is
+/// stuck, not slow.
+const STUCK_OP_SECS: f64 = 300.0;
+
+/// Restarts this node's monitor when it holds an operation stuck for minutes while every
+/// monitor is in quorum, and says so. Seen under load (three VMs on two emulated cores): a
+/// peon forwards a daemon's log message to the leader, an election follows, the message is
+/// sent again and never answered; the op stays in flight and SLOW_OPS keeps the cluster from
+/// HEALTH_OK until the monitor restarts (it rejoins the quorum from its store in seconds).
+/// At most once per health check (the caller keeps the result).
+fn unstick_monitor(t: &Target<'_>, name: &str) -> Option<String> {
+    let ops = t
+        .sys
+        .run(&Cmd::new("ceph").args(["daemon", &format!("mon.{name}"), "ops"]))
+        .ok()?;
+    let age = config::oldest_op_age(&ops).filter(|a| *a > STUCK_OP_SECS)?;
+    t.sys
+        .run(&Cmd::new("systemctl").args(["restart", &format!("ceph-mon@{name}")]))
+        .ok()?;
+    Some(format!(
+        "; monitor {name} restarted: an operation in it was stuck for {age:.0} s"
     ))
 }
 

@@ -589,3 +589,111 @@ fn a_device_holding_a_filesystem_fails_the_node_before_anything_starts() {
         .iter()
         .any(|l| l.contains("will be wiped (listed under wipe)")));
 }
+
+#[test]
+fn oldest_op_age_reads_the_admin_sockets_ops() {
+    // Shape of `ceph daemon mon.pc2 ops` (reef), trimmed: the op a monitor held for minutes
+    // in the rehearsal, a log message forwarded to the leader and never answered.
+    let json = r#"{"ops":[{"description":"log(2 entries from seq 1 at 2026-11-30T07:18:17.733305+0000)",
+      "initiated_at":"2026-11-30T07:18:18.760980+0000","age":754.462939828,"duration":754.470065705,
+      "type_data":{"events":[{"event":"forwarded","time":"2026-11-30T07:18:18.9+0000","duration":0.0},
+      {"event":"resend forwarded message to leader","time":"2026-11-30T07:20:02.1+0000","duration":0.0}]}},
+      {"description":"mon_subscribe","age":0.5}],"num_ops":2}"#;
+    assert_eq!(config::oldest_op_age(json), Some(754.462939828));
+    assert_eq!(config::oldest_op_age(r#"{"ops":[],"num_ops":0}"#), None);
+    assert_eq!(config::oldest_op_age("not json"), None);
+}
+
+/// A monitor holding an operation for minutes while every monitor is in quorum is restarted,
+/// once, and the node then reaches HEALTH_OK; while the quorum is incomplete it is left alone.
+#[test]
+fn a_monitor_with_a_stuck_operation_is_restarted_once() {
+    use std::cell::Cell;
+    let t = text(3);
+    let d = node_root(&t);
+    let r = d.path();
+    let fake = Fake::new(r);
+    assert_eq!(Agent::new(r, &fake, false).apply(), Outcome::Configured);
+    struct Stuck {
+        fake: Fake,
+        polls: Cell<u32>,
+        restarts: Cell<u32>,
+    }
+    fn status(health: &str, checks: &str, quorum: &str) -> String {
+        format!(
+            r#"{{"health":{{"status":"{health}","checks":{{{checks}}}}},"quorum_names":[{quorum}],
+            "mgrmap":{{"available":true}},"osdmap":{{"num_osds":3,"num_up_osds":3,"num_in_osds":3}}}}"#
+        )
+    }
+    impl crate::agent::System for Stuck {
+        fn run(&self, cmd: &crate::cmd::Cmd) -> anyhow::Result<String> {
+            let line = cmd.display();
+            self.fake.run(cmd)?;
+            let slow = r#""SLOW_OPS":{"severity":"HEALTH_WARN"}"#;
+            if line.contains(" status --format json") {
+                let n = self.polls.get() + 1;
+                self.polls.set(n);
+                return Ok(match (n, self.restarts.get()) {
+                    // Quorum first, with a monitor away: nothing to restart yet.
+                    (1, _) => status("HEALTH_WARN", slow, r#""pc0","pc1""#),
+                    (2, _) => status("HEALTH_WARN", slow, r#""pc0","pc1""#),
+                    (_, 0) => status("HEALTH_WARN", slow, r#""pc0","pc1","pc2""#),
+                    // After the restart: still warning for a while, then OK.
+                    (n, _) if n < 8 => status("HEALTH_WARN", slow, r#""pc0","pc1","pc2""#),
+                    _ => status("HEALTH_OK", "", r#""pc0","pc1","pc2""#),
+                });
+            }
+            if line == "ceph daemon mon.pc1 ops" {
+                return Ok(
+                    r#"{"ops":[{"description":"log(2 entries)","age":754.4}],"num_ops":1}"#.into(),
+                );
+            }
+            if line == "systemctl restart ceph-mon@pc1" {
+                self.restarts.set(self.restarts.get() + 1);
+            }
+            Ok(String::new())
+        }
+        fn chown(&self, p: &Path, u: u32, g: u32) -> anyhow::Result<()> {
+            self.fake.chown(p, u, g)
+        }
+        fn sleep(&self, d: std::time::Duration) {
+            self.fake.sleep(d)
+        }
+        fn http(
+            &self,
+            req: &crate::agent::http::Request<'_>,
+        ) -> anyhow::Result<crate::agent::http::Reply> {
+            self.fake.http(req)
+        }
+    }
+    let sys = Stuck {
+        fake: Fake::new(r),
+        polls: Cell::new(0),
+        restarts: Cell::new(0),
+    };
+    let mut a = Agent::new(r, &sys, false);
+    assert_eq!(a.health(), Outcome::Ready, "{:#?}", a.lines());
+    assert_eq!(sys.restarts.get(), 1);
+    let calls = sys.fake.calls();
+    let first_ops = calls
+        .iter()
+        .position(|c| c == "ceph daemon mon.pc1 ops")
+        .unwrap();
+    let full_quorum_poll = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.contains(" status --format json"))
+        .nth(2)
+        .unwrap()
+        .0;
+    assert!(first_ops > full_quorum_poll, "{calls:#?}");
+    let all = a.lines().join("\n");
+    assert!(
+        all.contains("monitor pc1 restarted: an operation in it was stuck for 754 s"),
+        "{all}"
+    );
+    assert!(
+        all.contains("step health ok: ceph HEALTH_OK, 3 mons, 3 osds up"),
+        "{all}"
+    );
+}
