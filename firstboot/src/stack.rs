@@ -278,7 +278,10 @@ pub trait Progress {
 
 /// Polls `f` every `every` seconds until it gives `Ok(Ok(value))`, bounded by `limit` seconds
 /// (by the seconds slept and by the clock, whichever is further along); `Ok(Err(state))` is
-/// "not yet", reported through `p` when it changes and at least once a minute.
+/// "not yet", reported through `p` when it changes and at least once a minute. A poll that
+/// itself took long (a CLI starting an interpreter on a busy board) stretches the pause to
+/// three times its duration, so the checking never takes more than a quarter of the CPU from
+/// the services it waits for.
 pub fn wait<T>(
     what: &str,
     limit: u64,
@@ -292,10 +295,12 @@ pub fn wait<T>(
     let mut reported = 0;
     let mut last = String::new();
     loop {
+        let polled = std::time::Instant::now();
         let now = match f()? {
             Ok(v) => return Ok(v),
             Err(state) => state,
         };
+        let pause = every.max(3 * polled.elapsed().as_secs());
         let waited = slept.max(started.elapsed().as_secs());
         if now != last || waited >= reported + 60 {
             reported = waited;
@@ -305,8 +310,8 @@ pub fn wait<T>(
         if waited >= limit {
             bail!("{what} not done after {limit} s: {last}");
         }
-        t.sys.sleep(std::time::Duration::from_secs(every));
-        slept += every;
+        t.sys.sleep(std::time::Duration::from_secs(pause));
+        slept += pause;
     }
 }
 
@@ -420,5 +425,96 @@ impl Sections {
     /// The section `name`, or `T`'s defaults when the file has none.
     pub fn get_or_default<T: Any + Clone + Default>(&self, name: &str) -> T {
         self.get::<T>(name).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::fake::Fake;
+    use std::cell::RefCell;
+    use std::time::Duration;
+
+    struct Lines(Vec<String>);
+    impl Progress for Lines {
+        fn say(&mut self, line: String) {
+            self.0.push(line);
+        }
+        fn once(&mut self, _: &str, _: &str, f: &mut dyn FnMut() -> Result<String>) -> Result<()> {
+            f().map(|_| ())
+        }
+    }
+
+    /// Records the pauses asked for instead of sleeping.
+    struct Pauses(Fake, RefCell<Vec<u64>>);
+    impl crate::agent::System for Pauses {
+        fn run(&self, cmd: &crate::cmd::Cmd) -> Result<String> {
+            self.0.run(cmd)
+        }
+        fn chown(&self, p: &std::path::Path, u: u32, g: u32) -> Result<()> {
+            self.0.chown(p, u, g)
+        }
+        fn sleep(&self, d: Duration) {
+            self.1.borrow_mut().push(d.as_secs());
+        }
+        fn http(&self, r: &crate::agent::http::Request<'_>) -> Result<crate::agent::http::Reply> {
+            self.0.http(r)
+        }
+    }
+
+    #[test]
+    fn a_slow_poll_stretches_the_pause_and_the_limit_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = Pauses(Fake::new(dir.path()), RefCell::new(Vec::new()));
+        let t = Target {
+            root: dir.path(),
+            sys: &sys,
+        };
+        let mut p = Lines(Vec::new());
+        let mut n = 0;
+        // The first poll takes a second of real time, the next ones none; done at the fourth.
+        let v = wait("a thing", 600, 5, &t, &mut p, || {
+            n += 1;
+            if n == 1 {
+                std::thread::sleep(Duration::from_millis(1100));
+            }
+            Ok(if n == 4 {
+                Ok(n)
+            } else {
+                Err(format!("poll {n}"))
+            })
+        })
+        .unwrap();
+        assert_eq!(v, 4);
+        assert_eq!(*sys.1.borrow(), [5, 5, 5]);
+        let sys = Pauses(Fake::new(dir.path()), RefCell::new(Vec::new()));
+        let t = Target {
+            root: dir.path(),
+            sys: &sys,
+        };
+        let mut n = 0;
+        wait("a thing", 600, 1, &t, &mut p, || {
+            n += 1;
+            if n == 1 {
+                std::thread::sleep(Duration::from_millis(2100));
+            }
+            Ok(if n == 2 {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            })
+        })
+        .unwrap();
+        assert_eq!(*sys.1.borrow(), [6], "3 x the 2 s the poll took");
+        // Never done: it gives up once the pauses reach the limit, naming the last state.
+        let err = wait("a thing", 20, 5, &t, &mut p, || {
+            Ok::<Result<(), String>, _>(Err("still not".into()))
+        })
+        .unwrap_err();
+        assert_eq!(format!("{err}"), "a thing not done after 20 s: still not");
+        assert!(p
+            .0
+            .iter()
+            .any(|l| l == "picoimg: waiting for a thing (0 s): still not"));
     }
 }
