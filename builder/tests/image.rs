@@ -750,17 +750,11 @@ fn c5_boot_partition_has_extlinux_boot_scr_and_an_arm64_kernel() {
 }
 
 /// The C5 image boots on QEMU's arm64 `virt` machine through u-boot's distro boot of its own
-/// extlinux.conf, to the ready marker (TCG: slow).
+/// extlinux.conf (TCG: slow; one boot serves both checks), and its cross-compiled (aarch64,
+/// musl) first-boot agent configures a one-server Consul from a cluster file and reports
+/// `picoimg: ready` (`picoimg run --cluster --expect-ready`, on a private VDE switch).
 #[test]
-fn c5_boots_in_qemu_to_ready() {
-    boots_through_extlinux(&c5().raw);
-}
-
-/// The cross-compiled (aarch64, musl) first-boot agent on the C5 image configures a one-server
-/// Consul from a cluster file and reports `picoimg: ready` (`picoimg run --cluster
-/// --expect-ready`, on a private VDE switch).
-#[test]
-fn c5_consul_one_node_cluster_reaches_ready() {
+fn c5_boots_through_extlinux_and_forms_a_one_node_consul_cluster() {
     let c = c5();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("image-tests/c5-cluster");
     let _ = std::fs::remove_dir_all(&dir);
@@ -808,6 +802,17 @@ fn c5_consul_one_node_cluster_reaches_ready() {
     assert!(
         summary.contains("pc0") && summary.contains("ready after"),
         "{summary}"
+    );
+    assert!(
+        log.contains("Found /extlinux/extlinux.conf"),
+        "u-boot did not boot the image's extlinux.conf: {}",
+        tail(&log)
+    );
+    assert!(log.contains("picoimg-boot: ready"), "{}", tail(&log));
+    assert!(
+        !log.contains("ordering cycle"),
+        "systemd found an ordering cycle: {}",
+        tail(&log)
     );
     assert!(
         log.contains("picoimg: step consul ok: Consul 1.8.7"),
