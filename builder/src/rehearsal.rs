@@ -72,7 +72,8 @@ enum Event {
     Exit(usize, u32),
 }
 
-/// A VDE switch daemon, stopped on drop.
+/// A VDE switch daemon, stopped on drop: gone when the drop returns (waited for, at most
+/// five seconds; it is a daemon, so init reaps it).
 struct Switch {
     pidfile: PathBuf,
 }
@@ -85,6 +86,12 @@ impl Drop for Switch {
             .and_then(rustix::process::Pid::from_raw)
         {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            for _ in 0..250 {
+                if rustix::process::test_kill_process(pid).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
