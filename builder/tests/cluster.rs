@@ -511,6 +511,62 @@ fn switch_alive(dir: &Path) -> bool {
         .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
+/// A node loses power in the middle of its first boot; booted again, it resumes from its
+/// recorded steps and the cluster still converges to three members.
+#[test]
+fn power_cut_during_first_boot_still_converges() {
+    let f = fixture();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_ports();
+    let dir = f.dir.join("power-cut");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut r = Rehearsal::start(&ClusterOptions {
+        image: f.image.clone(),
+        board: None,
+        data_dir: None,
+        cluster: f.cluster.clone(),
+        nodes: Some(3),
+        dir: Some(dir.clone()),
+        timeout: Duration::from_secs(1500),
+        expect_ready: false,
+        ssh_port_base: Some(port),
+        accel: picoimg::qemu::Accel::Tcg,
+        disk_size: None,
+        data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
+    })
+    .unwrap();
+    // Cut pc1 as soon as its network step is recorded (users, time, consul still to do).
+    let cut = r.watch(Duration::from_secs(900), |_, i, line| {
+        i == 1 && line.contains("picoimg: step network ok")
+    });
+    assert!(cut, "pc1 never reached its network step:\n{}", r.summary());
+    r.power_cut(1);
+    std::thread::sleep(Duration::from_secs(2));
+    r.power_on(1).unwrap();
+    assert!(
+        r.wait_all(Duration::from_secs(1500)),
+        "timed out:\n{}",
+        r.summary()
+    );
+    assert!(r.all_ready(), "{}", r.summary());
+    assert!(matches!(r.nodes[1].state, NodeState::Ready(_)));
+    let log = std::fs::read_to_string(dir.join("pc1.log")).unwrap();
+    let second = log.split("power on (boot 2)").nth(1).unwrap();
+    assert!(
+        second.contains("picoimg: step hostname ok: already done"),
+        "{second}"
+    );
+    assert!(
+        second.contains("picoimg: step network ok: already done"),
+        "{second}"
+    );
+    assert!(
+        second.contains("picoimg: step consul ok: Consul 1.8.7"),
+        "{second}"
+    );
+    assert_cluster_formed(f, port);
+}
+
 /// `picoimg flash --cluster --node` onto a file, then boot it: the node takes its name from
 /// picoimg/node.toml (its MAC is in no `match`) and forms a one-server cluster.
 #[test]
@@ -718,9 +774,14 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
 /// of the image (its OSD disk kept, as after a dead card), and all three boot again: the same
 /// fsid and keys, HEALTH_OK, pc2's OSD activated, not made again, the object still there.
 ///
-/// The longest test of the run (about 25 minutes under TCG on two cores: the managers import
-/// their Python modules for minutes); it carries the power cut so no other rehearsal needs one.
+/// About 45 minutes under TCG on two cores, more than the CI run can give it beside the other
+/// tiers: the managers import their Python modules for minutes, and after the second
+/// power-on the OSDs' heartbeat pings (1-4 s while three VMs boot on two emulated cores)
+/// keep OSD_SLOW_PING_TIME raised for up to 15 minutes (Ceph warns on the largest of the 1, 5
+/// and 15 minute averages, src/mon/PGMap.cc). Run it with
+/// `cargo test --all-features --test cluster -- --ignored`.
 #[test]
+#[ignore = "45 minutes under TCG: run with --ignored (see the doc comment)"]
 fn three_nodes_form_a_ceph_cluster_that_survives_a_shutdown_and_a_reflash() {
     let f = fixture();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
