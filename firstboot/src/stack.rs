@@ -432,7 +432,6 @@ impl Sections {
 mod tests {
     use super::*;
     use crate::agent::fake::Fake;
-    use std::cell::RefCell;
     use std::time::Duration;
 
     struct Lines(Vec<String>);
@@ -445,27 +444,10 @@ mod tests {
         }
     }
 
-    /// Records the pauses asked for instead of sleeping.
-    struct Pauses(Fake, RefCell<Vec<u64>>);
-    impl crate::agent::System for Pauses {
-        fn run(&self, cmd: &crate::cmd::Cmd) -> Result<String> {
-            self.0.run(cmd)
-        }
-        fn chown(&self, p: &std::path::Path, u: u32, g: u32) -> Result<()> {
-            self.0.chown(p, u, g)
-        }
-        fn sleep(&self, d: Duration) {
-            self.1.borrow_mut().push(d.as_secs());
-        }
-        fn http(&self, r: &crate::agent::http::Request<'_>) -> Result<crate::agent::http::Reply> {
-            self.0.http(r)
-        }
-    }
-
     #[test]
     fn a_slow_poll_stretches_the_pause_and_the_limit_holds() {
         let dir = tempfile::tempdir().unwrap();
-        let sys = Pauses(Fake::new(dir.path()), RefCell::new(Vec::new()));
+        let sys = Fake::new(dir.path());
         let t = Target {
             root: dir.path(),
             sys: &sys,
@@ -486,8 +468,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(v, 4);
-        assert_eq!(*sys.1.borrow(), [5, 5, 5]);
-        let sys = Pauses(Fake::new(dir.path()), RefCell::new(Vec::new()));
+        assert_eq!(*sys.slept.borrow(), [5, 5, 5]);
+        let sys = Fake::new(dir.path());
         let t = Target {
             root: dir.path(),
             sys: &sys,
@@ -505,7 +487,7 @@ mod tests {
             })
         })
         .unwrap();
-        assert_eq!(*sys.1.borrow(), [6], "3 x the 2 s the poll took");
+        assert_eq!(*sys.slept.borrow(), [6], "3 x the 2 s the poll took");
         // Never done: it gives up once the pauses reach the limit, naming the last state.
         let err = wait("a thing", 20, 5, &t, &mut p, || {
             Ok::<Result<(), String>, _>(Err("still not".into()))

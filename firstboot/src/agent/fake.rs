@@ -11,6 +11,9 @@ use super::http::{Reply, Request};
 use super::System;
 use crate::cmd::Cmd;
 
+/// A test's answer to a command line: `Some(output)`, or `None` for the built-in answer.
+pub type Answer = Box<dyn Fn(&str) -> Option<String>>;
+
 /// Commands are recorded; the few whose output matters answer as the real ones would.
 pub struct Fake {
     root: PathBuf,
@@ -22,6 +25,10 @@ pub struct Fake {
     /// Answers to HTTP requests (default: nothing listens).
     #[allow(clippy::type_complexity)]
     pub http: Box<dyn Fn(&Request<'_>) -> Result<Reply>>,
+    /// A test's own answer to a command line (after it is recorded), before the built-in ones.
+    pub answer: Answer,
+    /// The pauses asked for, in seconds (nothing sleeps).
+    pub slept: RefCell<Vec<u64>>,
 }
 
 impl Fake {
@@ -32,6 +39,8 @@ impl Fake {
             fail: None,
             healthy: true,
             http: Box::new(|r| bail!("{r}: connection refused")),
+            answer: Box::new(|_| None),
+            slept: RefCell::new(Vec::new()),
         }
     }
     pub fn calls(&self) -> Vec<String> {
@@ -45,6 +54,9 @@ impl System for Fake {
         self.calls.borrow_mut().push(line.clone());
         if self.fail.is_some_and(|f| line.starts_with(f)) {
             bail!("`{line}` failed (exit status: 1)");
+        }
+        if let Some(out) = (self.answer)(&line) {
+            return Ok(out);
         }
         // `ceph-mon --mkfs -i NAME` makes the monitor's store.
         if let Some(rest) = line.strip_prefix("ceph-mon --cluster ceph --mkfs -i ") {
@@ -74,7 +86,9 @@ impl System for Fake {
     fn chown(&self, _: &Path, _: u32, _: u32) -> Result<()> {
         Ok(())
     }
-    fn sleep(&self, _: Duration) {}
+    fn sleep(&self, d: Duration) {
+        self.slept.borrow_mut().push(d.as_secs());
+    }
     fn http(&self, req: &Request<'_>) -> Result<Reply> {
         self.calls.borrow_mut().push(format!("{req} {}", req.body));
         (self.http)(req)

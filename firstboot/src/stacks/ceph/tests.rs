@@ -540,31 +540,15 @@ fn a_device_holding_a_filesystem_fails_the_node_before_anything_starts() {
     let d = node_root(&t);
     let r = d.path();
     // The fake answers every command with nothing; a device with a filesystem answers wipefs.
-    struct Filled<'a>(Fake, &'a str);
-    impl crate::agent::System for Filled<'_> {
-        fn run(&self, cmd: &crate::cmd::Cmd) -> anyhow::Result<String> {
-            if cmd.display().starts_with("wipefs") {
-                return Ok(self.1.to_owned());
-            }
-            self.0.run(cmd)
-        }
-        fn chown(&self, p: &Path, u: u32, g: u32) -> anyhow::Result<()> {
-            self.0.chown(p, u, g)
-        }
-        fn sleep(&self, d: std::time::Duration) {
-            self.0.sleep(d)
-        }
-        fn http(
-            &self,
-            req: &crate::agent::http::Request<'_>,
-        ) -> anyhow::Result<crate::agent::http::Reply> {
-            self.0.http(req)
-        }
-    }
-    let sys = Filled(Fake::new(r), WIPEFS_EXT4);
+    let filled = |r: &Path| {
+        let mut f = Fake::new(r);
+        f.answer = Box::new(|l| l.starts_with("wipefs").then(|| WIPEFS_EXT4.to_owned()));
+        f
+    };
+    let sys = filled(r);
     let mut a = Agent::new(r, &sys, false);
     assert_eq!(a.apply(), Outcome::Failed, "{:#?}", a.lines());
-    let calls = sys.0.calls();
+    let calls = sys.calls();
     assert!(
         !calls.iter().any(|c| c.starts_with("systemctl")),
         "{calls:#?}"
@@ -581,7 +565,7 @@ fn a_device_holding_a_filesystem_fails_the_node_before_anything_starts() {
     );
     let d = node_root(&t);
     let r = d.path();
-    let sys = Filled(Fake::new(r), WIPEFS_EXT4);
+    let sys = filled(r);
     let mut a = Agent::new(r, &sys, false);
     assert_eq!(a.apply(), Outcome::Configured, "{:#?}", a.lines());
     assert!(a
@@ -609,72 +593,49 @@ fn oldest_op_age_reads_the_admin_sockets_ops() {
 #[test]
 fn a_monitor_with_a_stuck_operation_is_restarted_once() {
     use std::cell::Cell;
+    use std::rc::Rc;
     let t = text(3);
     let d = node_root(&t);
     let r = d.path();
     let fake = Fake::new(r);
     assert_eq!(Agent::new(r, &fake, false).apply(), Outcome::Configured);
-    struct Stuck {
-        fake: Fake,
-        polls: Cell<u32>,
-        restarts: Cell<u32>,
-    }
     fn status(health: &str, checks: &str, quorum: &str) -> String {
         format!(
             r#"{{"health":{{"status":"{health}","checks":{{{checks}}}}},"quorum_names":[{quorum}],
             "mgrmap":{{"available":true}},"osdmap":{{"num_osds":3,"num_up_osds":3,"num_in_osds":3}}}}"#
         )
     }
-    impl crate::agent::System for Stuck {
-        fn run(&self, cmd: &crate::cmd::Cmd) -> anyhow::Result<String> {
-            let line = cmd.display();
-            self.fake.run(cmd)?;
-            let slow = r#""SLOW_OPS":{"severity":"HEALTH_WARN"}"#;
-            if line.contains(" status --format json") {
-                let n = self.polls.get() + 1;
-                self.polls.set(n);
-                return Ok(match (n, self.restarts.get()) {
-                    // Quorum first, with a monitor away: nothing to restart yet.
-                    (1, _) => status("HEALTH_WARN", slow, r#""pc0","pc1""#),
-                    (2, _) => status("HEALTH_WARN", slow, r#""pc0","pc1""#),
-                    (_, 0) => status("HEALTH_WARN", slow, r#""pc0","pc1","pc2""#),
-                    // After the restart: still warning for a while, then OK.
-                    (n, _) if n < 8 => status("HEALTH_WARN", slow, r#""pc0","pc1","pc2""#),
-                    _ => status("HEALTH_OK", "", r#""pc0","pc1","pc2""#),
-                });
-            }
-            if line == "ceph daemon mon.pc1 ops" {
-                return Ok(
-                    r#"{"ops":[{"description":"log(2 entries)","age":754.4}],"num_ops":1}"#.into(),
-                );
-            }
-            if line == "systemctl restart ceph-mon@pc1" {
-                self.restarts.set(self.restarts.get() + 1);
-            }
-            Ok(String::new())
+    let polls = Rc::new(Cell::new(0u32));
+    let restarts = Rc::new(Cell::new(0u32));
+    let mut sys = Fake::new(r);
+    let (p, n) = (polls.clone(), restarts.clone());
+    sys.answer = Box::new(move |line| {
+        let slow = r#""SLOW_OPS":{"severity":"HEALTH_WARN"}"#;
+        if line.contains(" status --format json") {
+            p.set(p.get() + 1);
+            return Some(match (p.get(), n.get()) {
+                // Quorum first, with a monitor away: nothing to restart yet.
+                (1 | 2, _) => status("HEALTH_WARN", slow, r#""pc0","pc1""#),
+                (_, 0) => status("HEALTH_WARN", slow, r#""pc0","pc1","pc2""#),
+                // After the restart: still warning for a while, then OK.
+                (k, _) if k < 8 => status("HEALTH_WARN", slow, r#""pc0","pc1","pc2""#),
+                _ => status("HEALTH_OK", "", r#""pc0","pc1","pc2""#),
+            });
         }
-        fn chown(&self, p: &Path, u: u32, g: u32) -> anyhow::Result<()> {
-            self.fake.chown(p, u, g)
+        if line == "ceph daemon mon.pc1 ops" {
+            return Some(
+                r#"{"ops":[{"description":"log(2 entries)","age":754.4}],"num_ops":1}"#.into(),
+            );
         }
-        fn sleep(&self, d: std::time::Duration) {
-            self.fake.sleep(d)
+        if line == "systemctl restart ceph-mon@pc1" {
+            n.set(n.get() + 1);
         }
-        fn http(
-            &self,
-            req: &crate::agent::http::Request<'_>,
-        ) -> anyhow::Result<crate::agent::http::Reply> {
-            self.fake.http(req)
-        }
-    }
-    let sys = Stuck {
-        fake: Fake::new(r),
-        polls: Cell::new(0),
-        restarts: Cell::new(0),
-    };
+        None
+    });
     let mut a = Agent::new(r, &sys, false);
     assert_eq!(a.health(), Outcome::Ready, "{:#?}", a.lines());
-    assert_eq!(sys.restarts.get(), 1);
-    let calls = sys.fake.calls();
+    assert_eq!(restarts.get(), 1);
+    let calls = sys.calls();
     let first_ops = calls
         .iter()
         .position(|c| c == "ceph daemon mon.pc1 ops")
