@@ -305,6 +305,10 @@ pub struct RunArgs {
     /// thin qcow2 files in the run directory, kept if there already [default: 8GiB].
     #[arg(long, value_name = "SIZE", requires = "cluster")]
     pub data_disk_size: Option<Bytes>,
+    /// Virtual CPUs of the VM, or of each VM with --cluster (default: the board profile's).
+    /// Under TCG each one is a host thread: several VMs on a small host may boot faster with 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: Option<u32>,
 }
 
 impl Target {
@@ -406,6 +410,7 @@ pub fn main() -> Result<()> {
                 data_disk_size: a
                     .data_disk_size
                     .map_or(crate::rehearsal::DATA_DISK_SIZE, |b| b.0),
+                cpus: a.cpus,
             })?
         }
         Command::Run(a) => crate::qemu::run(&RunOptions {
@@ -421,6 +426,7 @@ pub fn main() -> Result<()> {
             accel: a.accel,
             nics: Vec::new(),
             data_disks: Vec::new(),
+            cpus: a.cpus,
         })?,
         Command::Boards { sources, json } => boards(data_dir.as_deref(), sources, json)?,
         Command::Stacks { json } => {

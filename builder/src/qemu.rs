@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub nics: Vec<String>,
     /// Extra disks (qcow2), each a virtio disk with its serial (cluster rehearsals).
     pub data_disks: Vec<DataDisk>,
+    /// Virtual CPUs instead of the board profile's `qemu.cpus`.
+    pub cpus: Option<u32>,
 }
 
 /// An extra empty disk of a rehearsal VM: the guest sees it as a virtio disk with this
@@ -342,7 +344,7 @@ pub fn qemu_cmd(
             q.cpu.as_deref().unwrap_or(if kvm { "host" } else { "max" }),
         ])
         .args(["-m", &q.memory])
-        .args(["-smp", &q.cpus.to_string()])
+        .args(["-smp", &opts.cpus.unwrap_or(q.cpus).to_string()])
         .arg("-no-reboot")
         // No default devices: q35's default CD-ROM on its AHCI port once hung a guest's libata
         // probe for minutes under TCG (every device we need is added explicitly below).
@@ -496,4 +498,43 @@ fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<(), Stop> {
             lines.join("\n")
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h4() -> Board {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../boards/h4.toml"));
+        Board::load(path).unwrap()
+    }
+
+    fn smp(cpus: Option<u32>) -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = RunOptions {
+            image: tmp.path().join("disk.img"),
+            board: None,
+            data_dir: None,
+            expect_ready: true,
+            timeout: Duration::ZERO,
+            net: Net::None,
+            disk_size: None,
+            writable: false,
+            ssh_port: None,
+            accel: Accel::Tcg,
+            nics: Vec::new(),
+            data_disks: Vec::new(),
+            cpus,
+        };
+        let cmd = qemu_cmd(&h4(), &opts.image, "raw", tmp.path(), &opts).unwrap();
+        let argv = cmd.display();
+        let at = argv.find("-smp ").expect("-smp") + 5;
+        argv[at..].split_whitespace().next().unwrap().to_owned()
+    }
+
+    #[test]
+    fn cpus_replace_the_board_profiles_count() {
+        assert_eq!(smp(None), h4().qemu.cpus.to_string());
+        assert_eq!(smp(Some(1)), "1");
+    }
 }

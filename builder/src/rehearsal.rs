@@ -39,6 +39,8 @@ pub struct ClusterOptions {
     pub disk_size: Option<u64>,
     /// Size of each extra disk a node's roles name (thin qcow2 files).
     pub data_disk_size: u64,
+    /// Virtual CPUs per VM instead of the board profile's.
+    pub cpus: Option<u32>,
 }
 
 /// Default size of a rehearsal's extra disks: Ceph's ceph-volume refuses devices under 5 GB.
@@ -108,6 +110,7 @@ pub struct Rehearsal {
     accel: Accel,
     base: PathBuf,
     disk_size: Option<u64>,
+    cpus: Option<u32>,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
 }
@@ -261,6 +264,7 @@ impl Rehearsal {
             accel: o.accel,
             nics: Vec::new(),
             data_disks: Vec::new(),
+            cpus: o.cpus,
         };
         let board = crate::qemu::board_for(&run)?;
         let (tmp, dir) = match &o.dir {
@@ -329,6 +333,7 @@ impl Rehearsal {
             nodes,
             base,
             disk_size: o.disk_size,
+            cpus: o.cpus,
             dir,
             _tmp: tmp,
             board,
@@ -371,6 +376,7 @@ impl Rehearsal {
             accel: self.accel,
             nics,
             data_disks: node.data_disks.iter().map(|(_, d)| d.clone()).collect(),
+            cpus: self.cpus,
         };
         let cmd = crate::qemu::qemu_cmd(&self.board, &node.overlay, "qcow2", &node.dir, &run)?;
         let vm = cmd.spawn_reader().context("starting QEMU")?;
