@@ -50,6 +50,58 @@ pub struct Section {
     /// Per node (`[ceph.node.NAME]`): its own OSD devices, and the devices that may be wiped.
     #[serde(default)]
     pub node: BTreeMap<Spanned<String>, NodeSection>,
+    /// `[ceph.options]`: more Ceph options for every daemon (ceph.conf `[global]`), such as
+    /// `mon_warn_on_slow_ping_time = 2000`; strings, numbers or booleans. The options picoimg
+    /// sets from the fields above or derives are refused here.
+    #[serde(default)]
+    pub options: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+}
+
+/// Ceph options the agent writes itself: `[ceph.options]` may not set them.
+pub const MANAGED_OPTIONS: &[(&str, &str)] = &[
+    ("fsid", "set [ceph] fsid"),
+    ("mon_host", "it lists the ceph-mon nodes' addresses"),
+    ("mon_initial_members", "it lists the ceph-mon nodes"),
+    ("public_network", "set [ceph] public_network"),
+    ("auth_cluster_required", "cephx is always required"),
+    ("auth_service_required", "cephx is always required"),
+    ("auth_client_required", "cephx is always required"),
+    (
+        "auth_allow_insecure_global_id_reclaim",
+        "insecure reclaim stays off",
+    ),
+    ("osd_pool_default_size", "set [ceph] pool_size"),
+    ("osd_pool_default_min_size", "set [ceph] pool_min_size"),
+    ("osd_memory_target", "set [ceph] osd_memory_target"),
+    ("keyring", "keys are derived from the cluster secret"),
+    ("key", "keys are derived from the cluster secret"),
+    ("keyfile", "keys are derived from the cluster secret"),
+];
+
+/// An option value as ceph.conf spells it, or why it cannot be one.
+pub fn option_value(v: &toml::Value) -> Result<String, &'static str> {
+    match v {
+        toml::Value::String(s) if s.is_empty() => Err("an empty string: leave the option out"),
+        toml::Value::String(s)
+            if s.chars()
+                .any(|c| c.is_control() || matches!(c, '#' | ';' | '[' | ']')) =>
+        {
+            Err("a ceph.conf value cannot hold a line break, '#', ';', '[' or ']'")
+        }
+        toml::Value::String(s) => Ok(s.trim().to_owned()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) if f.is_finite() => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        _ => Err("a string, a number or a boolean"),
+    }
+}
+
+/// Whether `name` is spelt as a Ceph option (lowercase words joined by `_`).
+pub fn option_name_ok(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// `[ceph.node.NAME]`.
@@ -339,6 +391,22 @@ pub fn ceph_conf(file: &ClusterFile, node: &Node, fsid: &str, osd_memory: Option
         .as_ref()
         .map_or(file.network.subnet.get_ref(), |v| v.get_ref());
     let (size, min) = pool_sizes(&s);
+    let extra: String = s
+        .options
+        .iter()
+        .filter_map(|(k, v)| {
+            Some(format!(
+                "{} = {}\n",
+                k.get_ref(),
+                option_value(v.get_ref()).ok()?
+            ))
+        })
+        .collect();
+    let extra = if extra.is_empty() {
+        extra
+    } else {
+        format!("# From the cluster file's [ceph.options].\n{extra}")
+    };
     let mut c = format!(
         "# Written by picoimg-firstboot from the cluster file ({} of cluster {}).\n\
          # Every node of the cluster gets the same [global] section.\n\
@@ -357,6 +425,7 @@ pub fn ceph_conf(file: &ClusterFile, node: &Node, fsid: &str, osd_memory: Option
          osd_crush_chooseleaf_type = 1\n\
          # A new cluster enables only the manager module iostat (of those it may start with).\n\
          mgr_initial_modules = iostat\n\
+         {extra}\
          \n\
          [mon]\n\
          # Only clients that reclaim their global id securely (every Ceph 14.2.20+ client).\n\

@@ -754,6 +754,28 @@ fn check(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
             format!("between 1 and pool_size ({size})"),
         );
     }
+    for (k, v) in &s.options {
+        let field = format!("ceph.options.{}", k.get_ref());
+        if let Some((_, why)) = config::MANAGED_OPTIONS
+            .iter()
+            .find(|(m, _)| m == k.get_ref())
+        {
+            push(
+                cluster::at(text, k),
+                field,
+                format!("picoimg writes this option itself ({why}): remove it here"),
+            );
+        } else if !config::option_name_ok(k.get_ref()) {
+            push(
+                cluster::at(text, k),
+                field,
+                "not a Ceph option name (lowercase words joined by '_', as `ceph config ls` prints them)"
+                    .into(),
+            );
+        } else if let Err(why) = config::option_value(v.get_ref()) {
+            push(cluster::at(text, v), field, why.into());
+        }
+    }
     if let Some(v) = &s.osd_memory_target {
         if *v.get_ref() < config::MIN_OSD_MEMORY {
             push(

@@ -149,6 +149,26 @@ fn ceph_conf_key_by_key() {
     ] {
         assert!(conf.lines().any(|l| l == line), "{line} not in\n{conf}");
     }
+    // [ceph.options] join [global], in the file's words.
+    let with = checked(&text(3).replace(
+        "pool_size = 3",
+        "pool_size = 3\n\n[ceph.options]\nmon_warn_on_slow_ping_time = 10000\nmon_osd_down_out_interval = 1200.5\nms_crc_data = false\ndebug_mon = \"1/5\"",
+    ));
+    let conf2 = config::ceph_conf(&with.file, &with.file.nodes[1], &fsid, None);
+    let global2 = conf2.split("[mon]").next().unwrap();
+    for line in [
+        "debug_mon = 1/5",
+        "mon_osd_down_out_interval = 1200.5",
+        "mon_warn_on_slow_ping_time = 10000",
+        "ms_crc_data = false",
+    ] {
+        assert!(global2.lines().any(|l| l == line), "{line} not in\n{conf2}");
+    }
+    assert_eq!(
+        conf2.lines().filter(|l| *l == "[global]").count(),
+        1,
+        "{conf2}"
+    );
     // The same [global] on every node.
     let other = config::ceph_conf(&c.file, &c.file.nodes[2], &fsid, None);
     let global = |c: &str| {
@@ -287,6 +307,26 @@ fn whole_file_rules_with_lines() {
         (
             t.replace("pool_size = 3", "pool_size = 3\nmystery = 1"),
             "ceph.mystery",
+        ),
+        (
+            t.replace("pool_size = 3", "pool_size = 3\n\n[ceph.options]\nosd_pool_default_size = 2"),
+            "line 39: ceph.options.osd_pool_default_size: picoimg writes this option itself (set [ceph] pool_size): remove it here",
+        ),
+        (
+            t.replace("pool_size = 3", "pool_size = 3\n\n[ceph.options]\n\"Mon Warn\" = 1"),
+            "ceph.options.Mon Warn: not a Ceph option name",
+        ),
+        (
+            t.replace("pool_size = 3", "pool_size = 3\n\n[ceph.options]\ndebug_mon = \"1/5 # loud\""),
+            "ceph.options.debug_mon: a ceph.conf value cannot hold a line break, '#'",
+        ),
+        (
+            t.replace("pool_size = 3", "pool_size = 3\n\n[ceph.options]\nmon_host = [1]"),
+            "ceph.options.mon_host: picoimg writes this option itself",
+        ),
+        (
+            t.replace("pool_size = 3", "pool_size = 3\n\n[ceph.options]\nosd_op_threads = [1]"),
+            "ceph.options.osd_op_threads: a string, a number or a boolean",
         ),
         (
             t.replace("pool_size = 3", "pool_size = 3\n\n[ceph.node.pc9]\nosd_devices = [\"/dev/sdb\"]"),
