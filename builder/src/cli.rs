@@ -306,7 +306,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", requires = "cluster")]
     pub data_disk_size: Option<Bytes>,
     /// Virtual CPUs of the VM, or of each VM with --cluster (default: the board profile's).
-    /// Under TCG each one is a host thread: several VMs on a small host may boot faster with 1.
+    /// Under TCG each one is a host thread.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub cpus: Option<u32>,
 }

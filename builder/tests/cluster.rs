@@ -109,6 +109,17 @@ fn fixture() -> &'static Fixture {
 }
 
 /// Three free consecutive ports on 127.0.0.1.
+/// Runs a host tool; its stdout, or a panic naming it with its stderr.
+fn run_ok(c: &mut Command) -> String {
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 fn free_ports() -> u16 {
     for base in (20000u16..60000)
         .step_by(97)
@@ -533,6 +544,7 @@ fn power_cut_during_first_boot_still_converges() {
         accel: picoimg::qemu::Accel::Tcg,
         disk_size: None,
         data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
+        cpus: None,
     })
     .unwrap();
     // Cut pc1 as soon as its network step is recorded (users, time, consul still to do).
@@ -611,6 +623,55 @@ fn flashed_and_personalised_card_boots_as_its_node() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // As if the card had lost power in an earlier first boot after systemd recorded it
+    // (machine-id committed) and before the SSH host keys reached the disk: an empty key and
+    // ssh-keygen's temporary file. Debian makes host keys on the first boot only; without
+    // picoimg's sshd-keygen drop-in sshd fails and the boot reports a failed unit.
+    let table: serde_json::Value =
+        serde_json::from_str(&run_ok(Command::new("sfdisk").arg("-J").arg(&card))).unwrap();
+    let start = table["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "root")
+        .and_then(|p| p["start"].as_u64())
+        .unwrap();
+    let root = format!("{}?offset={}", card.display(), start * 512);
+    let empty = dir.join("empty");
+    std::fs::write(&empty, "").unwrap();
+    let id = dir.join("machine-id");
+    std::fs::write(&id, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let cmds = dir.join("debugfs.cmds");
+    std::fs::write(
+        &cmds,
+        format!(
+            "rm /etc/machine-id\nwrite {} /etc/machine-id\n\
+             write {e} /etc/ssh/ssh_host_ed25519_key\n\
+             write {e} /etc/ssh/ssh_host_rsa_key.6unRS1Cwvz\n",
+            id.display(),
+            e = empty.display()
+        ),
+    )
+    .unwrap();
+    run_ok(
+        Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&cmds)
+            .arg(&root),
+    );
+    let ls = |path: &str| {
+        run_ok(
+            Command::new("debugfs")
+                .args(["-R", &format!("ls -l {path}")])
+                .arg(&root),
+        )
+    };
+    let before = ls("/etc/ssh");
+    assert!(
+        before.contains("ssh_host_ed25519_key\n") && before.contains("ssh_host_rsa_key.6unRS1Cwvz"),
+        "{before}"
+    );
     let o = picoimg()
         .args([
             "run",
@@ -620,6 +681,7 @@ fn flashed_and_personalised_card_boots_as_its_node() {
             "tcg",
             "--net",
             "restricted",
+            "--writable",
         ])
         .args(["--expect-ready", "--timeout", "900"])
         .arg(&card)
@@ -640,6 +702,29 @@ fn flashed_and_personalised_card_boots_as_its_node() {
         console.contains("picoimg: ready: node edge7 of cluster solo"),
         "{console}"
     );
+    // The host keys were made again and flushed: on the card afterwards, each private key
+    // loads with ssh-keygen (the host's) and the temporary file is gone.
+    assert!(
+        console.contains(
+            "picoimg: host key /etc/ssh/ssh_host_ed25519_key does not load: making it again"
+        ),
+        "{console}"
+    );
+    let after = ls("/etc/ssh");
+    assert!(!after.contains(".6unRS1Cwvz"), "{after}");
+    for kind in ["rsa", "ecdsa", "ed25519"] {
+        let out = dir.join(format!("ssh_host_{kind}_key"));
+        let _ = std::fs::remove_file(&out);
+        run_ok(
+            Command::new("debugfs")
+                .args([
+                    "-R",
+                    &format!("dump -p /etc/ssh/ssh_host_{kind}_key {}", out.display()),
+                ])
+                .arg(&root),
+        );
+        run_ok(Command::new("ssh-keygen").arg("-y").arg("-f").arg(&out));
+    }
 }
 
 /// A Ceph cluster file for `nodes` nodes from `picoimg cluster init --stack ceph`: the fixture's
@@ -669,6 +754,15 @@ fn ceph_cluster(f: &Fixture, nodes: u32, name: &str) -> PathBuf {
     if nodes == 1 {
         text = text.replace("pool_size = 3", "pool_size = 1");
     }
+    // Emulation only: three TCG VMs on two host cores answer heartbeat pings in 1-4 s while
+    // they boot, and Ceph warns (OSD_SLOW_PING_TIME) on the largest of the 1, 5 and 15 minute
+    // averages past 1 s by default (src/mon/PGMap.cc), so a rehearsal would wait up to 15
+    // minutes after the boot for an average to fall. A board answers in milliseconds; the
+    // rehearsal raises the threshold through the file's [ceph.options], as a user may.
+    text = text.replace(
+        "pool_size = 3\n",
+        "pool_size = 3\n\n[ceph.options]\nmon_warn_on_slow_ping_time = 10000\n",
+    );
     let path = f.dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
@@ -691,6 +785,9 @@ fn ceph_rehearsal(f: &Fixture, cluster: &Path, nodes: usize, dir: &Path, port: u
         // image's 2 GiB root is grown to 4 GiB, as a card would be.
         disk_size: Some(4 << 30),
         data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
+        // The board's two virtual CPUs: with one each, the first boot took 1264 s instead of
+        // about 930 (a busy VM cannot use the core an idle one leaves).
+        cpus: None,
     })
     .unwrap()
 }
@@ -873,6 +970,18 @@ fn three_nodes_form_a_ceph_cluster_that_survives_a_shutdown_and_a_reflash() {
     eprintln!("firstboot rerun on a configured node: {secs:.2}s (TCG)");
 
     let fsid = assert_ceph_healthy(f, port);
+    // The file's [ceph.options] reached the running manager (its admin socket answers).
+    let got: serde_json::Value = serde_json::from_str(&ssh_ok(
+        f,
+        port,
+        "sudo ceph daemon mgr.pc0 config get mon_warn_on_slow_ping_time",
+    ))
+    .unwrap();
+    let ping: f64 = got["mon_warn_on_slow_ping_time"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{got}"));
+    assert_eq!(ping, 10000.0, "{got}");
     // Every key as derived (the library's own derivation, read back by Ceph's tools).
     let text = std::fs::read_to_string(&cluster).unwrap();
     let c =
@@ -984,15 +1093,7 @@ fn a_node_refuses_an_osd_disk_that_holds_a_filesystem() {
     let node_dir = dir.join("pc0");
     std::fs::create_dir_all(&node_dir).unwrap();
     let raw = dir.join("photos.raw");
-    let run = |c: &mut Command| {
-        let o = c.output().unwrap();
-        assert!(
-            o.status.success(),
-            "{c:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let run = run_ok;
     std::fs::File::create(&raw)
         .unwrap()
         .set_len(1 << 30)
@@ -1025,6 +1126,7 @@ fn a_node_refuses_an_osd_disk_that_holds_a_filesystem() {
         accel: picoimg::qemu::Accel::Tcg,
         disk_size: None,
         data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
+        cpus: None,
     })
     .unwrap();
     assert!(r.wait_all(Duration::from_secs(1500)), "{}", r.summary());
