@@ -384,6 +384,27 @@ mod tests {
         }
     }
 
+    /// The programs the agent runs from its stacks' overlays are there, executable.
+    #[test]
+    fn the_agents_helpers_are_in_their_overlays() {
+        use std::os::unix::fs::PermissionsExt;
+        let ceph = load(&data(), "ceph").expect("ceph");
+        let helper = ceph
+            .rootfs
+            .expect("ceph tree")
+            .join(picoimg_firstboot::stacks::ceph::STATUS.trim_start_matches('/'));
+        let mode = std::fs::metadata(&helper)
+            .unwrap_or_else(|e| panic!("{}: {e}", helper.display()))
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o111,
+            0o111,
+            "{} is not executable",
+            helper.display()
+        );
+    }
+
     /// The ESP hook copies what /vmlinuz and /initrd.img point to.
     #[test]
     fn esp_sync_copies_the_current_kernel() {

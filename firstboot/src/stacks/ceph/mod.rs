@@ -404,11 +404,15 @@ fn make_osd(t: &Target<'_>, device: &str, wipe: bool, fsid: &str) -> Result<Stri
     }
 }
 
-/// The `ceph` command with the key this node has: the admin key on monitors, else the
-/// bootstrap-osd key (its profile reads the maps and status), else the manager's.
-fn ceph_cmd(file: &ClusterFile, node: &Node) -> Cmd {
+/// The image's `ceph-status` (the ceph component's overlay: `ceph status --format json`
+/// through librados, a fifth of the `ceph` command's CPU) with the key this node has: the
+/// admin key on monitors, else the bootstrap-osd key (its profile reads the maps and status),
+/// else the manager's.
+pub const STATUS: &str = "/usr/lib/picoimg/ceph-status";
+
+fn status_cmd(file: &ClusterFile, node: &Node) -> Cmd {
     let r = config::roles(file, node);
-    let c = Cmd::new("ceph").args(["--connect-timeout", "20"]);
+    let c = Cmd::new(STATUS).args(["--connect-timeout", "20"]);
     if r.mon {
         c
     } else if r.osd {
@@ -426,16 +430,16 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: config::Roles)
     let limit = file.firstboot.health_timeout;
     let mons = config::mons(file);
     let fsid = config::fsid(file, ctx.secrets)?;
-    let cmd = ceph_cmd(file, ctx.node);
+    let cmd = status_cmd(file, ctx.node);
     let status = || -> Result<config::Status, String> {
         let out = t
             .sys
-            .run(&cmd.clone().args(["status", "--format", "json"]))
+            .run(&cmd)
             .map_err(|e| format!("no answer from the monitors yet ({})", short(&e)))?;
         config::status(&out).ok_or_else(|| "unreadable `ceph status`".to_owned())
     };
     // 1. A monitor quorum (OSDs are made through it).
-    // The `ceph` command is a Python program (seconds of CPU a call on a small board): every 15 s.
+    // ceph-status is a Python program (a second or two of CPU on a small board): every 15 s.
     stack::wait("a Ceph monitor quorum", limit, 15, t, p, || {
         Ok((|| {
             let s = status()?;

@@ -651,7 +651,7 @@ fn a_monitor_with_a_stuck_operation_is_restarted_once() {
     let (p, n) = (polls.clone(), restarts.clone());
     sys.answer = Box::new(move |line| {
         let slow = r#""SLOW_OPS":{"severity":"HEALTH_WARN"}"#;
-        if line.contains(" status --format json") {
+        if line.starts_with(super::STATUS) {
             p.set(p.get() + 1);
             return Some(match (p.get(), n.get()) {
                 // Quorum first, with a monitor away: nothing to restart yet.
@@ -683,7 +683,7 @@ fn a_monitor_with_a_stuck_operation_is_restarted_once() {
     let full_quorum_poll = calls
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.contains(" status --format json"))
+        .filter(|(_, c)| c.starts_with(super::STATUS))
         .nth(2)
         .unwrap()
         .0;
