@@ -821,15 +821,58 @@ fn wait_ready(r: &mut Rehearsal, what: &str) -> Duration {
     started.elapsed()
 }
 
-/// `ceph status` as JSON, read on a node with its admin key.
-fn ceph_status(f: &Fixture, port: u16) -> serde_json::Value {
-    serde_json::from_str(&ssh_ok(f, port, "sudo ceph status --format json")).unwrap()
+/// Asks the monitors (and admin sockets) of the node at `port` several things in one Python
+/// process with librados (tests/data/ceph-ask.py): the `ceph` command takes about 50 s a call
+/// on these VMs. Each answer is checked for success; their outputs are returned in order.
+fn ceph_ask(f: &Fixture, port: u16, requests: serde_json::Value) -> Vec<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ceph-ask.py");
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(&f.key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=20",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .args(["-p", &port.to_string(), "pico@127.0.0.1"])
+        .arg(format!("sudo python3 - '{requests}'"))
+        .stdin(std::fs::File::open(script).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ceph-ask on port {port}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for (q, a) in requests.as_array().unwrap().iter().zip(&answers) {
+        assert_eq!(a["ret"], 0, "{q} -> {a}");
+    }
+    answers.into_iter().map(|mut a| a["out"].take()).collect()
 }
 
 /// What the cluster must look like: HEALTH_OK, three monitors in quorum, a manager active,
-/// three OSDs up and in, each on its own host; returns the fsid.
+/// three OSDs up and in, each on its own host (`status` and `osd tree`, asked of the
+/// monitors); returns the fsid.
 fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
-    let s = ceph_status(f, port);
+    let a = ceph_ask(
+        f,
+        port,
+        serde_json::json!([
+            {"mon": {"prefix": "status", "format": "json"}},
+            {"mon": {"prefix": "osd tree", "format": "json"}},
+        ]),
+    );
+    let (s, tree) = (&a[0], &a[1]);
     assert_eq!(s["health"]["status"], "HEALTH_OK", "{s:#}");
     assert_eq!(
         s["quorum_names"],
@@ -840,8 +883,6 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
     assert_eq!(s["osdmap"]["num_osds"], 3, "{s:#}");
     assert_eq!(s["osdmap"]["num_up_osds"], 3, "{s:#}");
     assert_eq!(s["osdmap"]["num_in_osds"], 3, "{s:#}");
-    let tree: serde_json::Value =
-        serde_json::from_str(&ssh_ok(f, port, "sudo ceph osd tree --format json")).unwrap();
     let mut hosts: Vec<(String, usize)> = tree["nodes"]
         .as_array()
         .unwrap()
@@ -970,18 +1011,6 @@ fn three_nodes_form_a_ceph_cluster_that_survives_a_shutdown_and_a_reflash() {
     eprintln!("firstboot rerun on a configured node: {secs:.2}s (TCG)");
 
     let fsid = assert_ceph_healthy(f, port);
-    // The file's [ceph.options] reached the running manager (its admin socket answers).
-    let got: serde_json::Value = serde_json::from_str(&ssh_ok(
-        f,
-        port,
-        "sudo ceph daemon mgr.pc0 config get mon_warn_on_slow_ping_time",
-    ))
-    .unwrap();
-    let ping: f64 = got["mon_warn_on_slow_ping_time"]
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{got}"));
-    assert_eq!(ping, 10000.0, "{got}");
     // Every key as derived (the library's own derivation, read back by Ceph's tools).
     let text = std::fs::read_to_string(&cluster).unwrap();
     let c =
@@ -997,23 +1026,46 @@ fn three_nodes_form_a_ceph_cluster_that_survives_a_shutdown_and_a_reflash() {
         "sudo ceph-authtool /etc/ceph/ceph.client.admin.keyring -n client.admin --print-key",
     );
     assert_eq!(admin.trim(), secrets.get(label::ADMIN).unwrap());
-    // The monitors hold the keys of the mkfs keyring, with their caps.
-    let mgr1 = ssh_ok(f, port + 2, "sudo ceph auth get-key mgr.pc1");
-    assert_eq!(mgr1.trim(), secrets.get_for(label::MGR, "pc1").unwrap());
-    let bootstrap = ssh_ok(f, port, "sudo ceph auth get client.bootstrap-osd");
-    assert!(
-        bootstrap.contains(secrets.get(label::BOOTSTRAP_OSD).unwrap())
-            && bootstrap.contains("caps mon = \"allow profile bootstrap-osd\""),
+    // The monitors hold the keys of the mkfs keyring, with their caps (asked on pc2 and pc0);
+    // the file's [ceph.options] reached the running manager (its admin socket answers); a
+    // pool for the data check.
+    let mgr1 = ceph_ask(
+        f,
+        port + 2,
+        serde_json::json!([{"mon": {"prefix": "auth get-key", "entity": "mgr.pc1", "format": "json"}}]),
+    );
+    assert_eq!(mgr1[0]["key"], secrets.get_for(label::MGR, "pc1").unwrap());
+    let a = ceph_ask(
+        f,
+        port,
+        serde_json::json!([
+            {"mon": {"prefix": "auth get", "entity": "client.bootstrap-osd", "format": "json"}},
+            {"asok": "/var/run/ceph/ceph-mgr.pc0.asok",
+             "cmd": {"prefix": "config get", "var": "mon_warn_on_slow_ping_time"}},
+            {"mon": {"prefix": "osd pool create", "pool": "picoimg-test", "pg_num": 8}},
+            {"mon": {"prefix": "osd pool application enable", "pool": "picoimg-test", "app": "rados"}},
+        ]),
+    );
+    let bootstrap = &a[0][0];
+    assert_eq!(
+        bootstrap["key"],
+        secrets.get(label::BOOTSTRAP_OSD).unwrap(),
         "{bootstrap}"
     );
+    assert_eq!(
+        bootstrap["caps"]["mon"], "allow profile bootstrap-osd",
+        "{bootstrap}"
+    );
+    let ping: f64 = a[1]["mon_warn_on_slow_ping_time"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{}", a[1]));
+    assert_eq!(ping, 10000.0, "{}", a[1]);
     // Data: an object written through pc0, read back through pc2, same checksum.
     ssh_ok(
         f,
         port,
-        "sudo ceph osd pool create picoimg-test 8 >/dev/null 2>&1 && \
-         sudo ceph osd pool application enable picoimg-test rados >/dev/null 2>&1 && \
-         head -c 4194304 /dev/urandom > /tmp/obj && \
-         sudo rados -p picoimg-test put obj /tmp/obj",
+        "head -c 4194304 /dev/urandom > /tmp/obj && sudo rados -p picoimg-test put obj /tmp/obj",
     );
     let sum = |p: u16, cmd: &str| {
         ssh_ok(f, p, cmd)
