@@ -134,9 +134,10 @@ fn free_ports() -> u16 {
 }
 
 /// Runs a command in a VM as `pico`, through its forwarded SSH port.
-fn ssh(f: &Fixture, port: u16, command: &str) -> std::process::Output {
-    Command::new("ssh")
-        .arg("-i")
+/// `ssh` to the node whose SSH is forwarded to 127.0.0.1:`port`, as the cluster file's user.
+fn ssh_cmd(f: &Fixture, port: u16, command: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.arg("-i")
         .arg(&f.key)
         .args([
             "-o",
@@ -152,9 +153,12 @@ fn ssh(f: &Fixture, port: u16, command: &str) -> std::process::Output {
             "-o",
             "LogLevel=ERROR",
         ])
-        .args(["-p", &port.to_string(), "pico@127.0.0.1", command])
-        .output()
-        .unwrap()
+        .args(["-p", &port.to_string(), "pico@127.0.0.1", command]);
+    c
+}
+
+fn ssh(f: &Fixture, port: u16, command: &str) -> std::process::Output {
+    ssh_cmd(f, port, command).output().unwrap()
 }
 
 fn ssh_ok(f: &Fixture, port: u16, command: &str) -> String {
@@ -826,25 +830,7 @@ fn wait_ready(r: &mut Rehearsal, what: &str) -> Duration {
 /// on these VMs. Each answer is checked for success; their outputs are returned in order.
 fn ceph_ask(f: &Fixture, port: u16, requests: serde_json::Value) -> Vec<serde_json::Value> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ceph-ask.py");
-    let out = Command::new("ssh")
-        .arg("-i")
-        .arg(&f.key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=20",
-            "-o",
-            "LogLevel=ERROR",
-        ])
-        .args(["-p", &port.to_string(), "pico@127.0.0.1"])
-        .arg(format!("sudo python3 - '{requests}'"))
+    let out = ssh_cmd(f, port, &format!("sudo python3 - '{requests}'"))
         .stdin(std::fs::File::open(script).unwrap())
         .output()
         .unwrap();
