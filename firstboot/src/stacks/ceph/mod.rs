@@ -553,12 +553,14 @@ fn unstick_monitor(t: &Target<'_>, name: &str) -> Option<String> {
     ))
 }
 
-/// The last line of an error, for a progress line.
+/// The last line of an error (without the command wrapper's `  | ` before a line of the
+/// program's stderr), for a progress line.
 fn short(e: &anyhow::Error) -> String {
     let s = format!("{e:#}");
     s.lines()
         .last()
         .unwrap_or_default()
+        .trim_start_matches([' ', '|'])
         .chars()
         .take(160)
         .collect()

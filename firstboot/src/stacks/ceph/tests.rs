@@ -698,3 +698,15 @@ fn a_monitor_with_a_stuck_operation_is_restarted_once() {
         "{all}"
     );
 }
+
+/// A waiting line quotes the program's own last words, without the wrapper's `  | ` margin.
+#[test]
+fn a_waiting_line_quotes_the_last_line_of_stderr() {
+    let e = anyhow::anyhow!(
+        "`/usr/lib/picoimg/ceph-status --connect-timeout 20` failed (exit status: 1); stderr:\n  | ceph-status: [errno 110] RADOS timed out (error connecting to the cluster)"
+    );
+    assert_eq!(
+        super::short(&e),
+        "ceph-status: [errno 110] RADOS timed out (error connecting to the cluster)"
+    );
+}
