@@ -81,7 +81,9 @@ pub const MANAGED_OPTIONS: &[(&str, &str)] = &[
 /// An option value as ceph.conf spells it, or why it cannot be one.
 pub fn option_value(v: &toml::Value) -> Result<String, &'static str> {
     match v {
-        toml::Value::String(s) if s.is_empty() => Err("an empty string: leave the option out"),
+        toml::Value::String(s) if s.trim().is_empty() => {
+            Err("an empty string: leave the option out")
+        }
         toml::Value::String(s)
             if s.chars()
                 .any(|c| c.is_control() || matches!(c, '#' | ';' | '[' | ']')) =>

@@ -321,6 +321,10 @@ fn whole_file_rules_with_lines() {
             "ceph.options.debug_mon: a ceph.conf value cannot hold a line break, '#'",
         ),
         (
+            t.replace("pool_size = 3", "pool_size = 3\n\n[ceph.options]\ndebug_osd = \"  \""),
+            "ceph.options.debug_osd: an empty string: leave the option out",
+        ),
+        (
             t.replace("pool_size = 3", "pool_size = 3\n\n[ceph.options]\nmon_host = [1]"),
             "ceph.options.mon_host: picoimg writes this option itself",
         ),
