@@ -519,6 +519,32 @@ fn three_nodes_form_a_consul_cluster() {
     assert!(!switch_alive(&dir), "the VDE switch outlived picoimg run");
 }
 
+/// A rehearsal of the first `nodes` nodes of `cluster` under TCG, its disks and consoles in
+/// `dir`, node i's SSH on 127.0.0.1:`port`+i.
+fn rehearsal_options(
+    f: &Fixture,
+    cluster: &Path,
+    nodes: usize,
+    dir: &Path,
+    port: u16,
+) -> ClusterOptions {
+    ClusterOptions {
+        image: f.image.clone(),
+        board: None,
+        data_dir: None,
+        cluster: cluster.to_owned(),
+        nodes: Some(nodes),
+        dir: Some(dir.to_owned()),
+        timeout: Duration::from_secs(1500),
+        expect_ready: false,
+        ssh_port_base: Some(port),
+        accel: picoimg::qemu::Accel::Tcg,
+        disk_size: None,
+        data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
+        cpus: None,
+    }
+}
+
 fn switch_alive(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("switch.pid"))
         .ok()
@@ -535,22 +561,7 @@ fn power_cut_during_first_boot_still_converges() {
     let port = free_ports();
     let dir = f.dir.join("power-cut");
     let _ = std::fs::remove_dir_all(&dir);
-    let mut r = Rehearsal::start(&ClusterOptions {
-        image: f.image.clone(),
-        board: None,
-        data_dir: None,
-        cluster: f.cluster.clone(),
-        nodes: Some(3),
-        dir: Some(dir.clone()),
-        timeout: Duration::from_secs(1500),
-        expect_ready: false,
-        ssh_port_base: Some(port),
-        accel: picoimg::qemu::Accel::Tcg,
-        disk_size: None,
-        data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
-        cpus: None,
-    })
-    .unwrap();
+    let mut r = Rehearsal::start(&rehearsal_options(f, &f.cluster, 3, &dir, port)).unwrap();
     // Cut pc1 as soon as its network step is recorded (users, time, consul still to do).
     let cut = r.watch(Duration::from_secs(900), |_, i, line| {
         i == 1 && line.contains("picoimg: step network ok")
@@ -775,23 +786,13 @@ fn ceph_cluster(f: &Fixture, nodes: u32, name: &str) -> PathBuf {
 fn ceph_rehearsal(f: &Fixture, cluster: &Path, nodes: usize, dir: &Path, port: u16) -> Rehearsal {
     let _ = std::fs::remove_dir_all(dir);
     Rehearsal::start(&ClusterOptions {
-        image: f.image.clone(),
-        board: None,
-        data_dir: None,
-        cluster: cluster.to_owned(),
-        nodes: Some(nodes),
-        dir: Some(dir.to_owned()),
         timeout: Duration::from_secs(3000),
-        expect_ready: false,
-        ssh_port_base: Some(port),
-        accel: picoimg::qemu::Accel::Tcg,
         // The monitors warn below 30% free space on their disk (mon_data_avail_warn): the
         // image's 2 GiB root is grown to 4 GiB, as a card would be.
         disk_size: Some(4 << 30),
-        data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
         // The board's two virtual CPUs: with one each, the first boot took 1264 s instead of
-        // about 930 (a busy VM cannot use the core an idle one leaves).
-        cpus: None,
+        // 1140 (a busy VM cannot use the core an idle one leaves).
+        ..rehearsal_options(f, cluster, nodes, dir, port)
     })
     .unwrap()
 }
@@ -1152,22 +1153,7 @@ fn a_node_refuses_an_osd_disk_that_holds_a_filesystem() {
         .args(["convert", "-q", "-O", "qcow2"])
         .arg(&raw)
         .arg(&disk));
-    let mut r = Rehearsal::start(&ClusterOptions {
-        image: f.image.clone(),
-        board: None,
-        data_dir: None,
-        cluster,
-        nodes: Some(1),
-        dir: Some(dir.clone()),
-        timeout: Duration::from_secs(1500),
-        expect_ready: false,
-        ssh_port_base: Some(port),
-        accel: picoimg::qemu::Accel::Tcg,
-        disk_size: None,
-        data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
-        cpus: None,
-    })
-    .unwrap();
+    let mut r = Rehearsal::start(&rehearsal_options(f, &cluster, 1, &dir, port)).unwrap();
     assert!(r.wait_all(Duration::from_secs(1500)), "{}", r.summary());
     let NodeState::Failed(why) = &r.nodes[0].state else {
         panic!("pc0 did not fail: {}\n{}", r.summary(), console_tails(&r));
