@@ -201,6 +201,9 @@ impl System for Tunnel {
             ..req.clone()
         })
     }
+    fn reachable(&self, _: &str, _: u16, _: Duration) -> bool {
+        false
+    }
 }
 
 /// Nomad's Consul policies and tokens, made by the nomad stack's own code (the step its health

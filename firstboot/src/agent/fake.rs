@@ -29,6 +29,9 @@ pub struct Fake {
     pub answer: Answer,
     /// The pauses asked for, in seconds (nothing sleeps).
     pub slept: RefCell<Vec<u64>>,
+    /// Whether `host:port` answers, given the pauses so far (default: nothing answers).
+    #[allow(clippy::type_complexity)]
+    pub reachable: Box<dyn Fn(&str, u16, &[u64]) -> bool>,
 }
 
 impl Fake {
@@ -41,6 +44,7 @@ impl Fake {
             http: Box::new(|r| bail!("{r}: connection refused")),
             answer: Box::new(|_| None),
             slept: RefCell::new(Vec::new()),
+            reachable: Box::new(|_, _, _| false),
         }
     }
     pub fn calls(&self) -> Vec<String> {
@@ -92,5 +96,11 @@ impl System for Fake {
     fn http(&self, req: &Request<'_>) -> Result<Reply> {
         self.calls.borrow_mut().push(format!("{req} {}", req.body));
         (self.http)(req)
+    }
+    fn reachable(&self, host: &str, port: u16, _: Duration) -> bool {
+        self.calls
+            .borrow_mut()
+            .push(format!("connect {host}:{port}"));
+        (self.reachable)(host, port, &self.slept.borrow())
     }
 }

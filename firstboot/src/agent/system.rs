@@ -18,6 +18,9 @@ pub trait System {
     fn sleep(&self, d: Duration);
     /// One HTTP request to a service on 127.0.0.1 (secrets go in headers or the body).
     fn http(&self, req: &super::http::Request<'_>) -> Result<super::http::Reply>;
+    /// Whether `host:port` (an IP address: the cluster file's) accepts a TCP connection within
+    /// `timeout`. Nothing is sent: it tells whether another node's service is up.
+    fn reachable(&self, host: &str, port: u16, timeout: Duration) -> bool;
 }
 
 /// The real system (the agent on a node, root = `/`).
@@ -39,6 +42,13 @@ impl System for Host {
 
     fn http(&self, req: &super::http::Request<'_>) -> Result<super::http::Reply> {
         super::http::send(req)
+    }
+
+    fn reachable(&self, host: &str, port: u16, timeout: Duration) -> bool {
+        host.parse::<std::net::IpAddr>().is_ok_and(|ip| {
+            std::net::TcpStream::connect_timeout(&std::net::SocketAddr::new(ip, port), timeout)
+                .is_ok()
+        })
     }
 }
 

@@ -3,13 +3,14 @@
 
 pub mod ceph;
 pub mod consul;
+pub mod k3s;
 pub mod nomad;
 
 use crate::stack::Stack;
 
 /// Every stack this agent knows, in the order their steps and health checks run.
 pub fn registry() -> &'static [&'static dyn Stack] {
-    &[&consul::Consul, &nomad::Nomad, &ceph::Ceph]
+    &[&consul::Consul, &nomad::Nomad, &ceph::Ceph, &k3s::K3s]
 }
 
 /// The registered stacks among `names` (e.g. the components of an image), in registry order.
