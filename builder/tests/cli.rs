@@ -1996,3 +1996,98 @@ fn cache_list_and_prune() {
     assert_eq!(std::fs::read_dir(&xz).unwrap().count(), 0);
     assert!(!rootfs.join(format!("{base}.tar")).exists());
 }
+
+/// The k3s component's artifacts: K3s's release binary and air-gap images per architecture
+/// (the plan names the release's files), each fetched from its pin and checked before
+/// anything is built, or given as an offline file that must match the pin (or a sha256 the
+/// user gives). K3s's download site is not reachable here: the fetch is served from
+/// 127.0.0.1 through a data copy whose pins point there; the real pins are only read.
+#[test]
+fn k3s_release_artifacts_are_pinned_fetched_and_checked() {
+    let plan = |board: &str, data: Option<&Path>, extra: &[&str]| -> serde_json::Value {
+        let mut c = picoimg();
+        if let Some(d) = data {
+            c.arg("--data-dir").arg(d);
+        }
+        let o = c
+            .args(["plan", "--board", board, "--stack", "k3s"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        p["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "k3s")
+            .unwrap()["artifacts"]
+            .clone()
+    };
+    let release = "https://github.com/k3s-io/k3s/releases/download/v1.31.4%2Bk3s1/";
+    for (board, binary, images) in [
+        ("h4", "k3s", "k3s-airgap-images-amd64.tar.zst"),
+        ("c5", "k3s-arm64", "k3s-airgap-images-arm64.tar.zst"),
+    ] {
+        let a = plan(board, None, &[]);
+        assert_eq!(a[0]["name"], "k3s");
+        assert_eq!(a[0]["path"], "/usr/local/bin/k3s");
+        assert_eq!(a[0]["mode"], 0o755);
+        assert_eq!(a[0]["url"], format!("{release}{binary}"));
+        assert_eq!(a[1]["name"], "k3s-images");
+        assert_eq!(
+            a[1]["path"],
+            "/var/lib/rancher/k3s/agent/images/k3s-airgap-images.tar.zst"
+        );
+        assert_eq!(a[1]["mode"], 0o644);
+        assert_eq!(a[1]["url"], format!("{release}{images}"));
+    }
+    // Fetched from the pin's URL (here 127.0.0.1): a file that is not the pinned one is
+    // refused, naming what it got, before anything is built.
+    let data = common::data_copy();
+    let comp = data.path().join("overlays/k3s/component.toml");
+    let text = std::fs::read_to_string(&comp).unwrap();
+    let stand_in = b"#!/bin/sh\necho k3s version v1.31.4+k3s1 (stand-in)\n".to_vec();
+    let url = common::serve(b"not the release".to_vec(), 4);
+    let pinned_amd64 = "74897e4af26ea383ce50f445752f40ca63a0aef0d90994fb74073c43063eeeb2";
+    std::fs::write(
+        &comp,
+        text.replace(&format!("{release}k3s\""), &format!("{url}\"")),
+    )
+    .unwrap();
+    let e = refused(&["--board", "h4", "--stack", "k3s"], Some(data.path()));
+    assert!(
+        e.contains(&format!(
+            "from {url} has sha256 {}",
+            sha256_hex(b"not the release")
+        )) && e.contains(&format!("but component `k3s` pins {pinned_amd64}")),
+        "{e}"
+    );
+    // Offline: a local copy must be the pinned file...
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k3s");
+    std::fs::write(&file, &stand_in).unwrap();
+    let arg = format!("k3s={}", file.display());
+    let e = refused(
+        &["--board", "h4", "--stack", "k3s", "--artifact", &arg],
+        None,
+    );
+    assert!(
+        e.contains(&format!("but component `k3s` pins {pinned_amd64}")),
+        "{e}"
+    );
+    // ...or match the sha256 the user gives for another release.
+    let sum = sha256_hex(&stand_in);
+    let a = plan(
+        "h4",
+        None,
+        &[
+            "--artifact",
+            &arg,
+            "--artifact-sha256",
+            &format!("k3s={sum}"),
+        ],
+    );
+    assert_eq!(a[0]["sha256"], sum.as_str());
+    assert_eq!(a[0]["sha256_given"], true);
+}

@@ -1,5 +1,6 @@
-//! Tier 4, clusters: one h4 image with the consul, docker and ceph components (Consul from Debian
-//! bullseye, the substitute for HashiCorp's repository; Docker and Ceph 18 from Debian trixie)
+//! Tier 4, clusters: one h4 image with the consul, docker, ceph and k3s components (Consul from
+//! Debian bullseye, the substitute for HashiCorp's repository; Docker and Ceph 18 from Debian
+//! trixie; stand-ins for K3s's release files, which cannot be downloaded here)
 //! and one cluster file for both stacks; three QEMU VMs told apart by MAC on a private VDE
 //! switch (unix sockets; no host network). Assertions are made from inside the VMs over SSH (a
 //! restricted user-mode NIC forwards 127.0.0.1:PORT to each VM's port 22), with the key the
@@ -19,6 +20,7 @@ use picoimg::rehearsal::{ClusterOptions, Rehearsal};
 use picoimg_firstboot::agent::{http, System, Target};
 use picoimg_firstboot::stack::Secrets;
 use picoimg_firstboot::stacks::{consul as consul_stack, nomad};
+use sha2::Digest;
 
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -33,9 +35,16 @@ fn picoimg() -> Command {
     Command::new(env!("CARGO_BIN_EXE_picoimg"))
 }
 
-/// Builds the rehearsal image once (h4 with the consul, docker and ceph components: one image
-/// carries every stack's parts that are reachable here) and writes a three-node cluster file with
-/// a fresh SSH key.
+/// K3s's release files cannot be downloaded here: the rehearsal image carries stand-ins, given
+/// as offline files with their own sha256 (what a user does for another release). Nothing in
+/// the rehearsal runs them: they show where the k3s component puts K3s.
+const K3S_STAND_IN: &str =
+    "#!/bin/sh\necho 'k3s version v1.31.4+k3s1 (picoimg stand-in, not K3s)'\n";
+const K3S_IMAGES_STAND_IN: &str = "picoimg stand-in for k3s-airgap-images-amd64.tar.zst\n";
+
+/// Builds the rehearsal image once (h4 with the consul, docker, ceph and k3s components: one
+/// image carries every stack's parts that are reachable here, and K3s's stand-ins) and writes
+/// a three-node cluster file with a fresh SSH key.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
@@ -43,6 +52,16 @@ fn fixture() -> &'static Fixture {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("out");
+        let mut offline = Vec::new();
+        for (name, body) in [("k3s", K3S_STAND_IN), ("k3s-images", K3S_IMAGES_STAND_IN)] {
+            let file = dir.join(format!("{name}.stand-in"));
+            std::fs::write(&file, body).unwrap();
+            let sum = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+            offline.push("--artifact".to_owned());
+            offline.push(format!("{name}={}", file.display()));
+            offline.push("--artifact-sha256".to_owned());
+            offline.push(format!("{name}={sum}"));
+        }
         let started = Instant::now();
         let st = picoimg()
             .args([
@@ -50,17 +69,21 @@ fn fixture() -> &'static Fixture {
                 "--board",
                 "h4",
                 "--stack",
-                "consul,docker,ceph",
+                "consul,docker,ceph,k3s",
                 "--sources",
                 "debian",
             ])
+            .args(&offline)
             .args(["--keep-raw", "--xz-level", "0", "--out"])
             .arg(&out)
             .status()
             .unwrap();
-        assert!(st.success(), "picoimg build h4-consul+docker+ceph failed");
+        assert!(
+            st.success(),
+            "picoimg build h4-consul+docker+ceph+k3s failed"
+        );
         eprintln!(
-            "h4-consul+docker+ceph built in {:.0}s",
+            "h4-consul+docker+ceph+k3s built in {:.0}s",
             started.elapsed().as_secs_f64()
         );
         let key = dir.join("id_ed25519");
@@ -72,7 +95,7 @@ fn fixture() -> &'static Fixture {
         assert!(st.success());
         let cluster = cluster_file(&dir, &key, "lab", "consul,ceph", 3, "10.77.0.0/24");
         Fixture {
-            image: out.join("h4-consul+docker+ceph.img"),
+            image: out.join("h4-consul+docker+ceph+k3s.img"),
             dir,
             key,
             cluster,
@@ -1070,4 +1093,91 @@ fn a_node_refuses_an_osd_disk_that_holds_a_filesystem() {
         .arg("cat holiday.txt")
         .arg(&back));
     assert_eq!(text, "a file the user keeps\n");
+}
+
+/// Where the k3s component puts K3s, read from the rehearsal image's root filesystem with
+/// debugfs: the release binary (here a stand-in) at /usr/local/bin/k3s, 0755; kubectl, crictl
+/// and ctr as links to it; the air-gap images where K3s imports them; our own server and agent
+/// units (not enabled: the first-boot agent enables one once the node knows how it starts); the
+/// health check ordered after them; no config.yaml yet (a node writes it, 0600, at first boot);
+/// the manifest records the files with the sha256 they were given.
+#[test]
+fn the_k3s_component_puts_k3s_where_k3s_expects_it() {
+    let f = fixture();
+    let table: serde_json::Value =
+        serde_json::from_str(&run_ok(Command::new("sfdisk").arg("-J").arg(&f.image))).unwrap();
+    let start = table["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "root")
+        .and_then(|p| p["start"].as_u64())
+        .unwrap();
+    let root = format!("{}?offset={}", f.image.display(), start * 512);
+    let debugfs = |request: &str| run_ok(Command::new("debugfs").arg("-R").arg(request).arg(&root));
+    let stat = |path: &str| debugfs(&format!("stat {path}"));
+    let k3s = stat("/usr/local/bin/k3s");
+    assert!(
+        k3s.contains("Mode:  0755") && k3s.contains("User:     0   Group:     0"),
+        "{k3s}"
+    );
+    assert_eq!(debugfs("cat /usr/local/bin/k3s"), K3S_STAND_IN);
+    for link in ["kubectl", "crictl", "ctr"] {
+        let s = stat(&format!("/usr/local/bin/{link}"));
+        assert!(
+            s.contains("Type: symlink") && s.contains("Fast link dest: \"k3s\""),
+            "{link}: {s}"
+        );
+    }
+    let images = "/var/lib/rancher/k3s/agent/images/k3s-airgap-images.tar.zst";
+    assert!(stat(images).contains("Mode:  0644"), "{}", stat(images));
+    assert_eq!(debugfs(&format!("cat {images}")), K3S_IMAGES_STAND_IN);
+    for (unit, run) in [
+        ("k3s.service", "k3s server"),
+        ("k3s-agent.service", "k3s agent"),
+    ] {
+        let text = debugfs(&format!("cat /etc/systemd/system/{unit}"));
+        assert!(
+            text.contains(&format!("\nExecStart=/usr/local/bin/{run}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nConditionPathExists=/etc/rancher/k3s/config.yaml\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nType=notify\n") && text.contains("\nDelegate=yes\n"),
+            "{text}"
+        );
+        let wants = debugfs(&format!(
+            "stat /etc/systemd/system/multi-user.target.wants/{unit}"
+        ));
+        assert!(
+            !wants.contains("Type: symlink"),
+            "{unit} is enabled in the image: {wants}"
+        );
+    }
+    let drop_in = debugfs("cat /etc/systemd/system/picoimg-firstboot-health.service.d/k3s.conf");
+    assert!(
+        drop_in.contains("After=k3s.service k3s-agent.service"),
+        "{drop_in}"
+    );
+    let config = stat("/etc/rancher/k3s/config.yaml");
+    assert!(
+        !config.contains("Mode:"),
+        "config.yaml in the image: {config}"
+    );
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(f.image.with_extension("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let artifacts = manifest["artifacts"].as_array().unwrap();
+    for (name, body) in [("k3s", K3S_STAND_IN), ("k3s-images", K3S_IMAGES_STAND_IN)] {
+        let a = artifacts.iter().find(|a| a["name"] == name).unwrap();
+        assert_eq!(
+            a["sha256"],
+            hex::encode(sha2::Sha256::digest(body.as_bytes())),
+            "{a}"
+        );
+    }
 }
