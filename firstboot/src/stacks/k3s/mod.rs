@@ -491,13 +491,16 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, role: Role) -> Re
             Ok(format!("{unit} enabled and started ({how})"))
         },
     )?;
-    // 2. Ready: a server sees every server Ready and as many etcd members; an agent sees its
-    //    own node Ready (its kubelet's credentials may read nodes).
+    // 2. Ready: a server sees every K3s node of the file Ready and one etcd member per server;
+    //    an agent sees its own node Ready (its kubelet's credentials may read nodes).
     let limit = file.firstboot.health_timeout;
-    let servers: Vec<String> = config::servers(file)
+    let expected: Vec<String> = file
+        .nodes
         .iter()
+        .filter(|n| config::role(n).is_some())
         .map(|n| n.name.get_ref().clone())
         .collect();
+    let servers = config::servers(file).len();
     let kubectl = |args: &[&str]| {
         let mut c = Cmd::new(format!("/{BINARY}")).arg("kubectl");
         if role == Role::Agent {
@@ -508,30 +511,36 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, role: Role) -> Re
     match role {
         Role::Server => {
             let cmd = kubectl(&["get", "nodes", "-o", "json"]);
-            let (ready, etcd) = stack::wait("K3s servers Ready", limit, 10, t, p, || {
+            let (ready, etcd) = stack::wait("every K3s node Ready", limit, 10, t, p, || {
                 let Ok(out) = t.sys.run(&cmd) else {
                     return Ok(Err("the API does not answer yet".into()));
                 };
                 let Some(nodes) = config::nodes(&out) else {
                     return Ok(Err("unreadable `kubectl get nodes`".into()));
                 };
-                let ready: Vec<&String> = servers
+                let waiting: Vec<&str> = expected
                     .iter()
-                    .filter(|s| nodes.iter().any(|(n, r, _)| n == *s && *r))
+                    .filter(|e| !nodes.iter().any(|(n, r, _)| n == *e && *r))
+                    .map(String::as_str)
                     .collect();
                 let etcd = nodes.iter().filter(|(_, _, e)| *e).count();
-                if ready.len() == servers.len() && etcd == servers.len() {
-                    Ok(Ok((ready.len(), etcd)))
+                if waiting.is_empty() && etcd == servers {
+                    Ok(Ok((expected.len(), etcd)))
                 } else {
                     Ok(Err(format!(
-                        "{} of {} servers Ready, {etcd} etcd members",
-                        ready.len(),
-                        servers.len()
+                        "{} of {} nodes Ready{}, {etcd} of {servers} etcd members",
+                        expected.len() - waiting.len(),
+                        expected.len(),
+                        if waiting.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (not yet: {})", waiting.join(", "))
+                        }
                     )))
                 }
             })?;
             Ok(format!(
-                "k3s server ({how}): {ready} servers Ready, {etcd} etcd members"
+                "k3s server ({how}): {ready} nodes Ready, {etcd} etcd members"
             ))
         }
         Role::Agent => {

@@ -437,7 +437,7 @@ fn a_first_server_looks_for_a_running_cluster_then_founds_it() {
         h.lines()
     );
     assert!(h.lines().iter().any(|l| l
-        == "picoimg: step health ok: k3s server (founded the cluster): 3 servers Ready, 3 etcd members"), "{:#?}", h.lines());
+        == "picoimg: step health ok: k3s server (founded the cluster): 3 nodes Ready, 3 etcd members"), "{:#?}", h.lines());
     // The token never reaches a command line or a report.
     let c = checked(&t);
     let s = secrets(&c);
@@ -575,7 +575,7 @@ fn a_server_waits_for_every_server_and_etcd_member_and_gives_up_in_time() {
     let last = h.lines().last().unwrap();
     assert!(
         last.contains(
-            "K3s servers Ready not done after 60 s: 2 of 3 servers Ready, 2 etcd members"
+            "every K3s node Ready not done after 60 s: 2 of 3 nodes Ready (not yet: pc2), 2 of 3 etcd members"
         ),
         "{last}"
     );
