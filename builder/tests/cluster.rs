@@ -432,6 +432,21 @@ fn rehearsal_options(
     }
 }
 
+/// The root filesystem of a GPT disk image as e2fsprogs address it: `IMAGE?offset=BYTES`, the
+/// offset of the partition named `root` as sfdisk reads the table.
+fn root_partition(image: &Path) -> String {
+    let table: serde_json::Value =
+        serde_json::from_str(&run_ok(Command::new("sfdisk").arg("-J").arg(image))).unwrap();
+    let start = table["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "root")
+        .and_then(|p| p["start"].as_u64())
+        .unwrap();
+    format!("{}?offset={}", image.display(), start * 512)
+}
+
 fn switch_alive(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("switch.pid"))
         .ok()
@@ -487,16 +502,7 @@ fn flashed_and_personalised_card_boots_as_its_node() {
     // (machine-id committed) and before the SSH host keys reached the disk: an empty key and
     // ssh-keygen's temporary file. Debian makes host keys on the first boot only; without
     // picoimg's sshd-keygen drop-in sshd fails and the boot reports a failed unit.
-    let table: serde_json::Value =
-        serde_json::from_str(&run_ok(Command::new("sfdisk").arg("-J").arg(&card))).unwrap();
-    let start = table["partitiontable"]["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "root")
-        .and_then(|p| p["start"].as_u64())
-        .unwrap();
-    let root = format!("{}?offset={}", card.display(), start * 512);
+    let root = root_partition(&card);
     let empty = dir.join("empty");
     std::fs::write(&empty, "").unwrap();
     let id = dir.join("machine-id");
@@ -1104,16 +1110,7 @@ fn a_node_refuses_an_osd_disk_that_holds_a_filesystem() {
 #[test]
 fn the_k3s_component_puts_k3s_where_k3s_expects_it() {
     let f = fixture();
-    let table: serde_json::Value =
-        serde_json::from_str(&run_ok(Command::new("sfdisk").arg("-J").arg(&f.image))).unwrap();
-    let start = table["partitiontable"]["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "root")
-        .and_then(|p| p["start"].as_u64())
-        .unwrap();
-    let root = format!("{}?offset={}", f.image.display(), start * 512);
+    let root = root_partition(&f.image);
     let debugfs = |request: &str| run_ok(Command::new("debugfs").arg("-R").arg(request).arg(&root));
     let stat = |path: &str| debugfs(&format!("stat {path}"));
     let k3s = stat("/usr/local/bin/k3s");

@@ -24,3 +24,23 @@ pub fn named(names: &[&str]) -> Vec<&'static dyn Stack> {
 
 #[cfg(test)]
 mod tests;
+
+/// What the stacks' tests share: a file that must pass the checks, the problems of one that
+/// must not, and every registered stack's secrets for a checked file.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::cluster::{check, Checked, Problem};
+    use crate::stack::Secrets;
+
+    pub fn checked(t: &str) -> Checked {
+        check(t).unwrap_or_else(|p| panic!("{p:#?}"))
+    }
+
+    pub fn problems(t: &str) -> Vec<Problem> {
+        check(t).err().unwrap_or_default()
+    }
+
+    pub fn secrets(c: &Checked) -> Secrets {
+        Secrets::of(super::registry(), c)
+    }
+}

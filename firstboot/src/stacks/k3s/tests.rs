@@ -11,8 +11,7 @@ use std::path::Path;
 use super::*;
 use crate::agent::fake::Fake;
 use crate::agent::{Agent, Outcome};
-use crate::cluster::{check, render_init, Checked, InitOptions};
-use crate::stack::Secrets;
+use crate::cluster::{render_init, InitOptions};
 
 const RELEASE: &str = "v1.31.4+k3s1";
 
@@ -34,17 +33,7 @@ fn text(nodes: u32) -> String {
     t
 }
 
-fn checked(t: &str) -> Checked {
-    check(t).unwrap_or_else(|p| panic!("{p:#?}"))
-}
-
-fn problems(t: &str) -> Vec<Problem> {
-    check(t).err().unwrap_or_default()
-}
-
-fn secrets(c: &Checked) -> Secrets {
-    Secrets::of(crate::stacks::registry(), c)
-}
+use crate::stacks::testing::{checked, problems, secrets};
 
 #[test]
 fn init_gives_three_servers_then_agents_and_the_file_checks() {

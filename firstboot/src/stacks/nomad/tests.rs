@@ -10,8 +10,7 @@ use super::*;
 use crate::agent::fake::Fake;
 use crate::agent::http::Reply;
 use crate::agent::{Agent, Outcome};
-use crate::cluster::{check, render_init, Checked, InitOptions};
-use crate::stack::Secrets;
+use crate::cluster::{render_init, InitOptions};
 
 /// The part of Consul's `GET /v1/agent/self` answer the stack reads (shape as Consul 1.8.7
 /// answers on a booted node: `Config.Version`).
@@ -32,17 +31,7 @@ fn text(nodes: u32) -> String {
     .replace("policy = \"sync\"", "policy = \"skip\"")
 }
 
-fn checked(t: &str) -> Checked {
-    check(t).unwrap_or_else(|p| panic!("{p:#?}"))
-}
-
-fn problems(t: &str) -> Vec<Problem> {
-    check(t).err().unwrap_or_default()
-}
-
-fn secrets(c: &Checked) -> Secrets {
-    Secrets::of(crate::stacks::registry(), c)
-}
+use crate::stacks::testing::{checked, problems, secrets};
 
 #[test]
 fn init_gives_three_servers_that_are_also_clients_and_the_file_checks() {
