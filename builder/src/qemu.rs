@@ -140,8 +140,9 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     if !opts.expect_ready {
         return cmd.run_interactive().context("running QEMU");
     }
-    let started = Instant::now();
-    match expect_ready(&cmd, opts.timeout) {
+    // One deadline for the whole run, a restart under TCG included: the timeout is the user's.
+    let deadline = Instant::now() + opts.timeout;
+    match expect_ready(&cmd, deadline, opts.timeout) {
         Err(Stop::Kvm(line)) if opts.accel == Accel::Kvm && !forced_kvm => {
             log(format!(
                 "KVM cannot run this guest here (QEMU: {line}): restarting under TCG (software emulation)"
@@ -149,8 +150,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             opts.accel = Accel::Tcg;
             let cmd = qemu_cmd(&board, &disk, format, tmp.path(), &opts)?;
             log(format!("starting: {}", cmd.display()));
-            expect_ready(&cmd, opts.timeout.saturating_sub(started.elapsed()))
-                .map_err(Stop::into_error)
+            expect_ready(&cmd, deadline, opts.timeout).map_err(Stop::into_error)
         }
         r => r.map_err(Stop::into_error),
     }
@@ -423,8 +423,9 @@ pub fn read_console(
 }
 
 /// Streams the console to stdout until the ready marker (Ok), the failed marker, QEMU's exit
-/// or the timeout (Err with the last 50 console lines), or QEMU's report that KVM failed.
-fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<(), Stop> {
+/// or `deadline` (Err with the last 50 console lines, naming the `timeout` the run was given),
+/// or QEMU's report that KVM failed.
+fn expect_ready(cmd: &Cmd, deadline: Instant, timeout: Duration) -> Result<(), Stop> {
     let child = cmd
         .spawn_reader()
         .context("starting QEMU")
@@ -442,7 +443,7 @@ fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<(), Stop> {
     let mut tail: VecDeque<String> = VecDeque::with_capacity(50);
     let stdout = std::io::stdout();
     let outcome: Result<()> = loop {
-        let left = timeout.saturating_sub(started.elapsed());
+        let left = deadline.saturating_duration_since(Instant::now());
         if crate::interrupt::requested() {
             break Err(anyhow::anyhow!("interrupted"));
         }
@@ -477,7 +478,7 @@ fn expect_ready(cmd: &Cmd, timeout: Duration) -> Result<(), Stop> {
                 }
             }
             Ok(None) => break Err(anyhow::anyhow!("QEMU exited before the ready marker")),
-            Err(mpsc::RecvTimeoutError::Timeout) if started.elapsed() >= timeout => {
+            Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => {
                 break Err(anyhow::anyhow!(
                     "no ready marker within {}s",
                     timeout.as_secs()
