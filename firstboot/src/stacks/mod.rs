@@ -43,4 +43,31 @@ pub(crate) mod testing {
     pub fn secrets(c: &Checked) -> Secrets {
         Secrets::of(super::registry(), c)
     }
+
+    /// A node's root as image `name` leaves it: its build info, the cluster file `t` on the
+    /// boot partition, one NIC with `mac`, and `files` (path below the root, contents).
+    pub fn node_root(name: &str, t: &str, mac: &str, files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let w = |rel: &str, body: &str| {
+            let p = d.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        };
+        w(
+            crate::contract::BUILD_INFO,
+            &format!(r#"{{"name":"{name}","boot_mount":"/boot/efi"}}"#),
+        );
+        w("boot/efi/picoimg/cluster.toml", t);
+        w("sys/class/net/enp0s2/address", &format!("{mac}\n"));
+        for (rel, body) in files {
+            w(rel, body);
+        }
+        d
+    }
+
+    /// The permission bits of `p`.
+    pub fn mode(p: &std::path::Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
 }

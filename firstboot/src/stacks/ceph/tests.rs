@@ -16,6 +16,7 @@ use crate::agent::fake::Fake;
 use crate::agent::{Agent, Outcome};
 use crate::cluster::{check, render_init, Checked, InitOptions};
 use crate::stack::Secrets;
+use crate::stacks::testing::mode;
 
 fn text(nodes: u32) -> String {
     render_init(&InitOptions {
@@ -497,31 +498,20 @@ fn ceph_status_is_read_as_reef_prints_it() {
 
 /// A node root with Ceph installed, pc1's MAC, and its OSD device.
 fn node_root(t: &str) -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    let w = |rel: &str, body: &str| {
-        let p = d.path().join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, body).unwrap();
-    };
-    w(
-        crate::contract::BUILD_INFO,
-        r#"{"name":"h4-ceph","boot_mount":"/boot/efi"}"#,
-    );
-    w("boot/efi/picoimg/cluster.toml", t);
-    w("sys/class/net/enp0s2/address", "52:54:00:00:00:02\n");
-    w("dev/disk/by-id/virtio-osd0", "");
-    w(
-        "etc/passwd",
-        "root:x:0:0:root:/root:/bin/bash\nceph:x:64045:64045::/var/lib/ceph:/usr/sbin/nologin\n",
-    );
-    w("etc/group", "root:x:0:\nceph:x:64045:\n");
-    w("proc/meminfo", "MemTotal:        3903524 kB\n");
-    d
-}
-
-fn mode(p: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    crate::stacks::testing::node_root(
+        "h4-ceph",
+        t,
+        "52:54:00:00:00:02",
+        &[
+            ("dev/disk/by-id/virtio-osd0", ""),
+            (
+                "etc/passwd",
+                "root:x:0:0:root:/root:/bin/bash\nceph:x:64045:64045::/var/lib/ceph:/usr/sbin/nologin\n",
+            ),
+            ("etc/group", "root:x:0:\nceph:x:64045:\n"),
+            ("proc/meminfo", "MemTotal:        3903524 kB\n"),
+        ],
+    )
 }
 
 #[test]

@@ -33,7 +33,7 @@ fn text(nodes: u32) -> String {
     t
 }
 
-use crate::stacks::testing::{checked, problems, secrets};
+use crate::stacks::testing::{checked, mode, problems, secrets};
 
 #[test]
 fn init_gives_three_servers_then_agents_and_the_file_checks() {
@@ -327,27 +327,16 @@ fn cluster_file_rules_have_lines() {
 /// A node's root as the image leaves it: build info, the cluster file on the boot partition,
 /// its MAC, the K3s binary (empty: the fake answers `k3s --version`).
 fn node_root(t: &str, mac: &str) -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    let w = |rel: &str, body: &str| {
-        let p = d.path().join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, body).unwrap();
-    };
-    w(
-        crate::contract::BUILD_INFO,
-        r#"{"name":"h4-k3s","boot_mount":"/boot/efi"}"#,
-    );
-    w("boot/efi/picoimg/cluster.toml", t);
-    w("sys/class/net/enp0s2/address", &format!("{mac}\n"));
-    w(BINARY, "");
-    w("etc/passwd", "root:x:0:0:root:/root:/bin/bash\n");
-    w("etc/group", "root:x:0:\n");
-    d
-}
-
-fn mode(p: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    crate::stacks::testing::node_root(
+        "h4-k3s",
+        t,
+        mac,
+        &[
+            (BINARY, ""),
+            ("etc/passwd", "root:x:0:0:root:/root:/bin/bash\n"),
+            ("etc/group", "root:x:0:\n"),
+        ],
+    )
 }
 
 /// `kubectl get nodes -o json` with `ready` of pc0..pc2 Ready and etcd members.

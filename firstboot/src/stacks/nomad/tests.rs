@@ -4,7 +4,6 @@
 //! No Nomad binary is reachable here: what Nomad itself does with these is not tested.
 
 use std::cell::Cell;
-use std::path::Path;
 
 use super::*;
 use crate::agent::fake::Fake;
@@ -31,7 +30,7 @@ fn text(nodes: u32) -> String {
     .replace("policy = \"sync\"", "policy = \"skip\"")
 }
 
-use crate::stacks::testing::{checked, problems, secrets};
+use crate::stacks::testing::{checked, mode, problems, secrets};
 
 #[test]
 fn init_gives_three_servers_that_are_also_clients_and_the_file_checks() {
@@ -172,31 +171,20 @@ fn cluster_file_rules_have_lines() {
 
 /// A node root with Consul and Nomad installed and pc1's MAC.
 fn node_root(t: &str) -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    let w = |rel: &str, body: &str| {
-        let p = d.path().join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, body).unwrap();
-    };
-    w(
-        crate::contract::BUILD_INFO,
-        r#"{"name":"h4-nomad","boot_mount":"/boot/efi"}"#,
-    );
-    w("boot/efi/picoimg/cluster.toml", t);
-    w("sys/class/net/enp0s2/address", "52:54:00:00:00:02\n");
-    w("usr/bin/consul", "");
-    w("usr/bin/nomad", "");
-    w(
-        "etc/passwd",
-        "root:x:0:0:root:/root:/bin/bash\nconsul:x:100:101::/var/lib/consul:/usr/sbin/nologin\nnomad:x:102:103::/opt/nomad:/usr/sbin/nologin\n",
-    );
-    w("etc/group", "root:x:0:\nconsul:x:101:\nnomad:x:103:\n");
-    d
-}
-
-fn mode(p: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    crate::stacks::testing::node_root(
+        "h4-nomad",
+        t,
+        "52:54:00:00:00:02",
+        &[
+            ("usr/bin/consul", ""),
+            ("usr/bin/nomad", ""),
+            (
+                "etc/passwd",
+                "root:x:0:0:root:/root:/bin/bash\nconsul:x:100:101::/var/lib/consul:/usr/sbin/nologin\nnomad:x:102:103::/opt/nomad:/usr/sbin/nologin\n",
+            ),
+            ("etc/group", "root:x:0:\nconsul:x:101:\nnomad:x:103:\n"),
+        ],
+    )
 }
 
 #[test]
