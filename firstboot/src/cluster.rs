@@ -633,6 +633,12 @@ impl Subnet {
         x & self.mask() == n && x != n && x != n | !self.mask()
     }
 
+    /// Whether the two networks share an address.
+    pub fn overlaps(self, other: Subnet) -> bool {
+        let mask = self.mask().min(other.mask());
+        u32::from(self.network) & mask == u32::from(other.network) & mask
+    }
+
     /// The `i`-th host address (1-based).
     pub fn nth(self, i: u32) -> Option<Ipv4Addr> {
         let a = Ipv4Addr::from(u32::from(self.network) + i);

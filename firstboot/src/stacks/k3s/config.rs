@@ -15,7 +15,7 @@
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::cluster::{ClusterFile, Node, Subnet};
+use crate::cluster::{ClusterFile, Node};
 use crate::stack::Secrets;
 
 use super::{label, SECTION};
@@ -109,6 +109,24 @@ pub fn section(file: &ClusterFile) -> Section {
 pub enum Role {
     Server,
     Agent,
+}
+
+impl Role {
+    /// The role's name in the cluster file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Server => SERVER,
+            Role::Agent => AGENT,
+        }
+    }
+
+    /// The unit that runs K3s in this role (overlays/k3s).
+    pub fn unit(self) -> &'static str {
+        match self {
+            Role::Server => super::SERVER_UNIT,
+            Role::Agent => super::AGENT_UNIT,
+        }
+    }
 }
 
 /// The node's K3s role (checked: at most one).
@@ -257,18 +275,6 @@ impl Yaml {
 
 fn quoted(v: &str) -> String {
     serde_json::Value::String(v.to_owned()).to_string()
-}
-
-/// Whether two IPv4 networks share an address.
-pub fn overlap(a: Subnet, b: Subnet) -> bool {
-    let p = a.prefix.min(b.prefix);
-    let mask = u32::MAX.checked_shl(32 - p as u32).unwrap_or(0);
-    u32::from(a.network) & mask == u32::from(b.network) & mask
-}
-
-/// A CIDR for K3s's pod or service network: IPv4, at most /30 (picoimg's subnet reader).
-pub fn cidr(s: &str) -> Option<Subnet> {
-    Subnet::parse(s)
 }
 
 /// Whether `v` is a K3s release name: `v1.31.4+k3s1`.

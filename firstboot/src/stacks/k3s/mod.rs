@@ -122,11 +122,7 @@ impl Stack for K3s {
         let s = config::section(ctx.file);
         let pin = s.version.as_ref().map(|v| v.get_ref().clone());
         let input = stack::fingerprint(&[
-            match role {
-                Some(Role::Server) => SERVER,
-                Some(Role::Agent) => AGENT,
-                None => "none",
-            },
+            role.map_or("none", Role::name),
             pin.as_deref().unwrap_or(""),
         ]);
         Ok(vec![Step {
@@ -240,34 +236,27 @@ fn check_section(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
         }
     }
     let subnet = cluster::Subnet::parse(f.network.subnet.get_ref());
+    // Each network with its line (0: K3s's default, the file does not set it).
     let mut nets = Vec::new();
-    for (key, v) in [
-        ("cluster_cidr", &s.cluster_cidr),
-        ("service_cidr", &s.service_cidr),
+    for (key, given, value) in [
+        ("cluster_cidr", &s.cluster_cidr, s.cluster_cidr()),
+        ("service_cidr", &s.service_cidr, s.service_cidr()),
     ] {
-        let Some(v) = v else {
-            let default = if key == "cluster_cidr" {
-                config::DEFAULT_CLUSTER_CIDR
-            } else {
-                config::DEFAULT_SERVICE_CIDR
-            };
-            nets.push((key, 0, config::cidr(default).expect("a valid default")));
-            continue;
-        };
-        match config::cidr(v.get_ref()) {
-            Some(n) => nets.push((key, cluster::at(text, v), n)),
+        let line = given.as_ref().map_or(0, |v| cluster::at(text, v));
+        match cluster::Subnet::parse(value) {
+            Some(n) => nets.push((key, line, n)),
             None => push(
-                cluster::at(text, v),
+                line,
                 key,
                 format!(
                     "\"{}\" is not an IPv4 network: write it as a.b.c.d/len with the host bits zero (len 8-30)",
-                    v.get_ref().escape_debug()
+                    value.escape_debug()
                 ),
             ),
         }
     }
     if let [(a, la, na), (b, lb, nb)] = nets[..] {
-        if config::overlap(na, nb) {
+        if na.overlaps(nb) {
             // Said where the file sets one (the service network if both are set).
             let (field, line, other) = if lb > 0 || la == 0 {
                 (b, lb, a)
@@ -283,7 +272,7 @@ fn check_section(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
     }
     if let Some(subnet) = subnet {
         for (key, line, n) in &nets {
-            if config::overlap(*n, subnet) {
+            if n.overlaps(subnet) {
                 push(
                     *line,
                     key,
@@ -375,10 +364,7 @@ fn installed(t: &Target<'_>, role: Option<Role>, pin: Option<&str>) -> Result<St
     }
     Ok(format!(
         "K3s {release} ({}); it starts once the node knows whether to found or join",
-        match role {
-            Role::Server => "server",
-            Role::Agent => "agent",
-        }
+        role.name()
     ))
 }
 
@@ -478,10 +464,7 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, role: Role) -> Re
         Mode::Init => "founded the cluster".to_owned(),
         Mode::Join(a) => format!("joined through {a}"),
     };
-    let unit = match role {
-        Role::Server => SERVER_UNIT,
-        Role::Agent => AGENT_UNIT,
-    };
+    let unit = role.unit();
     p.once(
         &format!("k3s-start {unit}"),
         &stack::fingerprint(&[unit]),

@@ -385,7 +385,7 @@ fn a_first_server_looks_for_a_running_cluster_then_founds_it() {
     let mut a = Agent::new(r, &fake, false);
     assert_eq!(a.apply(), Outcome::Configured, "{:#?}", a.lines());
     assert!(a.lines().iter().any(|l| l
-        == &format!("picoimg: step k3s ok: K3s {RELEASE} (server); it starts once the node knows whether to found or join")));
+        == &format!("picoimg: step k3s ok: K3s {RELEASE} (k3s-server); it starts once the node knows whether to found or join")));
     assert!(
         !r.join(CONFIG).exists(),
         "nothing decided before the health phase"
