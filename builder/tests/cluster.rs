@@ -829,7 +829,7 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_power_cut_a_shutdown_and_
         .find(|l| l.contains("picoimg: step health ok: "))
         .unwrap_or_else(|| panic!("no health line: {log}"));
     assert!(
-        health.contains("consul server: member, leader elected")
+        health.contains("consul server: member and voter, leader elected")
             && health.contains("ceph HEALTH_OK, 3 mons, 3 osds up"),
         "{health}"
     );

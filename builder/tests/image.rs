@@ -820,7 +820,7 @@ fn c5_boots_through_extlinux_and_forms_a_one_node_consul_cluster() {
     );
     assert!(
         log.contains(
-            "picoimg: step health ok: consul server: member, leader elected, 1 raft voter(s)"
+            "picoimg: step health ok: consul server: member and voter, leader elected, 1 raft voter(s)"
         ),
         "{}",
         tail(&log)

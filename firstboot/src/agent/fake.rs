@@ -70,6 +70,15 @@ impl System for Fake {
                 .join(format!("var/lib/ceph/mon/ceph-{name}/store.db"));
             std::fs::create_dir_all(db).unwrap();
         }
+        // Consul writes its node ID (its raft server ID; `b` in the peer list below) when it
+        // first starts.
+        if line.starts_with("systemctl start") && line.contains(" consul.service") {
+            let id = self.root.join("var/lib/consul/node-id");
+            if !id.exists() {
+                std::fs::create_dir_all(id.parent().unwrap()).unwrap();
+                std::fs::write(id, "b").unwrap();
+            }
+        }
         if line.starts_with("useradd") {
             let name = line.rsplit(' ').next().unwrap();
             let mut p = std::fs::read_to_string(self.root.join("etc/passwd")).unwrap();

@@ -430,6 +430,48 @@ fn health_gives_up_after_its_timeout() {
 }
 
 #[test]
+fn a_server_is_ready_only_once_it_votes() {
+    // A re-flashed server rejoins with a new node ID and is listed as a non-voter until the
+    // leader's autopilot promotes it (seen in the three-VM rehearsal after pc2's re-flash).
+    let d = node_root(&cluster_text());
+    let r = d.path();
+    assert_eq!(
+        Agent::new(r, &Fake::new(r), false).apply(),
+        Outcome::Configured
+    );
+    let mut fake = Fake::new(r);
+    let polls = std::cell::Cell::new(0);
+    fake.answer = Box::new(move |line| {
+        (line == "consul operator raft list-peers").then(|| {
+            polls.set(polls.get() + 1);
+            let pc1 = if polls.get() < 4 { "false" } else { "true" };
+            format!(
+                "Node  ID  Address  State  Voter  RaftProtocol\n\
+                 pc0  a  10.42.0.10:8300  leader  true  3\n\
+                 pc1  b  10.42.0.11:8300  follower  {pc1}  3\n\
+                 pc2  c  10.42.0.12:8300  follower  true  3\n"
+            )
+        })
+    });
+    let mut a = Agent::new(r, &fake, false);
+    assert_eq!(a.health(), Outcome::Ready, "{:#?}", a.lines());
+    let lines = a.lines().join("\n");
+    assert!(
+        lines.contains("this server is not yet a voter"),
+        "the wait says why: {lines}"
+    );
+    let list_peers = fake
+        .calls()
+        .iter()
+        .filter(|c| *c == "consul operator raft list-peers")
+        .count();
+    assert_eq!(
+        list_peers, 4,
+        "ready on the first poll that lists it as a voter"
+    );
+}
+
+#[test]
 fn time_policy_require_fails_without_a_clock_and_sync_goes_on() {
     let text = cluster_text()
         .replace("policy = \"skip\"", "policy = \"require\"")

@@ -165,6 +165,22 @@ pub fn raft_peers(output: &str) -> (usize, bool) {
     (voters, leader)
 }
 
+/// Whether `consul operator raft list-peers` lists the server with raft ID `id` (the agent's
+/// `node-id`) as a voter. By ID, not name: a re-flashed server comes back with a new node ID
+/// at the old address, and until the leader drops the old entry, that entry is listed under
+/// the same name. The new one is added as a non-voter; the leader's autopilot promotes it
+/// once it has been healthy for `server_stabilization_time`.
+pub fn raft_voter(output: &str, id: &str) -> bool {
+    !id.is_empty()
+        && output.lines().skip(1).any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.get(1) == Some(&id) && cols.get(4) == Some(&"true")
+        })
+}
+
+/// Where the agent keeps its node ID (`data_dir` above), which is its raft server ID.
+pub const NODE_ID: &str = "var/lib/consul/node-id";
+
 /// Whether `consul members` lists `node` as alive.
 pub fn member_alive(output: &str, node: &str) -> bool {
     output.lines().skip(1).any(|l| {
@@ -234,6 +250,10 @@ mod tests {
                      pc1   2c2d...                               10.42.0.11:8300  follower  true   3\n\
                      pc2   3d3e...                               10.42.0.12:8300  follower  false  3\n";
         assert_eq!(raft_peers(peers), (2, true));
+        assert!(raft_voter(peers, "1b1c..."));
+        assert!(!raft_voter(peers, "3d3e..."), "listed as a non-voter");
+        assert!(!raft_voter(peers, "9f9f..."), "not listed");
+        assert!(!raft_voter(peers, ""), "no node ID yet");
         let members = "Node  Address          Status  Type    Build  Protocol  DC   Segment\n\
                        pc0   10.42.0.10:8301  alive   server  1.8.7  2         dc1  <all>\n\
                        pc1   10.42.0.11:8301  failed  server  1.8.7  2         dc1  <all>\n";

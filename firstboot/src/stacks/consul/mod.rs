@@ -249,16 +249,27 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, role: Role) -> Re
             .unwrap_or_default();
         let (voters, leader) = config::raft_peers(&peers);
         let member = config::member_alive(&members, name);
-        if member && leader {
+        // A server counts only once it votes: a re-flashed server rejoins as a non-voter and
+        // the cluster has its full fault tolerance again only when autopilot promotes it.
+        let voter = role != Role::Server || {
+            let id = std::fs::read_to_string(t.p(config::NODE_ID)).unwrap_or_default();
+            config::raft_voter(&peers, id.trim())
+        };
+        if member && leader && voter {
             break voters;
         }
         let now_state = format!(
-            "{}; {voters} raft voter(s), {}",
+            "{}; {voters} raft voter(s), {}{}",
             if member { "member" } else { "not yet a member" },
             if leader {
                 "leader elected"
             } else {
                 "no leader yet"
+            },
+            if voter {
+                ""
+            } else {
+                "; this server is not yet a voter (the leader promotes a healthy server after server_stabilization_time)"
             }
         );
         let waited = slept.max(started.elapsed().as_secs());
@@ -289,11 +300,11 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, role: Role) -> Re
         )?;
     }
     Ok(format!(
-        "consul {}: member, leader elected, {voters} raft voter(s)",
+        "consul {}, leader elected, {voters} raft voter(s)",
         if role == Role::Server {
-            "server"
+            "server: member and voter"
         } else {
-            "client"
+            "client: member"
         },
     ))
 }
