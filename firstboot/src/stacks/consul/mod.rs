@@ -266,7 +266,7 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, role: Role) -> Re
             } else {
                 "no leader yet"
             },
-            if voter {
+            if voter || !(member && leader) {
                 ""
             } else {
                 "; this server is not yet a voter (the leader promotes a healthy server after server_stabilization_time)"
