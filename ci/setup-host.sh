@@ -81,7 +81,8 @@ fi
 build_pkgs=(mmdebstrap uidmap e2fsprogs libarchive13 curl debian-archive-keyring arch-test qemu-user-static)
 # Tools the tests use to check images and boot them.
 test_pkgs=(fdisk dosfstools mtools bmap-tools xz-utils u-boot-tools qemu-system-x86 qemu-system-arm
-  qemu-utils ovmf qemu-efi-aarch64 u-boot-qemu vde2 openssh-client iproute2 ca-certificates python3 file)
+  qemu-utils ovmf qemu-efi-aarch64 u-boot-qemu vde2 openssh-client iproute2 ca-certificates python3 file
+  openssl)
 
 missing=()
 for p in "${build_pkgs[@]}" "${test_pkgs[@]}"; do

@@ -226,9 +226,18 @@ pub fn render(
         Mode::Init => y.boolean("cluster-init", true),
         Mode::Join(addr) => y.scalar("server", &format!("https://{addr}:{API_PORT}")),
     }
+    // A joining node gets the full token: K3s checks the CA the server presents against its
+    // hash before it sends the password. The founder keeps the short form (always accepted,
+    // docs cli/token.md); it places the derived CAs itself.
+    let ca = super::pki::server_ca();
+    let ca_cert = super::pki::ca_cert_pem(&ca, secrets.get(ca.label)?)?;
+    let token = |user: &str, password: &str| match mode {
+        Mode::Init => password.to_owned(),
+        Mode::Join(_) => super::pki::full_token(&ca_cert, user, password),
+    };
     match role(node) {
         Some(Role::Server) => {
-            y.scalar("token", secrets.get(label::TOKEN)?);
+            y.scalar("token", &token("server", secrets.get(label::TOKEN)?));
             y.scalar("agent-token", secrets.get(label::AGENT_TOKEN)?);
             y.scalar("cluster-cidr", s.cluster_cidr());
             y.scalar("service-cidr", s.service_cidr());
@@ -237,7 +246,7 @@ pub fn render(
             y.list("tls-san", s.tls_san.iter().map(|d| d.get_ref().as_str()));
             y.scalar("write-kubeconfig-mode", "0600");
         }
-        Some(Role::Agent) => y.scalar("token", secrets.get(label::AGENT_TOKEN)?),
+        Some(Role::Agent) => y.scalar("token", &token("node", secrets.get(label::AGENT_TOKEN)?)),
         None => anyhow::bail!("node {} has no K3s role", node.name.get_ref()),
     }
     Ok(y.0)

@@ -6,6 +6,7 @@
 //! and waits until its node is Ready (a server: every server Ready and as many etcd members).
 
 pub mod config;
+pub mod pki;
 
 use std::time::Duration;
 
@@ -61,7 +62,40 @@ const SECRETS: &[SecretSpec] = &[
         operator: false,
         per_node: false,
     },
+    key_secret("k3s-server-ca-key", pki::AUTHORITIES[0].label),
+    key_secret("k3s-client-ca-key", pki::AUTHORITIES[1].label),
+    key_secret("k3s-request-header-ca-key", pki::AUTHORITIES[2].label),
+    key_secret("k3s-etcd-server-ca-key", pki::AUTHORITIES[3].label),
+    key_secret("k3s-etcd-peer-ca-key", pki::AUTHORITIES[4].label),
+    key_secret("k3s-service-account-key", pki::SERVICE_KEY_LABEL),
+    key_secret("k3s-admin-key", pki::ADMIN_KEY_LABEL),
 ];
+
+/// A P-256 private key (PEM) derived from its own label (`pki`).
+const fn key_secret(name: &'static str, label: &'static str) -> SecretSpec {
+    SecretSpec {
+        name,
+        label,
+        bytes: 32,
+        form: Form::Custom(pki::key_pem),
+        operator: false,
+        per_node: false,
+    }
+}
+
+/// Writes K3s's CAs and service-account key, derived, where K3s looks for them before it
+/// makes its own (the node that founds the cluster; the others receive them from the
+/// datastore when they join). Certificates 0644, keys 0600, as K3s writes them.
+fn place_authorities(ctx: &Ctx<'_>, t: &Target<'_>) -> Result<()> {
+    for ca in pki::AUTHORITIES {
+        let key = ctx.secrets.get(ca.label)?;
+        let cert = pki::ca_cert_pem(&ca, key)?;
+        t.write(&format!("{}/{}.crt", pki::TLS_DIR, ca.file), &cert, 0o644)?;
+        t.write(&format!("{}/{}.key", pki::TLS_DIR, ca.file), key, 0o600)?;
+    }
+    let service = ctx.secrets.get(pki::SERVICE_KEY_LABEL)?;
+    t.write(&format!("{}/service.key", pki::TLS_DIR), service, 0o600)
+}
 
 pub struct K3s;
 
@@ -107,7 +141,7 @@ impl Stack for K3s {
 
     fn init_section(&self) -> Option<&'static str> {
         Some(
-            "[k3s]\n# The join tokens are derived from the secret; the first k3s-server founds the cluster.\n# Pod network: K3s's default 10.42.0.0/16 would overlap picoimg's default node subnet.\ncluster_cidr = \"10.52.0.0/16\"\n# service_cidr = \"10.43.0.0/16\"\n# disable = [\"traefik\"]\n# tls_san = [\"k3s.example.lan\"]\n",
+            "[k3s]\n# The join tokens and K3s's CAs are derived from the secret; the first k3s-server founds\n# the cluster. `picoimg cluster kubeconfig FILE` gives an admin kubeconfig.\n# Pod network: K3s's default 10.42.0.0/16 would overlap picoimg's default node subnet.\ncluster_cidr = \"10.52.0.0/16\"\n# service_cidr = \"10.43.0.0/16\"\n# disable = [\"traefik\"]\n# tls_san = [\"k3s.example.lan\"]\n",
         )
     }
 
@@ -455,6 +489,9 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, role: Role) -> Re
         Some(m) => m,
         None => {
             let mode = decide(ctx, t, p)?;
+            if mode == Mode::Init {
+                place_authorities(ctx, t).context("placing the derived K3s CAs")?;
+            }
             let text = config::render(file, ctx.node, ctx.secrets, &mode)?;
             t.write(CONFIG, &text, 0o600)?;
             mode

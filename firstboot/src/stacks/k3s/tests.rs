@@ -120,10 +120,22 @@ fn config_yaml_key_by_key_for_init_join_and_agent() {
         )
     );
     let join = config::render(&c.file, &n[1], &s, &Mode::Join("10.42.0.10".into())).unwrap();
-    let expect = init.replace("pc0", "pc1").replace(
-        "10.42.0.10\"\ncluster-init: true",
-        "10.42.0.11\"\nserver: \"https://10.42.0.10:6443\"",
+    // Joining nodes carry the full token, `K10<sha256 of server-ca.crt>::server:<password>`
+    // (k3s pkg/clientaccess/token.go); `the_founder_places_the_derived_cas_...` checks the hash
+    // against the file with sha256sum.
+    let hash = pki::ca_hash(
+        &pki::ca_cert_pem(&pki::server_ca(), s.get(pki::server_ca().label).unwrap()).unwrap(),
     );
+    let expect = init
+        .replace("pc0", "pc1")
+        .replace(
+            "10.42.0.10\"\ncluster-init: true",
+            "10.42.0.11\"\nserver: \"https://10.42.0.10:6443\"",
+        )
+        .replace(
+            &format!("token: \"{token}\""),
+            &format!("token: \"K10{hash}::server:{token}\""),
+        );
     assert_eq!(join, expect);
     // The settings K3s requires to match on every server come from the one section.
     let same = |y: &str| -> Vec<String> {
@@ -132,6 +144,7 @@ fn config_yaml_key_by_key_for_init_join_and_agent() {
                 !l.starts_with("node-")
                     && !l.starts_with("server:")
                     && !l.starts_with("cluster-init")
+                    && !l.starts_with("token:")
             })
             .map(str::to_owned)
             .collect()
@@ -148,7 +161,7 @@ fn config_yaml_key_by_key_for_init_join_and_agent() {
              node-name: \"pc3\"\n\
              node-ip: \"10.42.0.13\"\n\
              server: \"https://10.42.0.10:6443\"\n\
-             token: \"{agent}\"\n"
+             token: \"K10{hash}::node:{agent}\"\n"
         )
     );
     assert!(!a.contains(token));
@@ -436,6 +449,114 @@ fn a_first_server_looks_for_a_running_cluster_then_founds_it() {
     );
 }
 
+/// `openssl` with `args`: its stdout (the test fails on a non-zero exit).
+fn openssl(args: &[&str]) -> String {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The founder writes K3s's five CAs and the service-account key where K3s looks for them
+/// (k3s pkg/daemons/control/deps/deps.go: used as they are when both files exist), checked with
+/// openssl; a joiner's token carries the SHA-256 of the founder's server-ca.crt (sha256sum), and
+/// another derivation gives the same bytes.
+#[test]
+fn the_founder_places_derived_cas_that_openssl_reads_and_joiners_trust_by_hash() {
+    let t = text(3);
+    let d = node_root(&t, "52:54:00:00:00:01");
+    let r = d.path();
+    let fake = fake_k3s(r, "10.42.0.10", &["pc0", "pc1", "pc2"]);
+    assert_eq!(Agent::new(r, &fake, false).apply(), Outcome::Configured);
+    let mut h = Agent::new(r, &fake, false);
+    assert_eq!(h.health(), Outcome::Ready, "{:#?}", h.lines());
+    let tls = r.join(pki::TLS_DIR);
+    let p = |rel: &str| tls.join(rel).to_str().unwrap().to_owned();
+    for (file, cn) in [
+        ("server-ca", "picoimg-k3s-server-ca"),
+        ("client-ca", "picoimg-k3s-client-ca"),
+        ("request-header-ca", "picoimg-k3s-request-header-ca"),
+        ("etcd/server-ca", "picoimg-etcd-server-ca"),
+        ("etcd/peer-ca", "picoimg-etcd-peer-ca"),
+    ] {
+        let (crt, key) = (p(&format!("{file}.crt")), p(&format!("{file}.key")));
+        assert_eq!(mode(Path::new(&crt)), 0o644, "{crt}");
+        assert_eq!(mode(Path::new(&key)), 0o600, "{key}");
+        let text = openssl(&[
+            "x509",
+            "-in",
+            &crt,
+            "-noout",
+            "-subject",
+            "-issuer",
+            "-enddate",
+            "-ext",
+            "basicConstraints,keyUsage",
+        ]);
+        assert!(text.contains(&format!("subject=CN = {cn}\n")), "{text}");
+        assert!(text.contains(&format!("issuer=CN = {cn}\n")), "{text}");
+        assert!(text.contains("notAfter=Dec 31 23:59:59 9999 GMT"), "{text}");
+        assert!(text.contains("critical\n    CA:TRUE"), "{text}");
+        assert!(text.contains("Certificate Sign"), "{text}");
+        // Self-signed: it verifies against itself; its key is the key beside it.
+        assert_eq!(
+            openssl(&["verify", "-CAfile", &crt, &crt]),
+            format!("{crt}: OK\n")
+        );
+        assert_eq!(
+            openssl(&["x509", "-in", &crt, "-noout", "-pubkey"]),
+            openssl(&["pkey", "-in", &key, "-pubout"])
+        );
+        assert!(openssl(&["ec", "-in", &key, "-noout", "-text"]).contains("NIST CURVE: P-256"));
+    }
+    let service = p("service.key");
+    assert_eq!(mode(Path::new(&service)), 0o600);
+    assert!(openssl(&["pkey", "-in", &service, "-noout", "-text"]).contains("P-256"));
+    // The joiner's token: K10, then sha256sum of the founder's server-ca.crt.
+    let sum = std::process::Command::new("sha256sum")
+        .arg(p("server-ca.crt"))
+        .output()
+        .unwrap();
+    let sum = String::from_utf8(sum.stdout).unwrap();
+    let sum = sum.split_whitespace().next().unwrap();
+    let c = checked(&t);
+    let s = secrets(&c);
+    let join = config::render(
+        &c.file,
+        &c.file.nodes[1],
+        &s,
+        &Mode::Join("10.42.0.10".into()),
+    )
+    .unwrap();
+    assert!(
+        join.contains(&format!(
+            "\ntoken: \"K10{sum}::server:{}\"\n",
+            s.get(label::TOKEN).unwrap()
+        )),
+        "{join}"
+    );
+    // Every node derives the same CA: the same file from a second derivation.
+    let again = pki::ca_cert_pem(
+        &pki::server_ca(),
+        secrets(&checked(&t)).get(pki::server_ca().label).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(p("server-ca.crt")).unwrap(), again);
+    // No key reaches a command line or a report.
+    for ca in pki::AUTHORITIES {
+        let key = s.get(ca.label).unwrap();
+        let body = key.lines().nth(1).unwrap();
+        assert!(!fake.calls().iter().any(|c| c.contains(body)));
+        assert!(!h.lines().iter().any(|l| l.contains(body)));
+    }
+}
+
 #[test]
 fn a_reflashed_first_server_joins_the_cluster_that_still_runs() {
     let t = text(3);
@@ -514,9 +635,12 @@ fn an_agent_joins_with_the_agent_token_and_checks_its_own_node() {
     let s = secrets(&c);
     let conf = std::fs::read_to_string(r.join(CONFIG)).unwrap();
     assert!(conf.contains(&format!(
-        "\ntoken: \"{}\"\n",
+        "::node:{}\"\n",
         s.get(label::AGENT_TOKEN).unwrap()
     )));
+    assert!(conf.contains("\ntoken: \"K10"), "{conf}");
+    // Only the node that founds the cluster places the CAs.
+    assert!(!r.join(pki::TLS_DIR).exists());
     assert!(
         conf.contains("\nserver: \"https://10.42.0.10:6443\"\n"),
         "{conf}"
