@@ -184,6 +184,19 @@ pub enum ClusterCommand {
         /// Which secret (e.g. consul-management-token, consul-gossip-key).
         name: Option<String>,
     },
+    /// Print an admin kubeconfig for the file's K3s cluster, made from the cluster file alone
+    /// (its CAs and the admin's key are derived from the secret): no login on a node.
+    Kubeconfig {
+        /// The cluster file.
+        file: PathBuf,
+        /// The API's host: a k3s-server's address or one of `[k3s] tls_san` (default: the
+        /// first k3s-server's address).
+        #[arg(long, value_name = "HOST")]
+        server: Option<String>,
+        /// Write to this file (mode 0600) instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -492,6 +505,9 @@ pub fn main() -> Result<()> {
         }
         Command::Cluster(ClusterCommand::Token { file, name }) => {
             crate::cluster::token(&file, name.as_deref())?
+        }
+        Command::Cluster(ClusterCommand::Kubeconfig { file, server, out }) => {
+            crate::cluster::kubeconfig(&file, server.as_deref(), out.as_deref())?
         }
         Command::Flash {
             image,

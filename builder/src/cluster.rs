@@ -239,6 +239,56 @@ pub fn token(path: &Path, name: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// `picoimg cluster kubeconfig`: an admin kubeconfig for the file's K3s cluster, to stdout or
+/// to `out` (0600), its API at `server` (a k3s-server's address or a `tls_san`; by default the
+/// first k3s-server's address, the node that founds the cluster).
+pub fn kubeconfig(path: &Path, server: Option<&str>, out: Option<&Path>) -> Result<()> {
+    use picoimg_firstboot::stacks::k3s::{self, config as k3s_config};
+    let (_, c) = load(path)?;
+    let servers = k3s_config::servers(&c.file);
+    let Some(first) = servers.first() else {
+        bail!(
+            "{}: no node has the k3s-server role: a kubeconfig is for a K3s cluster \
+             (`picoimg cluster init --stack k3s` writes one)",
+            path.display()
+        );
+    };
+    let mut hosts: Vec<String> = servers
+        .iter()
+        .map(|n| n.address.get_ref().clone())
+        .collect();
+    hosts.extend(
+        k3s_config::section(&c.file)
+            .tls_san
+            .iter()
+            .map(|s| s.get_ref().clone()),
+    );
+    let host = match server {
+        None => first.address.get_ref().clone(),
+        Some(h) if hosts.iter().any(|k| k == h) => h.to_owned(),
+        Some(h) => bail!(
+            "--server {h}: the API's certificate names only the k3s-servers' addresses and \
+             `[k3s] tls_san` of {}: use one of {}, or add {h} to tls_san before the first boot",
+            path.display(),
+            hosts.join(", ")
+        ),
+    };
+    let stacks = [&k3s::K3s as &dyn picoimg_firstboot::stack::Stack];
+    let secrets = Secrets::of(&stacks, &c);
+    let text = k3s::pki::admin_kubeconfig(
+        &secrets,
+        c.file.cluster.get_ref().name.get_ref(),
+        &format!("https://{host}:{}", k3s_config::API_PORT),
+    )
+    .context("making the admin kubeconfig")?;
+    match out {
+        Some(o) => picoimg_firstboot::fsutil::write_atomic(o, text.as_bytes(), 0o600)
+            .with_context(|| format!("writing {}", o.display()))?,
+        None => crate::outln!("{}", text.trim_end())?,
+    }
+    Ok(())
+}
+
 /// `picoimg personalise`: the cluster file and node name onto an image's boot partition.
 pub fn personalise(image: &Path, cluster_file: &Path, node: Option<&str>) -> Result<()> {
     if image.extension().is_some_and(|e| e == "xz") {

@@ -2091,3 +2091,184 @@ fn k3s_release_artifacts_are_pinned_fetched_and_checked() {
     assert_eq!(a[0]["sha256"], sum.as_str());
     assert_eq!(a[0]["sha256_given"], true);
 }
+
+/// `openssl ARGS`: its stdout; the test fails on a non-zero exit.
+fn openssl(args: &[&str]) -> String {
+    let o = Command::new("openssl").args(args).output().unwrap();
+    assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// `picoimg cluster kubeconfig` (issue 14 point 5): an admin kubeconfig from the cluster file
+/// alone. Checked with openssl: the admin certificate verifies as a TLS client against the
+/// client CA the founding node places (the same derivation), it is `system:admin` in
+/// `system:masters` (what K3s's own admin is, k3s pkg/daemons/control/deps/deps.go), its key
+/// is HKDF-SHA256 of the admin label reduced modulo P-256's order (computed by Python), and
+/// the trusted CA is byte for byte the server-ca.crt the founder writes. No K3s runs here, so
+/// a kubectl against a live API is not part of this.
+#[test]
+fn cluster_kubeconfig_gives_a_derived_admin_that_openssl_verifies() {
+    use picoimg_firstboot::stacks::k3s::pki;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = d.join("lab.toml");
+    let o = picoimg()
+        .args([
+            "cluster", "init", "--name", "lab", "--stack", "k3s", "--out",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = d.join("kube.yaml");
+    let o = picoimg()
+        .args(["cluster", "kubeconfig"])
+        .arg(&file)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let kc = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        kc.contains("\n    server: https://10.42.0.10:6443\n"),
+        "{kc}"
+    );
+    assert!(kc.contains("\ncurrent-context: lab\n"), "{kc}");
+    // The same bytes on stdout, and on every run.
+    let o = picoimg()
+        .args(["cluster", "kubeconfig"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), kc);
+    let field = |k: &str| -> Vec<u8> {
+        use base64::Engine;
+        let v = kc
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{k}: ")))
+            .unwrap();
+        base64::engine::general_purpose::STANDARD.decode(v).unwrap()
+    };
+    let put = |name: &str, bytes: &[u8]| {
+        let p = d.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (ca, crt, key) = (
+        put("ca.crt", &field("certificate-authority-data")),
+        put("admin.crt", &field("client-certificate-data")),
+        put("admin.key", &field("client-key-data")),
+    );
+    // What the founding node writes (the k3s stack's own derivation, as the node runs it).
+    let c = picoimg_firstboot::cluster::check(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let stacks = [&picoimg_firstboot::stacks::k3s::K3s as &dyn picoimg_firstboot::stack::Stack];
+    let s = picoimg_firstboot::stack::Secrets::of(&stacks, &c);
+    let founder = |ca: pki::Authority| pki::ca_cert_pem(&ca, s.get(ca.label).unwrap()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&ca).unwrap(),
+        founder(pki::server_ca())
+    );
+    let client_ca = put("client-ca.crt", founder(pki::client_ca()).as_bytes());
+    assert_eq!(
+        openssl(&[
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            &client_ca,
+            &crt
+        ]),
+        format!("{crt}: OK\n")
+    );
+    let subject = openssl(&["x509", "-in", &crt, "-noout", "-subject", "-issuer"]);
+    assert_eq!(
+        subject,
+        "subject=O = system:masters, CN = system:admin\nissuer=CN = picoimg-k3s-client-ca\n"
+    );
+    assert_eq!(
+        openssl(&["x509", "-in", &crt, "-noout", "-pubkey"]),
+        openssl(&["pkey", "-in", &key, "-pubout"])
+    );
+    // The private scalar: HKDF-SHA256 (salt the cluster id, info the label), mod n.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let fieldt = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap()
+            .to_owned()
+    };
+    let py = Command::new("python3")
+        .args([
+            "-c",
+            "import sys,hmac,hashlib,base64\n\
+             ikm=base64.b64decode(sys.argv[1]); salt=sys.argv[2].encode(); info=sys.argv[3].encode()\n\
+             prk=hmac.new(salt,ikm,hashlib.sha256).digest()\n\
+             okm=hmac.new(prk,info+b'\\x01',hashlib.sha256).digest()\n\
+             n=0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551\n\
+             print('%064x' % (int.from_bytes(okm,'big') % n))",
+            &fieldt("secret"),
+            &fieldt("id"),
+            pki::ADMIN_KEY_LABEL,
+        ])
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "{}", stderr(&py));
+    let dump = openssl(&["pkey", "-in", &key, "-noout", "-text"]);
+    let priv_hex: String = dump
+        .split("priv:")
+        .nth(1)
+        .unwrap()
+        .split("pub:")
+        .next()
+        .unwrap()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .collect();
+    let want = String::from_utf8(py.stdout).unwrap();
+    // openssl prints the scalar's bytes; a leading zero byte may be dropped.
+    assert_eq!(
+        format!("{:0>64}", priv_hex.trim_start_matches("00")),
+        want.trim(),
+        "{dump}"
+    );
+    // Another server of the file, or a name the certificate does not carry.
+    let o = picoimg()
+        .args(["cluster", "kubeconfig", "--server", "10.42.0.11"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("server: https://10.42.0.11:6443"));
+    let o = picoimg()
+        .args(["cluster", "kubeconfig", "--server", "k3s.lab.lan"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("--server k3s.lab.lan") && e.contains("tls_san") && e.contains("10.42.0.12"),
+        "{e}"
+    );
+    // A file without K3s says what kubeconfig is for.
+    let consul = cluster_file(d);
+    let o = picoimg()
+        .args(["cluster", "kubeconfig"])
+        .arg(&consul)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no node has the k3s-server role"),
+        "{}",
+        stderr(&o)
+    );
+}
