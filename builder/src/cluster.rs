@@ -235,7 +235,8 @@ pub fn token(path: &Path, name: Option<&str>) -> Result<()> {
             }
         }
     };
-    crate::outln!("{value}")?;
+    // A key in PEM ends with its own newline.
+    crate::outln!("{}", value.trim_end())?;
     Ok(())
 }
 

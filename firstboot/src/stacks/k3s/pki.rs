@@ -18,7 +18,8 @@
 use anyhow::{Context, Result};
 use p256::ecdsa::{DerSignature, SigningKey};
 use p256::elliptic_curve::ops::Reduce;
-use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use p256::pkcs8::{EncodePublicKey, LineEnding};
 use p256::{FieldBytes, NonZeroScalar, Scalar, SecretKey};
 use sha2::{Digest, Sha256};
 use std::str::FromStr;
@@ -90,21 +91,35 @@ pub fn client_ca() -> Authority {
 }
 
 /// A P-256 private key from 32 derived bytes (reduced modulo the group order; zero has
-/// probability 2^-256), as a PKCS #8 PEM (`PRIVATE KEY`, which names its curve; K3s reads it
-/// with client-go's `keyutil.ParsePrivateKeyPEM`, as it reads its own `EC PRIVATE KEY`s). The
-/// secrets table stores keys in this form, so they are redacted like every other secret.
+/// probability 2^-256), as SEC 1 `EC PRIVATE KEY` PEM with the curve named and the public key
+/// included, byte for byte what Go's `x509.MarshalECPrivateKey` writes. That form, not PKCS #8:
+/// kube-apiserver reads `service.key` with client-go's `keyutil.ParsePublicKeysPEM`, which
+/// takes EC private keys only through `x509.ParseECPrivateKey` (kubernetes/kubernetes,
+/// staging/src/k8s.io/client-go/util/keyutil/key.go), and Go and openssl need the curve in
+/// the file. The secrets table stores keys in this form, so they are redacted like every other
+/// secret.
 pub fn key_pem(bytes: &[u8]) -> String {
     let reduced = <Scalar as Reduce<p256::U256>>::reduce_bytes(FieldBytes::from_slice(bytes));
     let scalar = Option::<NonZeroScalar>::from(NonZeroScalar::new(reduced))
         .expect("a derived P-256 key is never zero");
-    SecretKey::from(scalar)
-        .to_pkcs8_pem(LineEnding::LF)
+    let key = SecretKey::from(scalar);
+    let public = key.public_key().to_encoded_point(false);
+    // ECPrivateKey ::= SEQUENCE { version 1, privateKey OCTET STRING (32),
+    //   [0] namedCurve prime256v1 (1.2.840.10045.3.1.7), [1] publicKey BIT STRING (65) }
+    let mut der = vec![0x30, 0x77, 0x02, 0x01, 0x01, 0x04, 0x20];
+    der.extend_from_slice(&key.to_bytes());
+    der.extend_from_slice(&[
+        0xa0, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+    ]);
+    der.extend_from_slice(&[0xa1, 0x44, 0x03, 0x42, 0x00]);
+    der.extend_from_slice(public.as_bytes());
+    debug_assert_eq!(der.len(), 0x79);
+    x509_cert::der::pem::encode_string("EC PRIVATE KEY", LineEnding::LF, &der)
         .expect("a P-256 key encodes")
-        .to_string()
 }
 
 fn signing_key(pem: &str) -> Result<SigningKey> {
-    let key = SecretKey::from_pkcs8_pem(pem).context("reading a derived P-256 key")?;
+    let key = SecretKey::from_sec1_pem(pem).context("reading a derived P-256 key")?;
     Ok(SigningKey::from(key))
 }
 

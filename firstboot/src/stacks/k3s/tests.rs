@@ -513,11 +513,24 @@ fn the_founder_places_derived_cas_that_openssl_reads_and_joiners_trust_by_hash()
             openssl(&["x509", "-in", &crt, "-noout", "-pubkey"]),
             openssl(&["pkey", "-in", &key, "-pubout"])
         );
-        assert!(openssl(&["ec", "-in", &key, "-noout", "-text"]).contains("NIST CURVE: P-256"));
+        // SEC 1 with the curve named, as Go's x509.ParseECPrivateKey needs.
+        assert!(std::fs::read_to_string(&key)
+            .unwrap()
+            .starts_with("-----BEGIN EC PRIVATE KEY-----\n"));
+        let ec = openssl(&["ec", "-in", &key, "-noout", "-text"]);
+        assert!(ec.contains("ASN1 OID: prime256v1"), "{ec}");
+        // openssl writes the key it read back byte for byte as the file holds it.
+        assert_eq!(
+            openssl(&["ec", "-in", &key]),
+            std::fs::read_to_string(&key).unwrap()
+        );
     }
     let service = p("service.key");
     assert_eq!(mode(Path::new(&service)), 0o600);
-    assert!(openssl(&["pkey", "-in", &service, "-noout", "-text"]).contains("P-256"));
+    assert!(openssl(&["ec", "-in", &service, "-noout", "-text"]).contains("ASN1 OID: prime256v1"));
+    assert!(std::fs::read_to_string(&service)
+        .unwrap()
+        .starts_with("-----BEGIN EC PRIVATE KEY-----\n"));
     // The joiner's token: K10, then sha256sum of the founder's server-ca.crt.
     let sum = std::process::Command::new("sha256sum")
         .arg(p("server-ca.crt"))
