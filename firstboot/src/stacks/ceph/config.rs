@@ -450,9 +450,9 @@ pub fn ceph_conf(file: &ClusterFile, node: &Node, fsid: &str, osd_memory: Option
             .join(","),
         drift = if file.time.policy == TimePolicy::Skip {
             "# [time] policy = \"skip\": no time source keeps the monitors' clocks together; each\n\
-             # starts from its RTC, which counts whole seconds, so allow them two seconds apart\n\
-             # (Ceph warns of skew past 0.05 s).\n\
-             mon_clock_drift_allowed = 2\n"
+             # starts from its RTC, which counts whole seconds (up to 2 s apart at boot), then\n\
+             # drifts: allow 3 s (Ceph warns of skew past 0.05 s; its monitor lease is 5 s).\n\
+             mon_clock_drift_allowed = 3\n"
         } else {
             ""
         },
