@@ -704,6 +704,32 @@ fn personalise_refuses_bad_input_and_leaves_the_image_alone() {
     assert!(std::fs::read(&img).unwrap() == before, "image changed");
 }
 
+/// HKDF-SHA256 (RFC 5869, one block) of the cluster file's secret for `label`, salted with its
+/// id, computed by Python's hmac: `print_expr` (of `okm`) printed and returned, trimmed.
+fn hkdf_by_python(cluster: &Path, label: &str, print_expr: &str) -> String {
+    let text = std::fs::read_to_string(cluster).unwrap();
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap()
+            .to_owned()
+    };
+    let script = format!(
+        "import sys,hmac,hashlib,base64\n\
+         ikm=base64.b64decode(sys.argv[1]); salt=sys.argv[2].encode(); info=sys.argv[3].encode()\n\
+         prk=hmac.new(salt,ikm,hashlib.sha256).digest()\n\
+         okm=hmac.new(prk,info+b'\\x01',hashlib.sha256).digest()\n\
+         print({print_expr})"
+    );
+    let py = Command::new("python3")
+        .args(["-c", &script, &field("secret"), &field("id"), label])
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "{}", stderr(&py));
+    String::from_utf8(py.stdout).unwrap().trim().to_owned()
+}
+
 #[test]
 fn cluster_token_is_the_derived_one_and_run_cluster_checks_node_count() {
     let dir = tempfile::tempdir().unwrap();
@@ -726,33 +752,12 @@ fn cluster_token_is_the_derived_one_and_run_cluster_checks_node_count() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let gossip = String::from_utf8(o.stdout).unwrap();
-    let text = std::fs::read_to_string(&cluster).unwrap();
-    let field = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap()
-            .to_owned()
-    };
-    let py = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sys,hmac,hashlib,base64\n\
-             ikm=base64.b64decode(sys.argv[1]); salt=sys.argv[2].encode(); info=sys.argv[3].encode()\n\
-             prk=hmac.new(salt,ikm,hashlib.sha256).digest()\n\
-             print(base64.b64encode(hmac.new(prk,info+b'\\x01',hashlib.sha256).digest()).decode())",
-            &field("secret"),
-            &field("id"),
-            "picoimg/v1/consul/gossip-key",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
+    let py = hkdf_by_python(
+        &cluster,
+        "picoimg/v1/consul/gossip-key",
+        "base64.b64encode(okm).decode()",
     );
-    assert_eq!(gossip.trim(), String::from_utf8_lossy(&py.stdout).trim());
+    assert_eq!(gossip.trim(), py);
     let o = picoimg()
         .args(["cluster", "token"])
         .arg(&cluster)
@@ -2197,30 +2202,12 @@ fn cluster_kubeconfig_gives_a_derived_admin_that_openssl_verifies() {
         openssl(&["pkey", "-in", &key, "-pubout"])
     );
     // The private scalar: HKDF-SHA256 (salt the cluster id, info the label), mod n.
-    let text = std::fs::read_to_string(&file).unwrap();
-    let fieldt = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap()
-            .to_owned()
-    };
-    let py = Command::new("python3")
-        .args([
-            "-c",
-            "import sys,hmac,hashlib,base64\n\
-             ikm=base64.b64decode(sys.argv[1]); salt=sys.argv[2].encode(); info=sys.argv[3].encode()\n\
-             prk=hmac.new(salt,ikm,hashlib.sha256).digest()\n\
-             okm=hmac.new(prk,info+b'\\x01',hashlib.sha256).digest()\n\
-             n=0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551\n\
-             print('%064x' % (int.from_bytes(okm,'big') % n))",
-            &fieldt("secret"),
-            &fieldt("id"),
-            pki::ADMIN_KEY_LABEL,
-        ])
-        .output()
-        .unwrap();
-    assert!(py.status.success(), "{}", stderr(&py));
+    let want = hkdf_by_python(
+        &file,
+        pki::ADMIN_KEY_LABEL,
+        "'%064x' % (int.from_bytes(okm,'big') % \
+         0xffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551)",
+    );
     let dump = openssl(&["pkey", "-in", &key, "-noout", "-text"]);
     let priv_hex: String = dump
         .split("priv:")
@@ -2232,11 +2219,10 @@ fn cluster_kubeconfig_gives_a_derived_admin_that_openssl_verifies() {
         .chars()
         .filter(char::is_ascii_hexdigit)
         .collect();
-    let want = String::from_utf8(py.stdout).unwrap();
     // openssl prints the scalar's bytes; a leading zero byte may be dropped.
     assert_eq!(
         format!("{:0>64}", priv_hex.trim_start_matches("00")),
-        want.trim(),
+        want,
         "{dump}"
     );
     // Another server of the file, or a name the certificate does not carry.
