@@ -18,8 +18,9 @@ const ROOTFS_RECIPE: u32 = 1;
 /// Bumped when the way a stack's layer is installed over a base changes.
 const LAYER_RECIPE: u32 = 1;
 
-/// A stack's packages installed over a cached base root (`RootfsSpec`): what a second stack on
-/// a board costs is apt for these only.
+/// The board's firmware, bootloader and extra packages and the stack's, installed over a cached
+/// base root (`RootfsSpec`): what a second stack, or a second board of the same architecture,
+/// costs is apt for these only.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerSpec {
     pub recipe: u32,
@@ -29,8 +30,9 @@ pub struct LayerSpec {
     pub packages: Vec<String>,
 }
 
-/// What mmdebstrap is asked for: the base root of a board's source set (its packages and the
-/// packages of stack `base`). Two boards with equal specs share one cached root filesystem.
+/// What mmdebstrap is asked for: the base root of a board's source set (its sources, its kernel
+/// and the packages of stack `base`). Two boards with equal specs share one cached root
+/// filesystem.
 #[derive(Debug, Clone, Serialize)]
 pub struct RootfsSpec {
     pub recipe: u32,
@@ -98,7 +100,8 @@ pub struct BuildPlan {
     pub sources: String,
     pub components: Vec<ComponentSpec>,
     pub rootfs: RootfsSpec,
-    /// The stack's layer over `rootfs` (none for stack `base`).
+    /// The layer over `rootfs`: the board's non-kernel packages and the stack's (none when
+    /// both are empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer: Option<LayerSpec>,
     /// Inputs that could not be read (a vendor's keyring that is not installed): the plan is
@@ -109,7 +112,8 @@ pub struct BuildPlan {
 
 impl BuildPlan {
     /// `base`: the names of the components of stack `base` on this board, whose packages go
-    /// into the base root; every other component's packages and sources form the layer.
+    /// into the base root with the source set's kernel; every other component's packages and
+    /// sources, and the set's firmware, bootloader and extra packages, form the layer.
     pub fn new(
         board: Board,
         stack: &str,
@@ -122,7 +126,11 @@ impl BuildPlan {
         let set_name = set_name.to_owned();
         let set = set.clone();
         let mut packages: BTreeSet<String> = set.packages.all().cloned().collect();
-        let mut base_packages = packages.clone();
+        // The base root has the source set's kernel, not its firmware, bootloader or extra
+        // packages: those go into the layer with the stack's, so boards of one architecture
+        // whose sets differ only there share one base (an emulated arm64 base is the longest
+        // step of a build: c5, and rpi5's Debian sets, make it once).
+        let mut base_packages: BTreeSet<String> = set.packages.kernel.iter().cloned().collect();
         // Board sources first (the first is the distribution), then each component's.
         let mut apt: Vec<(crate::board::Source, Option<String>)> =
             set.apt.iter().map(|s| (s.clone(), None)).collect();

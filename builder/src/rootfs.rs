@@ -86,20 +86,21 @@ pub fn check_sources_reachable(plan: &BuildPlan, hint: &dyn Fn(&str) -> String) 
     Ok(())
 }
 
-/// Returns the cached tarball of `plan`'s root filesystem: its base root, with the stack's
-/// layer installed over it when the stack has one; each is built first if it is not cached.
+/// Returns the cached tarball of `plan`'s root filesystem: its base root, with the
+/// layer (the board's non-kernel packages and the stack's) installed over it when there is
+/// one; each is built first if it is not cached.
 pub fn ensure(plan: &BuildPlan, cache: &Cache, refresh: bool) -> Result<(PathBuf, RootfsInfo)> {
     let spec = &plan.rootfs;
     let (base_tar, base_info) = ensure_spec(spec, cache, refresh)?;
     let (Some(layer), Some(key)) = (&plan.layer, plan.layer_key()) else {
         return Ok((base_tar, base_info));
     };
-    stage(cache, &key, "stack layer", refresh, |tmp| {
+    stage(cache, &key, "layer", refresh, |tmp| {
         let cmd = layer_cmd(spec, layer, &base_tar, &cache.apt_dir(spec.arch)?, tmp);
         let (mut info, initramfs) = run_mmdebstrap(
             cmd,
             format!(
-                "stack layer: {} package(s) over the cached base ({})",
+                "layer: {} package(s) over the cached base ({})",
                 layer.packages.len(),
                 spec.arch.as_str()
             ),

@@ -261,6 +261,40 @@ fn unreachable_mirror_is_named_before_mmdebstrap() {
     assert_no_output(out.path());
 }
 
+/// The arm64 boards' Debian source sets differ only in firmware (rpi5's raspi-firmware), which
+/// is a layer: c5, rpi5-raspbian and rpi5-ubuntu share one base root, so a cold build of the
+/// second board costs a layer, not another emulated base. The Raspberry Pi boards' own
+/// sources (their vendors' kernels) have bases of their own.
+#[test]
+fn arm64_boards_share_one_base_root() {
+    let plan = |args: &[&str]| -> serde_json::Value {
+        let o = picoimg()
+            .args(["plan", "--stack", "base"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let c5 = plan(&["--board", "c5"]);
+    let pi = plan(&["--board", "rpi5-raspbian", "--sources", "debian"]);
+    let ubuntu = plan(&["--board", "rpi5-ubuntu", "--sources", "debian"]);
+    assert_eq!(c5["rootfs_key"], pi["rootfs_key"]);
+    assert_eq!(c5["rootfs_key"], ubuntu["rootfs_key"]);
+    assert!(c5["layer"].is_null(), "{c5}");
+    assert_eq!(
+        pi["layer"]["packages"],
+        serde_json::json!(["raspi-firmware"])
+    );
+    assert_eq!(pi["layer_key"], ubuntu["layer_key"]);
+    assert!(pi["rootfs"]["packages"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("linux-image-arm64")));
+    let vendor = plan(&["--board", "rpi5-raspbian"]);
+    assert_ne!(vendor["rootfs_key"], pi["rootfs_key"]);
+}
+
 #[test]
 fn plan_is_json_with_hashes() {
     let o = picoimg()
@@ -1512,17 +1546,27 @@ fn stack_can_be_a_list_of_components() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["systemd-boot", "base", "consul", "docker"]);
-    // The stack's packages are a layer over the base root every stack of the board shares.
+    // The stack's packages are a layer over the base root every stack of the board shares,
+    // with the board's firmware (stack `base`: the firmware alone).
     let base = picoimg()
         .args(["plan", "--board", "h4", "--stack", "base"])
         .output()
         .unwrap();
     let base: serde_json::Value = serde_json::from_slice(&base.stdout).unwrap();
     assert_eq!(plan["rootfs_key"], base["rootfs_key"]);
-    assert!(
-        base["layer"].is_null() && base["layer_key"].is_null(),
+    assert_eq!(
+        base["layer"]["packages"],
+        serde_json::json!([
+            "firmware-intel-graphics",
+            "firmware-realtek",
+            "intel-microcode"
+        ]),
         "{base}"
     );
+    for p in base["layer"]["packages"].as_array().unwrap() {
+        assert!(plan["layer"]["packages"].as_array().unwrap().contains(p));
+        assert!(!plan["rootfs"]["packages"].as_array().unwrap().contains(p));
+    }
     assert_eq!(plan["layer_key"].as_str().map(str::len), Some(64));
     assert_eq!(plan["layer"]["sources"][0]["suite"], "bullseye");
     let pkgs = plan["layer"]["packages"].to_string();
