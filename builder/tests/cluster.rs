@@ -876,6 +876,16 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_power_cut_a_shutdown_and_
          /etc/ceph/ceph.client.admin.keyring /etc/ceph/ceph.conf",
     );
     assert_eq!(modes, "600 root\n600 root\n600 root\n644 root\n");
+    // ceph-crash waits for a crash key (none is derived): systemd skipped it, its dumps stay.
+    let crash = ssh_ok(
+        f,
+        port,
+        "systemctl show -p ConditionResult -p ActiveState ceph-crash.service",
+    );
+    assert!(
+        crash.contains("ConditionResult=no") && crash.contains("ActiveState=inactive"),
+        "{crash}"
+    );
     // A rerun on a configured node: every step already done, and quick.
     let rerun = ssh_ok(
         f,
