@@ -203,6 +203,86 @@ pub fn image_inputs_hash(plan: &BuildPlan, agent: &crate::agentbin::AgentBinary)
 /// in one run: every plan is resolved and checked first (so a wrong board name or an
 /// unreachable artifact stops the run before hours of work), then the images share the
 /// package, root filesystem and block caches. Stops at the first failure, naming the board.
+/// What `build --dry-run` shows of one board's build: the resolved plan, without building or
+/// touching the network, the cache or the agent.
+#[derive(Debug, serde::Serialize)]
+pub struct DryRun {
+    pub image: String,
+    pub board: String,
+    pub arch: &'static str,
+    pub stack: String,
+    /// The board's source set.
+    pub sources: String,
+    pub components: Vec<String>,
+    /// Packages of the base root (the set's kernel and stack `base`'s) and of the layer over it.
+    pub base_packages: Vec<String>,
+    pub layer_packages: Vec<String>,
+    /// Every apt source, the base's then the layer's (`uri: null` is the distribution's
+    /// default mirror as mmdebstrap picks it).
+    pub apt_sources: Vec<crate::plan::SourceSpec>,
+    /// Pinned files, with the component that installs each.
+    pub artifacts: Vec<serde_json::Value>,
+    /// Cluster-file roles the image's components serve.
+    pub roles: Vec<String>,
+    /// Units enabled in the image.
+    pub units: Vec<String>,
+    pub rootfs_key: String,
+    pub layer_key: Option<String>,
+    /// Inputs that could not be read (a build stops on them).
+    pub missing: Vec<String>,
+}
+
+/// Resolves every board's plan as `build` would, and builds nothing.
+pub fn dry_run(opts: &BuildOptions, boards: &[String]) -> Result<Vec<DryRun>> {
+    boards
+        .iter()
+        .map(|b| {
+            let mut o = opts.clone();
+            o.board.clone_from(b);
+            let (_, plan, comps) = resolve(&o).with_context(|| format!("board {b}"))?;
+            let mut roles: Vec<String> = comps.iter().flat_map(|c| c.file.roles.clone()).collect();
+            roles.sort();
+            roles.dedup();
+            Ok(DryRun {
+                image: plan.name.clone(),
+                board: plan.board.name.clone(),
+                arch: plan.board.arch.as_str(),
+                stack: plan.stack.clone(),
+                sources: plan.sources.clone(),
+                components: plan.components.iter().map(|c| c.name.clone()).collect(),
+                base_packages: plan.rootfs.packages.clone(),
+                layer_packages: plan
+                    .layer
+                    .as_ref()
+                    .map(|l| l.packages.clone())
+                    .unwrap_or_default(),
+                apt_sources: plan.all_sources().cloned().collect(),
+                artifacts: plan
+                    .components
+                    .iter()
+                    .flat_map(|c| {
+                        c.artifacts.iter().map(move |a| {
+                            serde_json::json!({
+                                "component": c.name, "name": a.name, "path": a.path,
+                                "url": a.url, "sha256": a.sha256,
+                            })
+                        })
+                    })
+                    .collect(),
+                roles,
+                units: plan
+                    .components
+                    .iter()
+                    .flat_map(|c| c.enable.clone())
+                    .collect(),
+                rootfs_key: plan.rootfs_key(),
+                layer_key: plan.layer_key(),
+                missing: plan.missing.clone(),
+            })
+        })
+        .collect()
+}
+
 pub fn build_boards(opts: &BuildOptions, boards: &[String]) -> Result<Vec<Outputs>> {
     if boards.len() > 1 && (opts.uboot.is_some() || opts.firstboot.is_some()) {
         bail!("--uboot and --firstboot are for one board (one bootloader, one architecture): build {} one at a time", boards.join(", "));

@@ -45,11 +45,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the stacks and their components.
+    /// List the stacks and their components; the presets with the integration guide's
+    /// configuration each is and the guide's parts picoimg cannot install yet.
     Stacks {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+        /// Print the platform matrix instead: which board runs which stack (yes, no, or not
+        /// yet), and why not.
+        #[arg(long)]
+        matrix: bool,
     },
     /// Print a shell completion script: `picoimg completions bash > /etc/bash_completion.d/picoimg`.
     Completions {
@@ -257,6 +262,13 @@ pub struct BuildArgs {
     /// Local bootloader blob to write instead of downloading the board's (Odroid C5 u-boot).
     #[arg(long, value_name = "FILE")]
     pub uboot: Option<PathBuf>,
+    /// Resolve and print what would be built (components, packages, apt sources, pinned
+    /// files, roles, units) for each board, and build nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: print JSON (an array, one object per board) for scripts.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
     /// First-boot agent binary for the board's architecture (default: the static build beside
     /// picoimg, or in its cargo target directory, for example
     /// target/aarch64-unknown-linux-musl/release/picoimg-firstboot; or $PICOIMG_FIRSTBOOT).
@@ -367,6 +379,17 @@ pub fn main() -> Result<()> {
                 .filter(|b| !b.is_empty())
                 .map(str::to_owned)
                 .collect();
+            if a.dry_run {
+                let plans = crate::build::dry_run(&o, &boards)?;
+                if a.json {
+                    crate::outln!("{}", serde_json::to_string_pretty(&plans)?)?;
+                } else {
+                    for p in &plans {
+                        print_dry_run(p)?;
+                    }
+                }
+                return Ok(());
+            }
             for out in crate::build::build_boards(&o, &boards)? {
                 crate::outln!("{}", out.image_xz.display())?;
                 crate::outln!("{}", out.bmap.display())?;
@@ -442,22 +465,9 @@ pub fn main() -> Result<()> {
             cpus: a.cpus,
         })?,
         Command::Boards { sources, json } => boards(data_dir.as_deref(), sources, json)?,
-        Command::Stacks { json } => {
+        Command::Stacks { json, matrix } => {
             let data = crate::data::find(data_dir.as_deref())?;
-            let stacks = crate::component::stacks(&data)?;
-            if json {
-                let v: Vec<_> = stacks
-                    .iter()
-                    .map(|(name, (desc, comps))| {
-                        serde_json::json!({"name": name, "description": desc, "components": comps})
-                    })
-                    .collect();
-                crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
-            } else {
-                for (name, (desc, comps)) in stacks {
-                    crate::outln!("{name:12} {desc} [{}]", comps.join(", "))?;
-                }
-            }
+            crate::stacks::print(&data, json, matrix)?
         }
         Command::Completions { shell } => {
             let mut out = Vec::new();
@@ -540,6 +550,52 @@ pub fn main() -> Result<()> {
 }
 
 /// `picoimg boards`: one line per board (with `sources`, its source sets), or JSON.
+/// `build --dry-run` without --json: one paragraph per board.
+fn print_dry_run(p: &crate::build::DryRun) -> Result<()> {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(" ")
+        }
+    };
+    crate::outln!(
+        "{}: board {} ({}), stack {}, sources {}",
+        p.image,
+        p.board,
+        p.arch,
+        p.stack,
+        p.sources
+    )?;
+    crate::outln!("  components: {}", list(&p.components))?;
+    crate::outln!("  base packages: {}", list(&p.base_packages))?;
+    crate::outln!("  layer packages: {}", list(&p.layer_packages))?;
+    for s in &p.apt_sources {
+        crate::outln!(
+            "  apt: {} {} {} {}",
+            s.name,
+            s.uri.as_deref().unwrap_or("(default mirror)"),
+            s.suite.as_deref().unwrap_or("(suite of the root)"),
+            s.components.join(" ")
+        )?;
+    }
+    for a in &p.artifacts {
+        crate::outln!(
+            "  file: {} {} from {} (sha256 {})",
+            a["component"].as_str().unwrap_or_default(),
+            a["path"].as_str().unwrap_or_default(),
+            a["url"].as_str().unwrap_or_default(),
+            a["sha256"].as_str().unwrap_or_default()
+        )?;
+    }
+    crate::outln!("  roles: {}", list(&p.roles))?;
+    crate::outln!("  units: {}", list(&p.units))?;
+    for m in &p.missing {
+        crate::outln!("  missing: {m}")?;
+    }
+    Ok(())
+}
+
 fn boards(data_dir: Option<&std::path::Path>, sources: bool, json: bool) -> Result<()> {
     let data = crate::data::find(data_dir)?;
     let mut all = Vec::new();

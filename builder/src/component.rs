@@ -21,6 +21,14 @@ pub struct ComponentFile {
     /// Architectures it supports; empty means every one.
     #[serde(default)]
     pub arch: Vec<Arch>,
+    /// Boards it supports (names in boards/); empty means every board of its architectures.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boards: Vec<String>,
+    /// Set for a part of the integration guide picoimg cannot install yet: why, and the
+    /// source it would come from. Such a component is in the platform matrix and refused by
+    /// `build`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
     /// Debian packages it installs.
     #[serde(default)]
     pub packages: Vec<String>,
@@ -121,27 +129,84 @@ pub struct Component {
     pub rootfs: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A stack of `overlays/stacks.toml`: a named list of components; a preset also names the
+/// integration guide's configuration it is, what it may add, and the guide's parts picoimg
+/// cannot install yet.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct StackEntry {
-    description: String,
-    components: Vec<String>,
+pub struct Stack {
+    pub description: String,
+    pub components: Vec<String>,
+    /// The integration guide's configuration this preset installs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guide: Option<String>,
+    /// Components the configuration may add (`--stack NAME,COMPONENT`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub optional: Vec<String>,
+    /// Parts of the configuration not available yet: components with `unavailable` set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_yet: Vec<String>,
 }
 
-/// The stacks a user can pick, with their descriptions.
-pub fn stacks(data: &Path) -> Result<BTreeMap<String, (String, Vec<String>)>> {
+/// The stacks a user can pick, by name. Every component a stack names (as a component, an
+/// optional one or a part not available yet) must exist: checked here, so a typo in the file
+/// is an error naming it.
+pub fn stacks(data: &Path) -> Result<BTreeMap<String, Stack>> {
     let path = data.join("overlays/stacks.toml");
     let text = picoimg_firstboot::input::read_text(
         &path,
         picoimg_firstboot::input::CONFIG_LIMIT,
         "stacks file",
     )?;
-    let raw: BTreeMap<String, StackEntry> =
+    let all: BTreeMap<String, Stack> =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e))?;
-    Ok(raw
-        .into_iter()
-        .map(|(k, v)| (k, (v.description, v.components)))
-        .collect())
+    for (name, st) in &all {
+        for (key, list) in [
+            ("components", &st.components),
+            ("optional", &st.optional),
+            ("not_yet", &st.not_yet),
+        ] {
+            for c in list {
+                if !is_component(data, c) {
+                    bail!(
+                        "{}: [{name}] {key}: {c:?} is not a component (a folder of overlays/ with a component.toml)",
+                        path.display()
+                    );
+                }
+            }
+        }
+        for c in &st.not_yet {
+            if load(data, c)?.file.unavailable.is_none() {
+                bail!(
+                    "{}: [{name}] not_yet: component `{c}` can be installed (it has no `unavailable`): list it in components or optional",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(all)
+}
+
+fn is_component(data: &Path, name: &str) -> bool {
+    crate::data::plain_name(name)
+        && data
+            .join("overlays")
+            .join(name)
+            .join("component.toml")
+            .is_file()
+}
+
+/// Every component (each folder of overlays/ with a component.toml), by name.
+pub fn all(data: &Path) -> Result<Vec<Component>> {
+    let dir = data.join("overlays");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| is_component(data, n))
+        .collect();
+    names.sort();
+    names.iter().map(|n| load(data, n)).collect()
 }
 
 /// Whether `u` is a valid systemd unit name (systemd.unit(5)): a name of ASCII letters, digits
@@ -240,23 +305,29 @@ pub fn stack_roles(data: &Path, stack: &str) -> Result<(Vec<String>, Vec<String>
 /// board, its own components first and the platform matrix enforced.
 fn closure(data: &Path, stack: &str, board: Option<&Board>) -> Result<Vec<Component>> {
     let all = stacks(data)?;
-    let listed: Vec<String>;
+    let mut listed: Vec<String> = Vec::new();
     let wanted = match all.get(stack) {
-        Some((_, w)) => w,
-        // A list of components (`consul,docker`), each with what it requires.
+        Some(st) => &st.components,
+        // A list of stacks and components (`consul,docker`, `nomad,kvm`: a preset and what it
+        // may add), each with what it requires. A stack's name means the stack (a stack named
+        // after a component is `base` and that component).
         None if stack.contains(',') => {
-            listed = stack.split(',').map(|c| c.trim().to_owned()).collect();
-            if let Some(bad) = listed.iter().find(|c| {
-                !crate::data::plain_name(c) || !data.join("overlays").join(c).join("component.toml").is_file()
-            }) {
-                bail!(
-                    "--stack {stack}: {bad:?} is not a component (components are the folders of overlays/ with a component.toml)"
-                );
+            for item in stack.split(',').map(str::trim) {
+                if let Some(st) = all.get(item) {
+                    listed.extend(st.components.iter().cloned());
+                } else if is_component(data, item) {
+                    listed.push(item.to_owned());
+                } else {
+                    bail!(
+                        "--stack {stack}: {item:?} is neither a component (a folder of overlays/ with a component.toml) nor a stack ({})",
+                        all.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
+                }
             }
             &listed
         }
         None => bail!(
-            "unknown stack `{stack}`; valid stacks: {} (or a list of components, like consul,docker)",
+            "unknown stack `{stack}`; valid stacks: {} (or a list of components and stacks, like consul,docker)",
             all.keys().cloned().collect::<Vec<_>>().join(", ")
         ),
     };
@@ -273,6 +344,57 @@ fn closure(data: &Path, stack: &str, board: Option<&Board>) -> Result<Vec<Compon
             .with_context(|| format!("resolving stack `{stack}`"))?;
     }
     Ok(out)
+}
+
+/// Whether component `c` runs on `board` (its `arch` and `boards`), and if not, why (said of
+/// the component, the same for every board it does not run on).
+pub fn supports(c: &Component, board: &Board) -> std::result::Result<(), String> {
+    let arches = || {
+        c.file
+            .arch
+            .iter()
+            .map(|a| a.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !c.file.arch.is_empty() && !c.file.arch.contains(&board.arch) {
+        return Err(match c.file.boards.as_slice() {
+            [] => format!("component `{}` runs on {} boards only", c.name, arches()),
+            b => format!(
+                "component `{}` runs on {} only ({})",
+                c.name,
+                b.join(", "),
+                arches()
+            ),
+        });
+    }
+    if !c.file.boards.is_empty() && !c.file.boards.contains(&board.name) {
+        return Err(format!(
+            "component `{}` runs on {} only",
+            c.name,
+            c.file.boards.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// One cell of the platform matrix: whether `stack` builds for `board`, else why not: a
+/// component the board cannot run (checked first), or a part not available yet.
+pub fn cell(data: &Path, stack: &str, board: &Board) -> std::result::Result<(), String> {
+    let comps = closure(data, stack, None).map_err(|e| format!("{e:#}"))?;
+    for c in &comps {
+        supports(c, board)?;
+    }
+    match comps
+        .iter()
+        .find_map(|c| c.file.unavailable.as_ref().map(|u| (c, u)))
+    {
+        Some((c, why)) => Err(format!(
+            "component `{}` is not available in picoimg yet: {why}",
+            c.name
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Resolves a stack for a board: the components in dependency order (each once).
@@ -297,19 +419,17 @@ fn visit(
         );
     }
     let c = load(data, name)?;
-    if let Some(board) = board.filter(|b| !c.file.arch.is_empty() && !c.file.arch.contains(&b.arch))
-    {
-        bail!(
-            "component `{name}` is not available on {} boards like `{}` (it supports: {})",
-            board.arch.as_str(),
-            board.name,
-            c.file
-                .arch
-                .iter()
-                .map(|a| a.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+    if let Some(board) = board {
+        if let Err(why) = supports(&c, board) {
+            bail!(
+                "{why}: board `{}` is {} (the platform matrix: `picoimg stacks --matrix`)",
+                board.name,
+                board.arch.as_str()
+            );
+        }
+    }
+    if let (Some(why), Some(_)) = (&c.file.unavailable, board) {
+        bail!("component `{name}` is not available in picoimg yet: {why}");
     }
     visiting.push(name.to_owned());
     for dep in &c.file.requires {

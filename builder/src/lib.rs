@@ -38,6 +38,7 @@ pub mod qemu;
 pub mod rehearsal;
 pub mod rootfs;
 pub mod size;
+pub mod stacks;
 pub mod tarfs;
 pub mod uimage;
 pub mod xz;

@@ -44,6 +44,13 @@ fn data_with_board(edit: impl Fn(&str) -> String) -> tempfile::TempDir {
 
 /// Runs `picoimg build ARGS` with a fresh --out and --cache, checks that it fails and leaves
 /// nothing in --out, and returns its stderr.
+/// Runs `c`, asserts it succeeded, returns its stdout.
+fn run_ok(c: &mut std::process::Command) -> String {
+    let o = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    assert!(o.status.success(), "{c:?} failed: {}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 fn refused(args: &[&str], data: Option<&Path>) -> String {
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -1039,7 +1046,7 @@ fn data_files_and_options_are_confined_and_checked() {
                 )
             }),
             vec!["--board", "h4", "--stack", "consul"],
-            "component name \"../../x\"",
+            "[consul] components: \"../../x\" is not a component",
         ),
         (
             "unit name with a path",
@@ -1580,7 +1587,7 @@ fn stack_can_be_a_list_of_components() {
     }
     let e = refused(&["--board", "h4", "--stack", "consul,dokcer"], None);
     assert!(
-        e.contains("--stack consul,dokcer: \"dokcer\" is not a component"),
+        e.contains("--stack consul,dokcer: \"dokcer\" is neither a component"),
         "{e}"
     );
 }
@@ -1595,7 +1602,7 @@ fn nomad_stack_is_listed_its_file_checks_and_an_unreachable_repository_stops_the
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.lines()
-            .any(|l| l.starts_with("nomad") && l.ends_with("[base, consul, docker, nomad]")),
+            .any(|l| l.starts_with("nomad") && l.ends_with("[base, consul, docker, nomad, ceph]")),
         "{out}"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -2300,5 +2307,262 @@ fn cluster_kubeconfig_gives_a_derived_admin_that_openssl_verifies() {
         stderr(&o).contains("no node has the k3s-server role"),
         "{}",
         stderr(&o)
+    );
+}
+
+/// The integration guide's configurations are presets: `picoimg stacks` names the guide's
+/// configuration of each, its components, and the guide's parts picoimg cannot install yet,
+/// each with the source it would come from; the JSON says the same for scripts.
+#[test]
+fn stacks_lists_the_guides_presets_and_what_is_not_yet_available() {
+    let out = run_ok(picoimg().arg("stacks"));
+    for (preset, comps, guide) in [
+        ("k8s", "[base, consul, k3s, ceph]", "Configuration 1"),
+        (
+            "nomad",
+            "[base, consul, docker, nomad, ceph]",
+            "Configuration 2",
+        ),
+        ("edgex", "[base, consul, ceph]", "Configuration 4"),
+    ] {
+        let at = out
+            .lines()
+            .position(|l| l.starts_with(&format!("{preset} ")) && l.ends_with(comps))
+            .unwrap_or_else(|| panic!("{preset} {comps}:\n{out}"));
+        assert!(out.lines().nth(at + 1).unwrap().contains(guide), "{out}");
+    }
+    assert!(
+        out.contains("not yet: traefik: Traefik Labs publishes"),
+        "{out}"
+    );
+    assert!(
+        out.contains("not yet: edgex: EdgeX Foundry runs as container images"),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&run_ok(picoimg().args(["stacks", "--json"]))).unwrap();
+    let k8s = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "k8s")
+        .unwrap();
+    assert_eq!(
+        k8s["components"],
+        serde_json::json!(["base", "consul", "k3s", "ceph"])
+    );
+    let harbor = k8s["not_yet"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["component"] == "harbor")
+        .unwrap();
+    assert!(
+        harbor["why"]
+            .as_str()
+            .unwrap()
+            .contains("harbor-offline-installer"),
+        "{harbor}"
+    );
+    // A stack that names a component that does not exist is an error naming the file's entry.
+    let data = common::data_copy();
+    let stacks = data.path().join("overlays/stacks.toml");
+    let text = std::fs::read_to_string(&stacks).unwrap();
+    std::fs::write(
+        &stacks,
+        text.replace(
+            "not_yet = [\"traefik\", \"harbor\"]\n\n[nomad]",
+            "not_yet = [\"traefik\", \"harbour\"]\n\n[nomad]",
+        ),
+    )
+    .unwrap();
+    let o = picoimg()
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("stacks")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("stacks.toml: [k8s] not_yet: \"harbour\" is not a component"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// The platform matrix is data (each component's `arch` and `boards`) and enforced: `stacks
+/// --matrix` prints board x stack with the reasons, and a build of a pair the matrix refuses
+/// stops at once, before any tool runs or any output is written, naming the matrix.
+#[test]
+fn the_platform_matrix_is_printed_and_enforced() {
+    let out = run_ok(picoimg().args(["stacks", "--matrix"]));
+    let header = out.lines().next().unwrap();
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        ["stack", "c5", "h4", "rpi5-raspbian", "rpi5-ubuntu"],
+        "{out}"
+    );
+    let row = |s: &str| -> Vec<String> {
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(s))
+            .unwrap_or_else(|| panic!("no row {s}:\n{out}"));
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .skip(1)
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(row("kvm"), ["no", "yes", "no", "no"], "{out}");
+    assert_eq!(row("proxmox"), ["no", "not yet", "no", "no"], "{out}");
+    assert_eq!(row("nomad"), ["yes", "yes", "yes", "yes"], "{out}");
+    assert!(
+        out.contains(
+            "kvm on c5, rpi5-raspbian, rpi5-ubuntu: component `kvm` runs on h4 only (amd64)"
+        ),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&run_ok(picoimg().args(["stacks", "--matrix", "--json"]))).unwrap();
+    let proxmox = v["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "proxmox")
+        .unwrap();
+    assert_eq!(proxmox["boards"]["h4"]["mark"], "not yet");
+    assert_eq!(proxmox["boards"]["c5"]["builds"], false);
+    for (board, stack, says) in [
+        ("c5", "proxmox", "component `proxmox` runs on h4 only (amd64): board `c5` is arm64 (the platform matrix: `picoimg stacks --matrix`)"),
+        ("rpi5-ubuntu", "nomad,kvm", "component `kvm` runs on h4 only (amd64): board `rpi5-ubuntu` is arm64"),
+        ("h4", "proxmox", "component `proxmox` is not available in picoimg yet: Proxmox VE's packages"),
+    ] {
+        let started = std::time::Instant::now();
+        let e = refused(&["--board", board, "--stack", stack], None);
+        assert!(e.contains(says), "{board} {stack}: {e}");
+        assert!(!e.contains("mmdebstrap"), "{e}");
+        eprintln!("{board} {stack}: refused in {:.3}s", started.elapsed().as_secs_f64());
+    }
+}
+
+/// `build --dry-run --json` resolves every board x stack the matrix allows, without building:
+/// the components (a preset's and the board's own), the packages of the base root and the
+/// layer, the apt sources, roles and units; a pair the matrix refuses is refused the same way.
+/// A stack list may name stacks: `nomad,kvm` is the nomad preset plus kvm.
+#[test]
+fn dry_run_resolves_every_board_and_stack() {
+    let v: serde_json::Value =
+        serde_json::from_str(&run_ok(picoimg().args(["stacks", "--matrix", "--json"]))).unwrap();
+    let boards: Vec<&str> = v["boards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap())
+        .collect();
+    let mut resolved = 0;
+    let mut yes = 0;
+    for s in v["stacks"].as_array().unwrap() {
+        let stack = s["name"].as_str().unwrap();
+        // Every board at once, as `build --board a,b` takes them; then each board alone.
+        let dry = |boards: &[&str]| {
+            picoimg()
+                .args(["build", "--dry-run", "--json", "--stack", stack])
+                .args(["--board", &boards.join(",")])
+                .output()
+                .unwrap()
+        };
+        let started = std::time::Instant::now();
+        let all = dry(&boards);
+        eprintln!(
+            "dry run of {stack} on {} boards: {:.3}s",
+            boards.len(),
+            started.elapsed().as_secs_f64()
+        );
+        for b in &boards {
+            let builds = s["boards"][b]["builds"] == true;
+            yes += usize::from(builds);
+            let o = dry(&[b]);
+            if !builds {
+                assert!(!o.status.success(), "{stack} on {b} should be refused");
+                assert!(
+                    !all.status.success(),
+                    "{stack}: a refused board refuses the run"
+                );
+                let e = stderr(&o);
+                assert!(
+                    e.contains("picoimg stacks --matrix")
+                        || e.contains("not available in picoimg yet"),
+                    "{e}"
+                );
+                continue;
+            }
+            assert!(o.status.success(), "{stack} on {b}: {}", stderr(&o));
+            let plans: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let p = &plans[0];
+            assert_eq!(p["board"], *b);
+            assert_eq!(p["stack"], stack);
+            assert!(
+                p["components"].as_array().unwrap().contains(&"base".into()),
+                "{p}"
+            );
+            assert!(
+                p["base_packages"].to_string().contains("linux-image-"),
+                "{p}"
+            );
+            assert!(
+                p["units"].to_string().contains("picoimg-firstboot.service"),
+                "{p}"
+            );
+            assert!(!p["apt_sources"].as_array().unwrap().is_empty(), "{p}");
+            resolved += 1;
+        }
+    }
+    assert_eq!(resolved, yes);
+    assert!(yes > 7 * boards.len(), "{yes}");
+    let p: serde_json::Value = serde_json::from_str(&run_ok(picoimg().args([
+        "build",
+        "--dry-run",
+        "--json",
+        "--board",
+        "h4",
+        "--stack",
+        "nomad,kvm",
+    ])))
+    .unwrap();
+    let p = &p[0];
+    assert_eq!(
+        p["components"],
+        serde_json::json!([
+            "systemd-boot",
+            "base",
+            "consul",
+            "docker",
+            "nomad",
+            "ceph",
+            "kvm"
+        ])
+    );
+    for r in ["ceph-mon", "consul-server", "nomad-client"] {
+        assert!(p["roles"].as_array().unwrap().contains(&r.into()), "{p}");
+    }
+    assert!(
+        p["layer_packages"]
+            .as_array()
+            .unwrap()
+            .contains(&"libvirt-daemon-system".into()),
+        "{p}"
+    );
+    assert!(
+        p["units"]
+            .as_array()
+            .unwrap()
+            .contains(&"docker.service".into()),
+        "{p}"
+    );
+    let text = run_ok(picoimg().args(["build", "--dry-run", "--board", "c5", "--stack", "k8s"]));
+    assert!(
+        text.starts_with("c5-k8s: board c5 (arm64), stack k8s, sources debian"),
+        "{text}"
     );
 }
