@@ -23,7 +23,8 @@ pub struct BuildOptions {
     pub cache: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub keep_raw: bool,
-    pub xz_level: u32,
+    /// xz level of the `.img.xz`; `None`: no `.img.xz`, the raw image is the output.
+    pub xz_level: Option<u32>,
     pub refresh: bool,
     pub image_size: Option<Bytes>,
     /// Source set of the board (`None`: its default).
@@ -48,7 +49,7 @@ impl BuildOptions {
             cache: None,
             data_dir: None,
             keep_raw: false,
-            xz_level: 6,
+            xz_level: Some(6),
             refresh: false,
             image_size: None,
             sources: None,
@@ -96,10 +97,25 @@ pub struct Manifest {
     pub packages: Vec<tarfs::Package>,
 }
 
+/// How the image was compressed: `xz` with its level, or `none` (the raw image only).
 #[derive(Debug, Serialize)]
 pub struct Compression {
     pub format: &'static str,
-    pub level: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<u32>,
+}
+
+impl Compression {
+    fn of(opts: &BuildOptions) -> Compression {
+        Compression {
+            format: if opts.xz_level.is_some() {
+                "xz"
+            } else {
+                "none"
+            },
+            level: opts.xz_level,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -122,7 +138,8 @@ pub struct PartManifest {
 /// Paths of a finished build.
 #[derive(Debug)]
 pub struct Outputs {
-    pub image_xz: PathBuf,
+    /// `None` with `--no-xz`.
+    pub image_xz: Option<PathBuf>,
     pub bmap: PathBuf,
     pub manifest: PathBuf,
     pub raw: Option<PathBuf>,
@@ -442,7 +459,7 @@ impl<'a> Build<'a> {
         if let Some(done) = &done {
             log(format!(
                 "up to date: {} was built from the same inputs ({}); --refresh builds it again",
-                done.image_xz.display(),
+                done.image().display(),
                 &inputs.hash[..12]
             ));
         }
@@ -629,13 +646,14 @@ impl<'a> Build<'a> {
         let step = Step::start("block map");
         let bmap = crate::bmap::create(raw)?;
         step.done();
-        let xz = staging.join(format!("{}.img.xz", plan.name));
-        let packed =
-            crate::output::xz_compress(raw, &xz, opts.xz_level, Some(&self.cache.xz_dir()))?;
-        log(format!(
-            "compressed {} blocks, {} of them taken from the block cache",
-            packed.blocks, packed.reused
-        ));
+        if let Some(level) = opts.xz_level {
+            let xz = staging.join(format!("{}.img.xz", plan.name));
+            let packed = crate::output::xz_compress(raw, &xz, level, Some(&self.cache.xz_dir()))?;
+            log(format!(
+                "compressed {} blocks, {} of them taken from the block cache",
+                packed.blocks, packed.reused
+            ));
+        }
         let manifest = Manifest {
             picoimg_version: plan.picoimg_version.clone(),
             name: plan.name.clone(),
@@ -666,10 +684,7 @@ impl<'a> Build<'a> {
                     .collect(),
                 ids: self.ids.clone(),
             },
-            compression: Compression {
-                format: "xz",
-                level: opts.xz_level,
-            },
+            compression: Compression::of(opts),
             root_file_bytes: tree.file_bytes,
             source_date_epoch: root.epoch,
             apt_sources: plan.all_sources().cloned().collect(),
@@ -683,10 +698,7 @@ impl<'a> Build<'a> {
         )?;
 
         let mut sums = Vec::new();
-        let mut publish = vec![names.xz.clone(), names.bmap.clone(), names.manifest.clone()];
-        if opts.keep_raw {
-            publish.push(names.raw.clone());
-        }
+        let publish = names.files(opts);
         for n in &publish {
             sums.push((n.clone(), crate::output::sha256_file(&staging.join(n))?));
         }
@@ -694,13 +706,9 @@ impl<'a> Build<'a> {
             crate::output::publish(&staging.join(n), &opts.out.join(n))?;
         }
         crate::output::update_sums(&opts.out, &sums)?;
-        log(format!("wrote {}", opts.out.join(&names.xz).display()));
-        Ok(Outputs {
-            image_xz: opts.out.join(&names.xz),
-            bmap: opts.out.join(&names.bmap),
-            manifest: opts.out.join(&names.manifest),
-            raw: opts.keep_raw.then(|| opts.out.join(&names.raw)),
-        })
+        let done = names.outputs(opts);
+        log(format!("wrote {}", done.image().display()));
+        Ok(done)
     }
 }
 
@@ -718,17 +726,13 @@ fn up_to_date(opts: &BuildOptions, name: &str, inputs_hash: &str) -> Result<Opti
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok());
     if old["inputs_hash"] != inputs_hash
-        || old["compression"]["level"].as_u64() != Some(u64::from(opts.xz_level))
+        || old["compression"] != serde_json::to_value(Compression::of(opts))?
         || epoch.is_some_and(|e| old["source_date_epoch"].as_u64() != Some(e))
     {
         return Ok(None);
     }
     let sums = std::fs::read_to_string(opts.out.join("SHA256SUMS")).unwrap_or_default();
-    let mut files = vec![&names.xz, &names.bmap, &names.manifest];
-    if opts.keep_raw {
-        files.push(&names.raw);
-    }
-    for f in files {
+    for f in &names.files(opts) {
         let listed = sums.lines().find_map(|l| {
             let (sum, n) = l.split_once("  ")?;
             (n.trim_start_matches('*') == f.as_str()).then_some(sum)
@@ -739,12 +743,18 @@ fn up_to_date(opts: &BuildOptions, name: &str, inputs_hash: &str) -> Result<Opti
             _ => return Ok(None),
         }
     }
-    Ok(Some(Outputs {
-        image_xz: opts.out.join(&names.xz),
-        bmap: opts.out.join(&names.bmap),
-        manifest: opts.out.join(&names.manifest),
-        raw: opts.keep_raw.then(|| opts.out.join(&names.raw)),
-    }))
+    Ok(Some(names.outputs(opts)))
+}
+
+impl Outputs {
+    /// The image a user flashes: the `.img.xz`, or the raw image without one.
+    pub fn image(&self) -> &Path {
+        match (&self.image_xz, &self.raw) {
+            (Some(xz), _) => xz,
+            (None, Some(raw)) => raw,
+            (None, None) => &self.bmap,
+        }
+    }
 }
 
 /// File names of one image's outputs.
@@ -762,6 +772,30 @@ impl OutputNames {
             xz: format!("{name}.img.xz"),
             bmap: format!("{name}.img.bmap"),
             manifest: format!("{name}.manifest.json"),
+        }
+    }
+
+    /// The files a build with `opts` publishes (and `SHA256SUMS` lists): the `.img.xz` unless
+    /// `--no-xz`, the block map, the manifest, and the raw image with `--keep-raw` or
+    /// `--no-xz`.
+    pub fn files(&self, opts: &BuildOptions) -> Vec<String> {
+        let mut f = Vec::new();
+        if opts.xz_level.is_some() {
+            f.push(self.xz.clone());
+        }
+        f.extend([self.bmap.clone(), self.manifest.clone()]);
+        if opts.keep_raw || opts.xz_level.is_none() {
+            f.push(self.raw.clone());
+        }
+        f
+    }
+
+    fn outputs(&self, opts: &BuildOptions) -> Outputs {
+        Outputs {
+            image_xz: opts.xz_level.map(|_| opts.out.join(&self.xz)),
+            bmap: opts.out.join(&self.bmap),
+            manifest: opts.out.join(&self.manifest),
+            raw: (opts.keep_raw || opts.xz_level.is_none()).then(|| opts.out.join(&self.raw)),
         }
     }
 }
@@ -900,9 +934,12 @@ mod tests {
         crate::output::update_sums(dir.path(), &sums).unwrap();
         assert!(up_to_date(&opts, "h4-base", "abc").unwrap().is_some());
         assert!(up_to_date(&opts, "h4-base", "abd").unwrap().is_none());
-        opts.xz_level = 1;
+        opts.xz_level = Some(1);
         assert!(up_to_date(&opts, "h4-base", "abc").unwrap().is_none());
-        opts.xz_level = 6;
+        // Without xz: the raw image is an output, and the manifest says "none".
+        opts.xz_level = None;
+        assert!(up_to_date(&opts, "h4-base", "abc").unwrap().is_none());
+        opts.xz_level = Some(6);
         opts.keep_raw = true;
         assert!(up_to_date(&opts, "h4-base", "abc").unwrap().is_none());
         opts.keep_raw = false;

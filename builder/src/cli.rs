@@ -255,6 +255,11 @@ pub struct BuildArgs {
     /// blocks compressed at this level before (same contents) are taken from the cache.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
     pub xz_level: u32,
+    /// Write no .img.xz: the raw image (<board>-<stack>.img, sparse) with its block map is
+    /// the output, for `picoimg run` or `picoimg flash` on this machine (compressing is the
+    /// longest step of a rebuild).
+    #[arg(long, conflicts_with = "xz_level")]
+    pub no_xz: bool,
     /// Build again even if the outputs are up to date, and remake the root filesystem (base
     /// and stack layer) even if the cache has it (to pick up archive updates).
     #[arg(long)]
@@ -346,7 +351,7 @@ impl Target {
             cache: None,
             data_dir,
             keep_raw: false,
-            xz_level: 6,
+            xz_level: Some(6),
             refresh: false,
             image_size: self.image_size,
             sources: self.sources,
@@ -368,7 +373,7 @@ pub fn main() -> Result<()> {
             o.out = a.out;
             o.cache = a.cache;
             o.keep_raw = a.keep_raw;
-            o.xz_level = a.xz_level;
+            o.xz_level = (!a.no_xz).then_some(a.xz_level);
             o.refresh = a.refresh;
             o.uboot = a.uboot;
             o.firstboot = a.firstboot;
@@ -391,7 +396,9 @@ pub fn main() -> Result<()> {
                 return Ok(());
             }
             for out in crate::build::build_boards(&o, &boards)? {
-                crate::outln!("{}", out.image_xz.display())?;
+                if let Some(xz) = &out.image_xz {
+                    crate::outln!("{}", xz.display())?;
+                }
                 crate::outln!("{}", out.bmap.display())?;
                 crate::outln!("{}", out.manifest.display())?;
                 if let Some(r) = out.raw {
