@@ -39,6 +39,12 @@ pub struct BuildOptions {
 }
 
 impl BuildOptions {
+    /// Whether the raw image is an output: with `--keep-raw`, or as the image itself without
+    /// an `.img.xz`.
+    pub fn writes_raw(&self) -> bool {
+        self.keep_raw || self.xz_level.is_none()
+    }
+
     /// `board` and `stack` with every other option at its default (as the CLI's).
     pub fn new(board: &str, stack: &str) -> BuildOptions {
         BuildOptions {
@@ -216,10 +222,6 @@ pub fn image_inputs_hash(plan: &BuildPlan, agent: &crate::agentbin::AgentBinary)
     crate::plan::json_key(&(plan.inputs_hash(), &agent.sha256))
 }
 
-/// Builds one image per board of `boards` with the same stack and options, one after another
-/// in one run: every plan is resolved and checked first (so a wrong board name or an
-/// unreachable artifact stops the run before hours of work), then the images share the
-/// package, root filesystem and block caches. Stops at the first failure, naming the board.
 /// What `build --dry-run` shows of one board's build: the resolved plan, without building or
 /// touching the network, the cache or the agent.
 #[derive(Debug, serde::Serialize)]
@@ -300,6 +302,10 @@ pub fn dry_run(opts: &BuildOptions, boards: &[String]) -> Result<Vec<DryRun>> {
         .collect()
 }
 
+/// Builds one image per board of `boards` with the same stack and options, one after another
+/// in one run: every plan is resolved and checked first (so a wrong board name or an
+/// unreachable artifact stops the run before hours of work), then the images share the
+/// package, root filesystem and block caches. Stops at the first failure, naming the board.
 pub fn build_boards(opts: &BuildOptions, boards: &[String]) -> Result<Vec<Outputs>> {
     if boards.len() > 1 && (opts.uboot.is_some() || opts.firstboot.is_some()) {
         bail!("--uboot and --firstboot are for one board (one bootloader, one architecture): build {} one at a time", boards.join(", "));
@@ -749,11 +755,10 @@ fn up_to_date(opts: &BuildOptions, name: &str, inputs_hash: &str) -> Result<Opti
 impl Outputs {
     /// The image a user flashes: the `.img.xz`, or the raw image without one.
     pub fn image(&self) -> &Path {
-        match (&self.image_xz, &self.raw) {
-            (Some(xz), _) => xz,
-            (None, Some(raw)) => raw,
-            (None, None) => &self.bmap,
-        }
+        self.image_xz
+            .as_deref()
+            .or(self.raw.as_deref())
+            .expect("outputs without an .img.xz keep the raw image (OutputNames::outputs)")
     }
 }
 
@@ -784,7 +789,7 @@ impl OutputNames {
             f.push(self.xz.clone());
         }
         f.extend([self.bmap.clone(), self.manifest.clone()]);
-        if opts.keep_raw || opts.xz_level.is_none() {
+        if opts.writes_raw() {
             f.push(self.raw.clone());
         }
         f
@@ -795,7 +800,7 @@ impl OutputNames {
             image_xz: opts.xz_level.map(|_| opts.out.join(&self.xz)),
             bmap: opts.out.join(&self.bmap),
             manifest: opts.out.join(&self.manifest),
-            raw: (opts.keep_raw || opts.xz_level.is_none()).then(|| opts.out.join(&self.raw)),
+            raw: opts.writes_raw().then(|| opts.out.join(&self.raw)),
         }
     }
 }

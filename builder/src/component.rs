@@ -196,19 +196,6 @@ fn is_component(data: &Path, name: &str) -> bool {
             .is_file()
 }
 
-/// Every component (each folder of overlays/ with a component.toml), by name.
-pub fn all(data: &Path) -> Result<Vec<Component>> {
-    let dir = data.join("overlays");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| is_component(data, n))
-        .collect();
-    names.sort();
-    names.iter().map(|n| load(data, n)).collect()
-}
-
 /// Whether `u` is a valid systemd unit name (systemd.unit(5)): a name of ASCII letters, digits
 /// and `:-_.\\@`, at most 255 characters, with a unit type suffix; no path separators.
 pub fn valid_unit_name(u: &str) -> bool {
@@ -304,7 +291,16 @@ pub fn stack_roles(data: &Path, stack: &str) -> Result<(Vec<String>, Vec<String>
 /// The components a stack names, with everything they require, in dependency order; with a
 /// board, its own components first and the platform matrix enforced.
 fn closure(data: &Path, stack: &str, board: Option<&Board>) -> Result<Vec<Component>> {
-    let all = stacks(data)?;
+    closure_in(data, &stacks(data)?, stack, board)
+}
+
+/// [`closure`] with the stacks file already read.
+fn closure_in(
+    data: &Path,
+    all: &BTreeMap<String, Stack>,
+    stack: &str,
+    board: Option<&Board>,
+) -> Result<Vec<Component>> {
     let mut listed: Vec<String> = Vec::new();
     let wanted = match all.get(stack) {
         Some(st) => &st.components,
@@ -378,22 +374,36 @@ pub fn supports(c: &Component, board: &Board) -> std::result::Result<(), String>
     Ok(())
 }
 
-/// One cell of the platform matrix: whether `stack` builds for `board`, else why not: a
-/// component the board cannot run (checked first), or a part not available yet.
-pub fn cell(data: &Path, stack: &str, board: &Board) -> std::result::Result<(), String> {
-    let comps = closure(data, stack, None).map_err(|e| format!("{e:#}"))?;
-    for c in &comps {
-        supports(c, board)?;
-    }
-    match comps
-        .iter()
-        .find_map(|c| c.file.unavailable.as_ref().map(|u| (c, u)))
-    {
-        Some((c, why)) => Err(format!(
-            "component `{}` is not available in picoimg yet: {why}",
-            c.name
-        )),
-        None => Ok(()),
+/// Why the platform matrix refuses a stack on a board (what `stacks --matrix` tells apart).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refused {
+    /// A component does not run on the board; `why` is said of the component (the same for
+    /// every board it does not run on).
+    #[error("{why}: board `{board}` is {arch} (the platform matrix: `picoimg stacks --matrix`)")]
+    NotOnBoard {
+        why: String,
+        board: String,
+        arch: &'static str,
+    },
+    /// A part of the guide picoimg cannot install yet.
+    #[error("component `{component}` is not available in picoimg yet: {why}")]
+    NotYet { component: String, why: String },
+}
+
+/// One cell of the platform matrix: `stack` (with `all`, the stacks file read once) resolved
+/// for `board` as `build` resolves it; `Err` with the refusal, or any other error as text.
+pub fn cell(
+    data: &Path,
+    all: &BTreeMap<String, Stack>,
+    stack: &str,
+    board: &Board,
+) -> std::result::Result<(), Result<Refused, String>> {
+    match closure_in(data, all, stack, Some(board)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e
+            .chain()
+            .find_map(|c| c.downcast_ref::<Refused>().cloned())
+            .ok_or_else(|| format!("{e:#}"))),
     }
 }
 
@@ -421,15 +431,20 @@ fn visit(
     let c = load(data, name)?;
     if let Some(board) = board {
         if let Err(why) = supports(&c, board) {
-            bail!(
-                "{why}: board `{}` is {} (the platform matrix: `picoimg stacks --matrix`)",
-                board.name,
-                board.arch.as_str()
-            );
+            return Err(Refused::NotOnBoard {
+                why,
+                board: board.name.clone(),
+                arch: board.arch.as_str(),
+            }
+            .into());
         }
-    }
-    if let (Some(why), Some(_)) = (&c.file.unavailable, board) {
-        bail!("component `{name}` is not available in picoimg yet: {why}");
+        if let Some(why) = &c.file.unavailable {
+            return Err(Refused::NotYet {
+                component: name.to_owned(),
+                why: why.clone(),
+            }
+            .into());
+        }
     }
     visiting.push(name.to_owned());
     for dep in &c.file.requires {

@@ -6,12 +6,15 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::component::{self, Stack};
+use crate::component::{self, Refused, Stack};
 
-/// One row of the matrix: a stack, and per board (in `boards/` order) `Ok` or the reason.
+/// A matrix cell: `Ok`, the matrix's refusal, or another error as text.
+pub type Cell = std::result::Result<(), std::result::Result<Refused, String>>;
+
+/// One row of the matrix: a stack, and per board (in `boards/` order) its cell.
 pub struct Row {
     pub stack: String,
-    pub cells: Vec<std::result::Result<(), String>>,
+    pub cells: Vec<Cell>,
 }
 
 /// The platform matrix: every stack against every board.
@@ -20,26 +23,29 @@ pub fn matrix(data: &Path) -> Result<(Vec<String>, Vec<Row>)> {
         .iter()
         .map(|n| crate::data::board(data, n))
         .collect::<Result<_>>()?;
-    let rows = component::stacks(data)?
-        .into_keys()
+    let stacks = component::stacks(data)?;
+    let rows = stacks
+        .keys()
         .map(|stack| Row {
             cells: boards
                 .iter()
-                .map(|b| component::cell(data, &stack, b))
+                .map(|b| component::cell(data, &stacks, stack, b))
                 .collect(),
-            stack,
+            stack: stack.clone(),
         })
         .collect();
     Ok((boards.into_iter().map(|b| b.name).collect(), rows))
 }
 
-/// What a matrix cell says: `yes`, `no` (a component the board cannot run), or `not yet`
-/// (a part picoimg cannot install yet).
-fn mark(cell: &std::result::Result<(), String>) -> &'static str {
+/// What a matrix cell says: `yes`, `no` (a component the board cannot run, or an error), or
+/// `not yet` (a part picoimg cannot install yet); and why not, the same for every board it
+/// holds for.
+fn mark(cell: &Cell) -> (&'static str, Option<String>) {
     match cell {
-        Ok(()) => "yes",
-        Err(why) if why.contains("not available in picoimg yet") => "not yet",
-        Err(_) => "no",
+        Ok(()) => ("yes", None),
+        Err(Ok(r @ Refused::NotYet { .. })) => ("not yet", Some(r.to_string())),
+        Err(Ok(Refused::NotOnBoard { why, .. })) => ("no", Some(why.clone())),
+        Err(Err(e)) => ("no", Some(e.clone())),
     }
 }
 
@@ -103,9 +109,9 @@ fn print_matrix(data: &Path, json: bool) -> Result<()> {
             "boards": boards,
             "stacks": rows.iter().map(|r| serde_json::json!({
                 "name": r.stack,
-                "boards": boards.iter().zip(&r.cells).map(|(b, c)| (b.clone(), match c {
-                    Ok(()) => serde_json::json!({"builds": true}),
-                    Err(why) => serde_json::json!({"builds": false, "mark": mark(c), "why": why}),
+                "boards": boards.iter().zip(&r.cells).map(|(b, c)| (b.clone(), match mark(c) {
+                    (_, None) => serde_json::json!({"builds": true}),
+                    (m, Some(why)) => serde_json::json!({"builds": false, "mark": m, "why": why}),
                 })).collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
         });
@@ -122,15 +128,15 @@ fn print_matrix(data: &Path, json: bool) -> Result<()> {
     for r in &rows {
         let mut line = format!("{:first$}", r.stack);
         for (c, w) in r.cells.iter().zip(&widths) {
-            line.push_str(&format!("  {:w$}", mark(c)));
+            line.push_str(&format!("  {:w$}", mark(c).0));
         }
         crate::outln!("{}", line.trim_end())?;
     }
     // Why not: once per stack and reason, with the boards it holds for.
     for r in &rows {
-        let mut reasons: Vec<(&String, Vec<&str>)> = Vec::new();
+        let mut reasons: Vec<(String, Vec<&str>)> = Vec::new();
         for (b, c) in boards.iter().zip(&r.cells) {
-            if let Err(why) = c {
+            if let (_, Some(why)) = mark(c) {
                 match reasons.iter_mut().find(|(w, _)| *w == why) {
                     Some((_, bs)) => bs.push(b),
                     None => reasons.push((why, vec![b])),
