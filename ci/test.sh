@@ -10,6 +10,11 @@ cd "$(dirname "$0")/.."
 
 ci/setup-host.sh
 
+# The binaries under test read boards/ and overlays/ from this checkout. (They also find the
+# source tree they were compiled in, but a shared target directory can hold a build from
+# another clone's path that cargo still considers fresh.)
+export PICOIMG_DATA_DIR="$PWD"
+
 # A normal user for the test that builds an image without root (mmdebstrap's unshare mode
 # needs a subordinate id range, which useradd allocates once /etc/subuid exists).
 if [ "$(id -u)" -eq 0 ] && ! id picoimg-ci >/dev/null 2>&1; then
