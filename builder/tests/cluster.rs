@@ -870,6 +870,14 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_
         crash.contains("ConditionResult=no") && crash.contains("ActiveState=inactive"),
         "{crash}"
     );
+    // The first boot's presets enabled nothing the build left off (base's 99-picoimg.preset):
+    // not K3s's units on a node without K3s roles, nor a socket beside its service.
+    let off = ssh_ok(
+        f,
+        port,
+        "systemctl is-enabled k3s.service k3s-agent.service ssh.socket cni-dhcp.socket || true",
+    );
+    assert_eq!(off, "disabled\n".repeat(4), "{off}");
     // A rerun on a configured node: every step already done, and quick.
     let rerun = ssh_ok(
         f,
