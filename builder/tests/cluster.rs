@@ -804,7 +804,7 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
 /// first, every node's health check waited for the cut node's Consul (bootstrap_expect = 3)
 /// before its own OSD, which made that round six minutes longer under TCG.
 ///
-/// About 25 minutes under TCG on two cores (the first round took 565 s from the VMs' start to
+/// About 21-25 minutes under TCG on two cores (each round took 565-630 s from the VMs' start to
 /// the last node's ready line). The rehearsal raises `mon_warn_on_slow_ping_time` (emulation
 /// only, see `cluster_file`).
 #[test]
