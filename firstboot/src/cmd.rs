@@ -82,6 +82,11 @@ pub struct Cmd {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     dir: Option<std::path::PathBuf>,
+    /// Bytes written to the program's standard input (configuration that holds a secret).
+    stdin: Option<Vec<u8>>,
+    /// Indexes into `args` of arguments shown as `<hidden>` in errors and logs (a token the
+    /// program only takes on its command line).
+    hidden: Vec<usize>,
 }
 
 impl Cmd {
@@ -91,7 +96,23 @@ impl Cmd {
             args: Vec::new(),
             env: Vec::new(),
             dir: None,
+            stdin: None,
+            hidden: Vec::new(),
         }
+    }
+
+    /// An argument that errors and logs show as `<hidden>` (a secret the program takes only
+    /// on its command line).
+    pub fn hidden_arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.hidden.push(self.args.len());
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Feeds `bytes` to the program's standard input.
+    pub fn stdin_bytes(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(bytes.into());
+        self
     }
 
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
@@ -123,9 +144,14 @@ impl Cmd {
 
     /// The command line as a user would type it (for errors and logs).
     pub fn display(&self) -> String {
-        std::iter::once(&self.program)
-            .chain(&self.args)
-            .map(|a| shell_quote(&a.to_string_lossy()))
+        std::iter::once(shell_quote(&self.program.to_string_lossy()))
+            .chain(self.args.iter().enumerate().map(|(i, a)| {
+                if self.hidden.contains(&i) {
+                    "<hidden>".to_owned()
+                } else {
+                    shell_quote(&a.to_string_lossy())
+                }
+            }))
             .collect::<Vec<_>>()
             .join(" ")
     }
@@ -137,6 +163,9 @@ impl Cmd {
         }
         if let Some(d) = &self.dir {
             e = e.dir(d);
+        }
+        if let Some(b) = &self.stdin {
+            e = e.stdin_bytes(b.clone());
         }
         e.unchecked()
     }
