@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod contract;
 pub mod fsutil;
+pub mod handover;
 pub mod identify;
 pub mod input;
 pub mod secrets;

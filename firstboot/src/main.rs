@@ -24,6 +24,10 @@ enum Command {
     /// Wait for this node's cluster services to be healthy, then report ready
     /// (picoimg-firstboot-health.service, after them).
     Health,
+    /// Serve the handover channel: hand join material this node's cluster tools mint (join
+    /// tokens) to the other nodes of the cluster, sealed with a key derived from the cluster
+    /// secret (picoimg-handover.service).
+    Serve,
 }
 
 fn main() {
@@ -32,6 +36,12 @@ fn main() {
     let outcome = match cli.command {
         Command::Apply => agent.apply(),
         Command::Health => agent.health(),
+        Command::Serve => {
+            if let Err(e) = agent.serve() {
+                eprintln!("picoimg: handover: {e:#}");
+            }
+            std::process::exit(1);
+        }
     };
     std::process::exit(match outcome {
         Outcome::Unconfigured | Outcome::Configured | Outcome::Ready => 0,

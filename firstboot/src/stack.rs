@@ -55,6 +55,8 @@ pub struct SecretSpec {
 #[derive(Debug, Clone)]
 pub struct Secrets {
     cluster: String,
+    /// The handover channel's key (`crate::handover`), derived for the core, not a stack.
+    handover: [u8; 32],
     /// By label (`label/node` for a per-node secret).
     values: BTreeMap<String, (SecretSpec, String)>,
 }
@@ -82,8 +84,16 @@ impl Secrets {
                 values.insert(label, (*spec, encode(spec.form, &bytes)));
             }
         }
+        let mut handover = [0u8; 32];
+        handover.copy_from_slice(&crate::secrets::derive(
+            secret,
+            cluster_id,
+            crate::handover::KEY_LABEL,
+            32,
+        ));
         Secrets {
             cluster: base64::engine::general_purpose::STANDARD.encode(secret),
+            handover,
             values,
         }
     }
@@ -148,9 +158,15 @@ impl Secrets {
         self.values.values().map(|(s, v)| (s, v.as_str()))
     }
 
+    /// The key of the handover channel (`crate::handover`).
+    pub fn handover_key(&self) -> &[u8; 32] {
+        &self.handover
+    }
+
     /// Every string that must never be reported: the cluster secret and each derived value.
     pub fn redacted(&self) -> Vec<String> {
         std::iter::once(self.cluster.clone())
+            .chain(std::iter::once(hex::encode(self.handover)))
             .chain(self.values.values().map(|(_, v)| v.clone()))
             .collect()
     }
@@ -378,6 +394,14 @@ pub trait Stack: Sync {
     fn devices(&self, file: &ClusterFile, node: &Node) -> Vec<String> {
         let _ = (file, node);
         Vec::new()
+    }
+
+    /// Answers node `from`'s request `ask` on the handover channel (`crate::handover`): the
+    /// join material this node mints for it (a stack whose members mint tokens at run time).
+    /// `Err` is the reason told to the asking node (never a secret).
+    fn hand_over(&self, ctx: &Ctx<'_>, t: &Target<'_>, from: &Node, ask: &str) -> Result<String> {
+        let _ = (ctx, t, from, ask);
+        bail!("the {} stack hands nothing over", self.name())
     }
 
     /// Waits until its services on this node are healthy; `None` if the node has none of

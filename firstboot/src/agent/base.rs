@@ -80,7 +80,10 @@ pub fn before<'a>(
 }
 
 /// The last step: enable and start the stacks' units for this node.
-pub fn services<'a>(units: Vec<String>) -> Step<'a> {
+pub fn services<'a>(mut units: Vec<String>) -> Step<'a> {
+    // Two stacks may need one unit (picoimg-handover.service): once, in first-named order.
+    let mut seen = std::collections::BTreeSet::new();
+    units.retain(|u| seen.insert(u.clone()));
     Step {
         name: "services".into(),
         input: fingerprint(&[&units.join(" ")]),

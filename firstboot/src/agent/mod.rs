@@ -352,6 +352,71 @@ impl<'a> Agent<'a> {
     }
 }
 
+impl Agent<'_> {
+    /// The handover server (`picoimg-firstboot serve`, picoimg-handover.service): answers the
+    /// other nodes' requests for join material through the used stacks' `Stack::hand_over`
+    /// until the process is stopped. Returns only if it cannot start.
+    pub fn serve(&mut self) -> Result<()> {
+        let (_, checked, secrets) = match self.read_cluster() {
+            Ok(Some(x)) => x,
+            Ok(None) => bail!("no {BOOT_COPY}: this node serves nothing"),
+            Err(msg) => bail!("{msg}"),
+        };
+        let file = &checked.file;
+        let id = file.cluster.get_ref().id.get_ref().clone();
+        let state = match state::load(&self.root)? {
+            Some(s) if s.cluster_id == id && !s.node.is_empty() => s,
+            _ => bail!("the node is not configured yet (picoimg-firstboot apply)"),
+        };
+        let node = file
+            .nodes
+            .iter()
+            .find(|n| *n.name.get_ref() == state.node)
+            .with_context(|| format!("node {} is no longer in the cluster file", state.node))?;
+        let listener =
+            std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, crate::handover::PORT))
+                .with_context(|| format!("listening on port {}", crate::handover::PORT))?;
+        let ctx = Ctx {
+            file,
+            node,
+            secrets: &secrets,
+        };
+        let t = Target {
+            root: &self.root,
+            sys: self.sys,
+        };
+        let stacks = self.stacks;
+        let rep = &self.rep;
+        println!(
+            "picoimg: handover: node {} serving on port {}",
+            node.name.get_ref(),
+            crate::handover::PORT
+        );
+        crate::handover::serve(
+            &listener,
+            secrets.handover_key(),
+            &id,
+            |req| {
+                let s = stacks
+                    .iter()
+                    .find(|s| s.name() == req.stack && stack::used(**s, file))
+                    .with_context(|| format!("this cluster file does not use {}", req.stack))?;
+                let from = file
+                    .nodes
+                    .iter()
+                    .find(|n| *n.name.get_ref() == req.from)
+                    .with_context(|| format!("{} is not a node of the cluster file", req.from))?;
+                s.hand_over(&ctx, &t, from, &req.ask)
+            },
+            |line| {
+                println!("{}", rep.redact(&line));
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            },
+        );
+        Ok(())
+    }
+}
+
 fn base64_secret(s: &[u8; 32]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)

@@ -21,6 +21,12 @@ pub trait System {
     /// Whether `host:port` (an IP address: the cluster file's) accepts a TCP connection within
     /// `timeout`. Nothing is sent: it tells whether another node's service is up.
     fn reachable(&self, host: &str, port: u16, timeout: Duration) -> bool;
+    /// Sends one line to `host:port` (another node's handover channel) and reads one line
+    /// back, each bounded in size and time.
+    fn exchange(&self, host: &str, port: u16, line: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+        let _ = (line, timeout);
+        anyhow::bail!("this system has no network to reach {host}:{port}")
+    }
 }
 
 /// The real system (the agent on a node, root = `/`).
@@ -49,6 +55,10 @@ impl System for Host {
             std::net::TcpStream::connect_timeout(&std::net::SocketAddr::new(ip, port), timeout)
                 .is_ok()
         })
+    }
+
+    fn exchange(&self, host: &str, port: u16, line: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+        crate::handover::exchange(host, port, line, timeout)
     }
 }
 

@@ -61,8 +61,8 @@ fn secret_strings(text: &str) -> Vec<String> {
         .sum();
     assert_eq!(
         s.len(),
-        1 + declared,
-        "the cluster secret and every declared one"
+        2 + declared,
+        "the cluster secret, the handover key and every declared one"
     );
     s
 }
