@@ -82,7 +82,10 @@ build_pkgs=(mmdebstrap uidmap e2fsprogs libarchive13 curl debian-archive-keyring
 # Tools the tests use to check images and boot them.
 test_pkgs=(fdisk dosfstools mtools bmap-tools xz-utils u-boot-tools qemu-system-x86 qemu-system-arm
   qemu-utils ovmf qemu-efi-aarch64 u-boot-qemu vde2 openssh-client iproute2 ca-certificates python3 file
-  openssl)
+  openssl
+  # busybox-static: the rehearsal's Swarm service (`docker import` of a root with busybox httpd:
+  # no registry is reachable) and its HTTP client on the nodes.
+  busybox-static)
 
 missing=()
 for p in "${build_pkgs[@]}" "${test_pkgs[@]}"; do

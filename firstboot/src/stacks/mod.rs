@@ -3,14 +3,24 @@
 
 pub mod ceph;
 pub mod consul;
+pub mod incus;
 pub mod k3s;
+pub mod minted;
 pub mod nomad;
+pub mod swarm;
 
 use crate::stack::Stack;
 
 /// Every stack this agent knows, in the order their steps and health checks run.
 pub fn registry() -> &'static [&'static dyn Stack] {
-    &[&consul::Consul, &nomad::Nomad, &ceph::Ceph, &k3s::K3s]
+    &[
+        &consul::Consul,
+        &nomad::Nomad,
+        &ceph::Ceph,
+        &swarm::Swarm,
+        &incus::Incus,
+        &k3s::K3s,
+    ]
 }
 
 /// The registered stacks among `names` (e.g. the components of an image), in registry order.
