@@ -69,7 +69,7 @@ fn fixture() -> &'static Fixture {
                 "--board",
                 "h4",
                 "--stack",
-                "consul,docker,ceph,k3s",
+                "consul,docker,ceph,k3s,swarm,incus",
                 "--sources",
                 "debian",
             ])
@@ -81,10 +81,10 @@ fn fixture() -> &'static Fixture {
             .unwrap();
         assert!(
             st.success(),
-            "picoimg build h4-consul+docker+ceph+k3s failed"
+            "picoimg build h4-consul+docker+ceph+k3s+swarm+incus failed"
         );
         eprintln!(
-            "h4-consul+docker+ceph+k3s built in {:.0}s",
+            "h4-consul+docker+ceph+k3s+swarm+incus built in {:.0}s",
             started.elapsed().as_secs_f64()
         );
         let key = dir.join("id_ed25519");
@@ -94,9 +94,9 @@ fn fixture() -> &'static Fixture {
             .status()
             .unwrap();
         assert!(st.success());
-        let cluster = cluster_file(&dir, &key, "lab", "consul,ceph", 3, "10.77.0.0/24");
+        let cluster = cluster_file(&dir, &key, "lab", "consul,ceph,swarm", 3, "10.77.0.0/24");
         Fixture {
-            image: out.join("h4-consul+docker+ceph+k3s.img"),
+            image: out.join("h4-consul+docker+ceph+k3s+swarm+incus.img"),
             dir,
             key,
             cluster,
@@ -206,6 +206,168 @@ fn assert_docker_runs_a_container(f: &Fixture, port: u16) {
     assert_eq!(out.trim(), "hello from a container", "{out}");
     let cni = ssh_ok(f, port, "ls /usr/lib/cni");
     assert!(cni.lines().any(|l| l == "bridge"), "CNI plugins: {cni}");
+}
+
+/// Copies the host file `local` to `remote` on the node (through ssh's standard input).
+fn ssh_put(f: &Fixture, port: u16, local: &Path, remote: &str) {
+    let o = ssh_cmd(f, port, &format!("cat > {remote}"))
+        .stdin(std::fs::File::open(local).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "copying {} to {remote} on port {port}: {}",
+        local.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The page the rehearsal's Swarm service serves.
+const WEB_PAGE: &str = "picoimg swarm web\n";
+
+/// Roots made on the host from its busybox-static (no registry or image server is reachable
+/// here): `web.tar`, a Docker image root whose busybox httpd serves WEB_PAGE from /www, and an
+/// Incus image as its metadata tarball and root tarball (the same root).
+fn busybox_images(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let root = dir.join("busybox-root");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("www")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static on the host");
+    std::fs::write(root.join("www/index.html"), WEB_PAGE).unwrap();
+    let meta = dir.join("busybox-meta");
+    let _ = std::fs::remove_dir_all(&meta);
+    std::fs::create_dir_all(&meta).unwrap();
+    std::fs::write(
+        meta.join("metadata.yaml"),
+        "architecture: x86_64\ncreation_date: 1700000000\nproperties:\n  description: picoimg busybox\n",
+    )
+    .unwrap();
+    let web = dir.join("web.tar");
+    let rootfs = dir.join("rootfs.tar");
+    let metatar = dir.join("meta.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&web)
+            .arg("."),
+    );
+    std::fs::copy(&web, &rootfs).unwrap();
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&meta)
+            .arg("-cf")
+            .arg(&metatar)
+            .arg("metadata.yaml"),
+    );
+    (web, metatar, rootfs)
+}
+
+/// The swarm as node `ask` lists it (the nodes' SSH ports start at `port`): three nodes
+/// Ready, all managers, one leader; and every node in that one swarm. Returns the swarm's id.
+fn assert_swarm_formed(f: &Fixture, port: u16, ask: u16) -> String {
+    let ls = ssh_ok(
+        f,
+        port + ask,
+        "sudo docker node ls --format '{{.Hostname}} {{.Status}} {{.ManagerStatus}}'",
+    );
+    let mut lines: Vec<&str> = ls.lines().collect();
+    lines.sort();
+    assert_eq!(lines.len(), 3, "{ls}");
+    for (i, l) in lines.iter().enumerate() {
+        assert!(l.starts_with(&format!("pc{i} Ready ")), "{ls}");
+    }
+    assert_eq!(ls.matches(" Leader").count(), 1, "{ls}");
+    assert_eq!(ls.matches(" Reachable").count(), 2, "{ls}");
+    let ids: Vec<String> = (0..3u16)
+        .map(|i| {
+            ssh_ok(
+                f,
+                port + i,
+                "sudo docker info --format '{{.Swarm.Cluster.ID}}'",
+            )
+            .trim()
+            .to_owned()
+        })
+        .collect();
+    assert!(
+        !ids[0].is_empty() && ids.iter().all(|i| *i == ids[0]),
+        "{ids:?}"
+    );
+    ids[0].clone()
+}
+
+/// Every Incus member ONLINE, as node `port` lists them.
+fn assert_incus_formed(f: &Fixture, port: u16) {
+    let l = ssh_ok(f, port, "sudo incus cluster list --format csv");
+    let mut names: Vec<&str> = l
+        .lines()
+        .filter(|l| l.contains(",ONLINE,"))
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["pc0", "pc1", "pc2"], "{l}");
+}
+
+/// A service of one replica per node (`--mode global`) from an image imported on every node,
+/// published on port 8080: each node's address answers through the routing mesh (asked from
+/// pc0 for every node's address; `url` names what was asked).
+fn assert_swarm_serves(f: &Fixture, port: u16, web: &Path) {
+    for i in 0..3u16 {
+        ssh_put(f, port + i, web, "/tmp/web.tar");
+        ssh_ok(
+            f,
+            port + i,
+            "sudo docker import /tmp/web.tar picoimg/web:1 >/dev/null",
+        );
+    }
+    ssh_ok(
+        f,
+        port,
+        "sudo docker service create --detach --quiet --name web --mode global \
+         --publish published=8080,target=80 picoimg/web:1 /bin/busybox httpd -f -p 80 -h /www",
+    );
+    let mut last = String::new();
+    for _ in 0..60 {
+        last = ssh_ok(
+            f,
+            port,
+            "sudo docker service ps web --filter desired-state=running --format '{{.Node}} {{.CurrentState}}'",
+        );
+        if last.lines().filter(|l| l.contains(" Running ")).count() == 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    assert_eq!(
+        last.lines().filter(|l| l.contains(" Running ")).count(),
+        3,
+        "{last}"
+    );
+    for n in 0..3 {
+        let url = format!("http://10.77.0.1{n}:8080/");
+        let mut got = String::new();
+        for _ in 0..12 {
+            // bash's /dev/tcp: the node has no HTTP client (busybox-static's wget crashes there).
+            let o = ssh(
+                f,
+                port,
+                &format!(
+                    "timeout 20 bash -c 'exec 3<>/dev/tcp/10.77.0.1{n}/8080; \
+                     printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3' | tail -n 1"
+                ),
+            );
+            got = String::from_utf8_lossy(&o.stdout).into_owned();
+            if got == WEB_PAGE {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        assert_eq!(got, WEB_PAGE, "{url} through pc0");
+    }
 }
 
 /// The node's loopback Consul API through an SSH tunnel: HTTP requests for port 8500 go to the
@@ -785,7 +947,7 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
 
 /// Three VMs from the one rehearsal image, each with an empty 8 GiB disk, form a Consul
 /// cluster and a Ceph cluster by themselves, from one cluster file (`picoimg cluster init
-/// --stack consul,ceph`).
+/// --stack consul,ceph,swarm`).
 ///
 /// Consul: three alive members and raft voters with one leader, `.consul` names through the
 /// node's resolver, ACLs that deny the anonymous token and let the derived one write, a Docker
@@ -793,12 +955,19 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
 /// Nomad's Consul policies and tokens against the booted Consul. Ceph: monitors in quorum from
 /// monitor stores made apart, managers and OSDs with the derived keys (read back by
 /// ceph-authtool and the monitors), HEALTH_OK, and an object written on one node read back on
-/// another. Then all three are shut down, pc2's system disk is replaced by a fresh copy of the
-/// image (its OSD disk kept, as after a dead card), and all three boot again; pc2 loses power
-/// in the middle of that first boot (Consul configured, Ceph's configuration written, its
-/// monitor not yet made) and resumes from its recorded steps: the same fsid and keys,
-/// HEALTH_OK, pc2's OSD activated, not made again, the object still there, and the Consul
-/// cluster formed again.
+/// another. Swarm: pc0 (first manager in file order) founded it, pc1 and pc2 joined with the
+/// tokens it handed over; three managers Ready with one leader, a global service from an image
+/// imported on each node answering on every node's address through the routing mesh, and no
+/// join token on any console or journal. Incus: three members ONLINE; a container created
+/// through pc0 on pc1 is listed by pc2.
+///
+/// Then all three are shut down, pc0's system disk is replaced by a fresh copy of the image
+/// (its OSD disk kept, as after a dead card), and all three boot again; pc0 loses power in the
+/// middle of that first boot (Consul configured, Ceph's configuration written, its monitor not
+/// yet made) and resumes from its recorded steps: the same fsid and keys, HEALTH_OK, pc0's OSD
+/// activated, not made again, the object still there, the Consul cluster formed again; and
+/// pc0, the initialiser, joins the running swarm and Incus cluster instead of founding second
+/// ones (the same swarm id on every node, its old entry removed, the container still listed).
 ///
 /// The power cut is in the second round because there it costs one node's reboot: in the
 /// first, every node's health check waited for the cut node's Consul (bootstrap_expect = 3)
@@ -808,7 +977,8 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
 /// the last node's ready line). The rehearsal raises `mon_warn_on_slow_ping_time` (emulation
 /// only, see `cluster_file`).
 #[test]
-fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_power_cut() {
+fn three_nodes_form_consul_ceph_swarm_and_incus_clusters_through_a_shutdown_a_reflash_and_a_power_cut(
+) {
     let f = fixture();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let port = free_ports();
@@ -839,6 +1009,56 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_
     assert_consul_formed(f, &cluster, port);
     assert_docker_runs_a_container(f, port + 1);
     assert_nomads_consul_tokens_work(f, &cluster, port + 2);
+    // Swarm and Incus: pc0 (the first manager and member in file order) founded both; the
+    // others joined with the tokens it handed over.
+    let pc0 = std::fs::read_to_string(dir.join("pc0.log")).unwrap();
+    assert!(
+        pc0.contains("swarm manager (founded the swarm): 3 nodes Ready, 3 managers")
+            && pc0.contains("incus member (founded the cluster): 3 members Online"),
+        "{pc0}"
+    );
+    assert!(
+        log.contains("swarm manager (joined through pc0)")
+            && log.contains("incus member (joined through pc0)"),
+        "{log}"
+    );
+    let swarm = assert_swarm_formed(f, port, 1);
+    let (web, meta, rootfs) = busybox_images(&dir);
+    assert_swarm_serves(f, port, &web);
+    assert_incus_formed(f, port + 2);
+    // A container created through pc0 on pc1, listed by pc2.
+    ssh_put(f, port, &meta, "/tmp/meta.tar");
+    ssh_put(f, port, &rootfs, "/tmp/rootfs.tar");
+    ssh_ok(
+        f,
+        port,
+        "sudo incus image import /tmp/meta.tar /tmp/rootfs.tar --alias picoimg-mini >/dev/null \
+         && sudo incus create picoimg-mini c1 --target pc1 >/dev/null",
+    );
+    let listed = ssh_ok(f, port + 2, "sudo incus list --format csv -c nL");
+    assert_eq!(listed.trim(), "c1,pc1", "{listed}");
+    // No join token reached a console or the journal.
+    let tokens = ssh_ok(
+        f,
+        port,
+        "sudo docker swarm join-token -q manager; sudo docker swarm join-token -q worker",
+    );
+    for i in 0..3u16 {
+        let journal = ssh_ok(f, port + i, "sudo journalctl -b --no-pager -o cat");
+        for t in tokens.lines() {
+            assert!(
+                !journal.contains(t.trim()),
+                "pc{i}'s journal shows a join token"
+            );
+        }
+    }
+    for i in 0..3 {
+        let console = std::fs::read_to_string(dir.join(format!("pc{i}.log"))).unwrap();
+        assert!(
+            !console.contains("SWMTKN-"),
+            "pc{i}'s console shows a join token"
+        );
+    }
     // The secret is gone from the boot partitions' copies but the nodes still have it.
     let secret_line = std::fs::read_to_string(&cluster)
         .unwrap()
@@ -983,34 +1203,41 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_
             "pc{i} did not power off"
         );
     }
-    r.reflash(2).unwrap();
+    r.reflash(0).unwrap();
     let again = Instant::now();
     for i in 0..3 {
         r.power_on(i).unwrap();
     }
     let cut = r.watch(Duration::from_secs(1500), |_, i, line| {
-        i == 2 && line.contains("picoimg: step ceph ok")
+        i == 0 && line.contains("picoimg: step ceph ok")
     });
     assert!(
         cut,
-        "re-flashed pc2 never wrote its Ceph configuration:\n{}\n{}",
+        "re-flashed pc0 never wrote its Ceph configuration:\n{}\n{}",
         r.summary(),
         console_tails(&r)
     );
-    r.power_cut(2);
-    r.power_on(2).unwrap();
+    r.power_cut(0);
+    r.power_on(0).unwrap();
     wait_ready(
         &mut r,
-        "after a shutdown of every node, pc2 re-flashed and cut",
+        "after a shutdown of every node, pc0 re-flashed and cut",
     );
     eprintln!(
-        "ceph: ready again {:.0}s after the VMs were powered on again (pc2 cut on the way)",
+        "ceph: ready again {:.0}s after the VMs were powered on again (pc0 cut on the way)",
         again.elapsed().as_secs_f64()
     );
-    assert_eq!(assert_ceph_healthy(f, port), fsid);
+    assert_eq!(assert_ceph_healthy(f, port + 1), fsid);
     assert_consul_formed(f, &cluster, port + 2);
+    // The re-flashed initialiser joined the swarm and the Incus cluster it had founded: one
+    // swarm (the same id on every node, its old entry gone), every member online, and the
+    // container made before still listed, now asked through pc0.
+    assert_eq!(assert_swarm_formed(f, port, 0), swarm);
+    assert_incus_formed(f, port);
+    let listed = ssh_ok(f, port, "sudo incus list --format csv -c nL");
+    assert_eq!(listed.trim(), "c1,pc1", "{listed}");
     let read = sum(
-        port + 2,
+        port,
         "sudo rados -p picoimg-test get obj /tmp/back2 && sha256sum /tmp/back2",
     );
     assert_eq!(written, read);
@@ -1021,9 +1248,9 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_
         "{second}"
     );
     assert!(!second.contains("OSD created"), "{second}");
-    // pc2: boot 2 is the re-flashed card's first boot, cut after its `ceph` step; boot 3
+    // pc0: boot 2 is the re-flashed card's first boot, cut after its `ceph` step; boot 3
     // resumes there.
-    let log = std::fs::read_to_string(dir.join("pc2.log")).unwrap();
+    let log = std::fs::read_to_string(dir.join("pc0.log")).unwrap();
     let cut_boot = log
         .split("power on (boot 2)")
         .nth(1)
@@ -1041,11 +1268,13 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_
         "step network ok: already done",
         "step consul ok: already done",
         "step ceph ok: already done",
-        "step ceph-mon ok: monitor pc2: store made",
+        "step ceph-mon ok: monitor pc0: store made",
         "step ceph-devices ok: /dev/disk/by-id/virtio-osd0 holds osd.",
         "activated (made before)",
         "ceph HEALTH_OK, 3 mons, 3 osds up",
-        "picoimg: ready: node pc2 of cluster lab",
+        "swarm manager (joined through pc",
+        "incus member (joined through pc",
+        "picoimg: ready: node pc0 of cluster lab",
     ] {
         assert!(resumed.contains(done), "{done}: {resumed}");
     }
