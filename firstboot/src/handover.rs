@@ -27,6 +27,8 @@ pub const PORT: u16 = 7441;
 pub const KEY_LABEL: &str = "picoimg/v1/handover";
 /// The longest line either side reads.
 pub const LINE_LIMIT: usize = 64 * 1024;
+/// How many answered challenges the server remembers.
+const SEEN_LIMIT: usize = 4096;
 /// How long one exchange may take: minting an Incus token on a busy board takes seconds.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -244,6 +246,9 @@ pub fn serve(
     mut handle: impl FnMut(&Request) -> Result<String>,
     mut log: impl FnMut(String),
 ) {
+    // Challenges answered since the server started (the newest SEEN_LIMIT): a recorded
+    // request sent again is refused.
+    let mut seen = std::collections::VecDeque::new();
     for conn in listener.incoming() {
         let Ok(mut s) = conn else { continue };
         let peer = s
@@ -258,7 +263,17 @@ pub fn serve(
                 continue;
             }
         };
-        match answer(key, cluster_id, &line, &mut handle) {
+        let fresh = |req: &Request| -> Result<String> {
+            if seen.contains(&req.challenge) {
+                bail!("a repeated request (a replay?)");
+            }
+            if seen.len() == SEEN_LIMIT {
+                seen.pop_front();
+            }
+            seen.push_back(req.challenge.clone());
+            handle(req)
+        };
+        match answer(key, cluster_id, &line, fresh) {
             Ok((req, reply, outcome)) => {
                 let _ = s.write_all(&reply);
                 log(format!(
@@ -350,6 +365,12 @@ mod tests {
         let a = Asking::new(&KEY, "c1", "swarm", "pc1", "tokens").unwrap();
         let back = exchange("127.0.0.1", port, &a.line, Duration::from_secs(10)).unwrap();
         assert_eq!(a.answer(&KEY, &back).unwrap(), Ok("hello pc1".into()));
+        // The same request again (a replay): told so, not answered.
+        let back = exchange("127.0.0.1", port, &a.line, Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            a.answer(&KEY, &back).unwrap(),
+            Err("a repeated request (a replay?)".into())
+        );
         let big = vec![b'x'; LINE_LIMIT + 10];
         assert!(exchange("127.0.0.1", port, &big, Duration::from_secs(10)).is_err());
     }
