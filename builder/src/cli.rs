@@ -207,9 +207,10 @@ pub enum ClusterCommand {
 #[derive(Debug, clap::Args)]
 pub struct Target {
     /// Board to build for (see `picoimg boards`). `build` takes several, comma-separated
-    /// (`h4,c5`): one image each, in one run, sharing the caches.
+    /// (`h4,c5`): one image each, in one run, sharing the caches. With `build --cluster`: the
+    /// board of the nodes that name none.
     #[arg(long)]
-    pub board: String,
+    pub board: Option<String>,
     /// Stack of components to install (see `picoimg stacks`), or a list of components
     /// (`consul,docker`).
     #[arg(long, default_value = "base")]
@@ -274,6 +275,10 @@ pub struct BuildArgs {
     /// With --dry-run: print JSON (an array, one object per board) for scripts.
     #[arg(long, requires = "dry_run")]
     pub json: bool,
+    /// Build for every board this cluster file's nodes name (`board = "c5"` in a [[node]]),
+    /// one image each; nodes that name none take --board.
+    #[arg(long, value_name = "FILE")]
+    pub cluster: Option<PathBuf>,
     /// First-boot agent binary for the board's architecture (default: the static build beside
     /// picoimg, or in its cargo target directory, for example
     /// target/aarch64-unknown-linux-musl/release/picoimg-firstboot; or $PICOIMG_FIRSTBOOT).
@@ -289,8 +294,11 @@ pub struct PlanArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Image to boot: .img or .img.xz. It is not modified unless --writable.
-    pub image: PathBuf,
+    /// Image to boot: .img or .img.xz. It is not modified unless --writable. With --cluster,
+    /// one image per board the cluster file's nodes name (`board = "c5"`): each node boots its
+    /// board's image, amd64 and arm64 VMs on one switch.
+    #[arg(required = true, num_args = 1.., value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
     /// Board profile to use (default: from the manifest beside the image).
     #[arg(long)]
     pub board: Option<String>,
@@ -344,7 +352,7 @@ pub struct RunArgs {
 impl Target {
     fn options(self, data_dir: Option<PathBuf>) -> Result<BuildOptions> {
         Ok(BuildOptions {
-            board: self.board,
+            board: self.board.unwrap_or_default(),
             stack: self.stack,
             out: PathBuf::from("out"),
             mirror: self.mirror,
@@ -369,6 +377,14 @@ pub fn main() -> Result<()> {
     let data_dir = cli.data_dir;
     match cli.command {
         Command::Build(a) => {
+            let from_file = match &a.cluster {
+                Some(f) => Some(crate::cluster::boards(
+                    f,
+                    a.target.board.as_deref(),
+                    data_dir.as_deref(),
+                )?),
+                None => None,
+            };
             let mut o = a.target.options(data_dir)?;
             o.out = a.out;
             o.cache = a.cache;
@@ -377,13 +393,19 @@ pub fn main() -> Result<()> {
             o.refresh = a.refresh;
             o.uboot = a.uboot;
             o.firstboot = a.firstboot;
-            let boards: Vec<String> = o
-                .board
-                .split(',')
-                .map(str::trim)
-                .filter(|b| !b.is_empty())
-                .map(str::to_owned)
-                .collect();
+            let boards: Vec<String> = match from_file {
+                Some(b) => b,
+                None => o
+                    .board
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|b| !b.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            };
+            if boards.is_empty() {
+                anyhow::bail!("--board is required (or --cluster FILE: the boards its nodes name)");
+            }
             if a.dry_run {
                 let plans = crate::build::dry_run(&o, &boards)?;
                 if a.json {
@@ -407,6 +429,9 @@ pub fn main() -> Result<()> {
             }
         }
         Command::Plan(a) => {
+            if a.target.board.is_none() {
+                anyhow::bail!("--board is required");
+            }
             let opts = a.target.options(data_dir)?;
             let plan = crate::build::plan(&opts)?;
             let mut v = serde_json::to_value(&plan)?;
@@ -439,7 +464,7 @@ pub fn main() -> Result<()> {
         }
         Command::Run(a) if a.cluster.is_some() => {
             crate::rehearsal::run(&crate::rehearsal::ClusterOptions {
-                image: a.image,
+                images: a.images,
                 board: a.board,
                 data_dir,
                 cluster: a.cluster.unwrap_or_default(),
@@ -457,7 +482,12 @@ pub fn main() -> Result<()> {
             })?
         }
         Command::Run(a) => crate::qemu::run(&RunOptions {
-            image: a.image,
+            image: match <[PathBuf; 1]>::try_from(a.images) {
+                Ok([image]) => image,
+                Err(_) => {
+                    anyhow::bail!("one image to boot (several only with --cluster, one per board)")
+                }
+            },
             board: a.board,
             data_dir,
             expect_ready: a.expect_ready,

@@ -195,6 +195,47 @@ pub fn load(path: &Path) -> Result<(String, cluster::Checked)> {
     }
 }
 
+/// The boards a cluster file's nodes name (`board = "c5"`), in file order, each once, checked
+/// against `boards/`; a node without one takes `fallback` (`--board`).
+pub fn boards(path: &Path, fallback: Option<&str>, data: Option<&Path>) -> Result<Vec<String>> {
+    let (text, c) = load(path)?;
+    let data = crate::data::find(data)?;
+    if let Some(f) = fallback.filter(|f| f.contains(',')) {
+        bail!(
+            "--board {f}: with --cluster, --board names the one board of the nodes that name none"
+        );
+    }
+    let mut out: Vec<String> = Vec::new();
+    for n in &c.file.nodes {
+        let b = match &n.board {
+            Some(b) => {
+                crate::data::board(&data, b.get_ref()).with_context(|| {
+                    format!(
+                        "{}: line {}: node {}: board",
+                        path.display(),
+                        cluster::at(&text, b),
+                        n.name.get_ref()
+                    )
+                })?;
+                b.get_ref().clone()
+            }
+            None => match fallback {
+                Some(f) => f.to_owned(),
+                None => bail!(
+                    "{}: line {}: node {} names no board: add `board = \"h4\"` (or another of `picoimg boards`) to its [[node]], or pass --board for the nodes that name none",
+                    path.display(),
+                    cluster::at(&text, &n.name),
+                    n.name.get_ref()
+                ),
+            },
+        };
+        if !out.contains(&b) {
+            out.push(b);
+        }
+    }
+    Ok(out)
+}
+
 /// Prints a secret derived from the cluster file: `name`, or without it the operator token
 /// of the stack the file uses (Consul's management token, for CONSUL_HTTP_TOKEN).
 pub fn token(path: &Path, name: Option<&str>) -> Result<()> {

@@ -22,7 +22,10 @@ pub use picoimg_firstboot::contract::{NODE_FAILED, NODE_READY};
 
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    pub image: PathBuf,
+    /// The images to boot: one, or one per board the cluster file's nodes name (`board =`);
+    /// each node boots the image of its board (a node without `board` the first image).
+    pub images: Vec<PathBuf>,
+    /// Board profile of the first image instead of its manifest's.
     pub board: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub cluster: PathBuf,
@@ -57,6 +60,8 @@ pub enum NodeState {
 pub struct Node {
     pub name: String,
     pub mac: String,
+    /// Which of the rehearsal's images it boots (its board's).
+    pub image: usize,
     pub log: PathBuf,
     pub state: NodeState,
     pub ssh_port: Option<u16>,
@@ -105,14 +110,50 @@ pub struct Rehearsal {
     pub dir: PathBuf,
     _switch: Switch,
     _tmp: Option<tempfile::TempDir>,
-    board: crate::board::Board,
+    /// One per image: its copy with the cluster file, its board and accelerator.
+    bases: Vec<Base>,
     socket: PathBuf,
-    accel: Accel,
-    base: PathBuf,
     disk_size: Option<u64>,
     cpus: Option<u32>,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
+}
+
+/// An image of the rehearsal: the copy every overlay of its nodes sits on.
+struct Base {
+    path: PathBuf,
+    board: crate::board::Board,
+    accel: Accel,
+}
+
+/// For each node of `file` (the first `count`), the index in `boards` (the images' boards, in
+/// the order given) of the image it boots: its `board`'s, or the first image's when it names
+/// none. A board with no image is an error naming the node and the file.
+pub fn images_for_nodes(
+    file: &picoimg_firstboot::cluster::ClusterFile,
+    count: usize,
+    boards: &[String],
+    cluster: &std::path::Path,
+) -> Result<Vec<usize>> {
+    file.nodes
+        .iter()
+        .take(count)
+        .map(|n| match &n.board {
+            None => Ok(0),
+            Some(b) => boards.iter().position(|x| x == b.get_ref()).with_context(|| {
+                format!(
+                    "{}: node {} is a {} board, but no image given is for {} (given: {}): add its image, e.g. `picoimg run --cluster {} IMAGE...` with out/{}-STACK.img",
+                    cluster.display(),
+                    n.name.get_ref(),
+                    b.get_ref(),
+                    b.get_ref(),
+                    boards.join(", "),
+                    cluster.display(),
+                    b.get_ref()
+                )
+            }),
+        })
+        .collect()
 }
 
 /// The MAC a rehearsal VM gets when its node has no `match.mac`.
@@ -251,22 +292,30 @@ impl Rehearsal {
         if !crate::cmd::have("vde_switch") {
             bail!("`vde_switch` not found: `sudo apt-get install vde2` (ci/setup-host.sh does)");
         }
-        let run = RunOptions {
-            image: o.image.clone(),
-            board: o.board.clone(),
-            data_dir: o.data_dir.clone(),
-            expect_ready: true,
-            timeout: o.timeout,
-            net: Net::None,
-            disk_size: None,
-            writable: false,
-            ssh_port: None,
-            accel: o.accel,
-            nics: Vec::new(),
-            data_disks: Vec::new(),
-            cpus: o.cpus,
-        };
-        let board = crate::qemu::board_for(&run)?;
+        if o.images.is_empty() {
+            bail!("no image to boot");
+        }
+        let mut boards = Vec::new();
+        for (i, image) in o.images.iter().enumerate() {
+            let run = RunOptions {
+                image: image.clone(),
+                board: if i == 0 { o.board.clone() } else { None },
+                data_dir: o.data_dir.clone(),
+                expect_ready: true,
+                timeout: o.timeout,
+                net: Net::None,
+                disk_size: None,
+                writable: false,
+                ssh_port: None,
+                accel: o.accel,
+                nics: Vec::new(),
+                data_disks: Vec::new(),
+                cpus: o.cpus,
+            };
+            boards.push(crate::qemu::board_for(&run)?);
+        }
+        let names: Vec<String> = boards.iter().map(|b| b.name.clone()).collect();
+        let image_of = images_for_nodes(&checked.file, count, &names, &o.cluster)?;
         let (tmp, dir) = match &o.dir {
             Some(d) => {
                 std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -281,19 +330,29 @@ impl Rehearsal {
                 (Some(t), p)
             }
         };
-        // One copy of the image, with the cluster file; every node's overlay sits on it.
-        let base = dir.join("base.img");
-        log(format!("preparing {}", base.display()));
-        crate::qemu::raw_copy(&o.image, &base)?;
+        // One copy of each image, with the cluster file; every node's overlay sits on its
+        // board's copy.
         let (rehearsal_text, macs) = with_vm_macs(&text, &checked.file, count);
-        crate::personalise::put_boot_files(
-            &base,
-            &[crate::disk::FatFile {
-                path: "picoimg/cluster.toml",
-                data: rehearsal_text.as_bytes(),
-            }],
-            &[],
-        )?;
+        let mut bases = Vec::new();
+        for (i, (image, board)) in o.images.iter().zip(boards).enumerate() {
+            let path = if i == 0 {
+                dir.join("base.img")
+            } else {
+                dir.join(format!("base-{}.img", board.name))
+            };
+            log(format!("preparing {}", path.display()));
+            crate::qemu::raw_copy(image, &path)?;
+            crate::personalise::put_boot_files(
+                &path,
+                &[crate::disk::FatFile {
+                    path: "picoimg/cluster.toml",
+                    data: rehearsal_text.as_bytes(),
+                }],
+                &[],
+            )?;
+            let accel = crate::qemu::resolve_accel(o.accel, &board);
+            bases.push(Base { path, board, accel });
+        }
         let socket = dir.join("switch");
         let pidfile = dir.join("switch.pid");
         Cmd::new("vde_switch")
@@ -312,13 +371,14 @@ impl Rehearsal {
             let ndir = dir.join(&name);
             std::fs::create_dir_all(&ndir)?;
             let overlay = ndir.join("disk.qcow2");
-            system_disk(&base, &overlay, o.disk_size)?;
+            system_disk(&bases[image_of[i]].path, &overlay, o.disk_size)?;
             let data_disks = data_disks(&checked.file, node, &ndir, o.data_disk_size)?;
             nodes.push(Node {
                 data_disks,
                 log: dir.join(format!("{name}.log")),
                 name,
                 mac: macs[i].clone(),
+                image: image_of[i],
                 state: NodeState::Off,
                 ssh_port: o.ssh_port_base.map(|p| p + i as u16),
                 dir: ndir,
@@ -328,17 +388,14 @@ impl Rehearsal {
                 vm: None,
             });
         }
-        let accel = crate::qemu::resolve_accel(o.accel, &board);
         let mut r = Rehearsal {
             nodes,
-            base,
+            bases,
             disk_size: o.disk_size,
             cpus: o.cpus,
             dir,
             _tmp: tmp,
-            board,
             socket,
-            accel,
             tx,
             rx,
             _switch: switch,
@@ -373,12 +430,18 @@ impl Rehearsal {
             disk_size: None,
             writable: false,
             ssh_port: None,
-            accel: self.accel,
+            accel: self.bases[node.image].accel,
             nics,
             data_disks: node.data_disks.iter().map(|(_, d)| d.clone()).collect(),
             cpus: self.cpus,
         };
-        let cmd = crate::qemu::qemu_cmd(&self.board, &node.overlay, "qcow2", &node.dir, &run)?;
+        let cmd = crate::qemu::qemu_cmd(
+            &self.bases[node.image].board,
+            &node.overlay,
+            "qcow2",
+            &node.dir,
+            &run,
+        )?;
         let vm = cmd.spawn_reader().context("starting QEMU")?;
         let reader = vm.reader();
         let mut logf = std::fs::OpenOptions::new()
@@ -420,7 +483,11 @@ impl Rehearsal {
         if self.nodes[i].vm.is_some() {
             bail!("{} is running: power it off first", self.nodes[i].name);
         }
-        system_disk(&self.base, &self.nodes[i].overlay, self.disk_size)?;
+        system_disk(
+            &self.bases[self.nodes[i].image].path,
+            &self.nodes[i].overlay,
+            self.disk_size,
+        )?;
         log(format!(
             "{}: system disk replaced by a fresh copy of the image",
             self.nodes[i].name

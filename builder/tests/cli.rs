@@ -644,6 +644,97 @@ fn cluster_file(dir: &Path) -> PathBuf {
     p
 }
 
+/// A cluster of two boards: `build --cluster` plans one image per board the nodes name (nodes
+/// without a board take --board), and refuses a node without one, an unknown board, or a
+/// `run --cluster` missing a board's image, each naming the file, line and node.
+#[test]
+fn a_cluster_of_two_boards_builds_and_boots_one_image_per_board() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(cluster_file(dir.path())).unwrap();
+    let mixed = dir.path().join("mixed.toml");
+    let text = base
+        .replacen("# board = \"h4\"", "board = \"c5\"", 2)
+        .replacen("board = \"c5\"", "board = \"h4\"", 1);
+    std::fs::write(&mixed, &text).unwrap();
+    // pc0 h4, pc1 c5, pc2 none: with --board c5 the boards are h4 then c5.
+    let o = picoimg()
+        .args([
+            "build",
+            "--dry-run",
+            "--json",
+            "--stack",
+            "consul",
+            "--board",
+            "c5",
+            "--cluster",
+        ])
+        .arg(&mixed)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plans: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let boards: Vec<&str> = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["board"].as_str().unwrap())
+        .collect();
+    assert_eq!(boards, ["h4", "c5"]);
+    // Without --board, pc2 names no board.
+    let o = picoimg()
+        .args(["build", "--dry-run", "--stack", "consul", "--cluster"])
+        .arg(&mixed)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let line = text.lines().position(|l| l == "name = \"pc2\"").unwrap() + 1;
+    assert!(
+        stderr(&o).contains(&format!("mixed.toml: line {line}: node pc2 names no board")),
+        "{}",
+        stderr(&o)
+    );
+    // An unknown board.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, text.replacen("board = \"c5\"", "board = \"c9\"", 1)).unwrap();
+    let o = picoimg()
+        .args([
+            "build",
+            "--dry-run",
+            "--stack",
+            "consul",
+            "--board",
+            "h4",
+            "--cluster",
+        ])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("bad.toml: line") && e.contains("node pc1: board"),
+        "{e}"
+    );
+    assert!(e.contains("c9") && e.contains("c5"), "{e}");
+    // A rehearsal given only the h4 image: pc1 (c5) has none.
+    let o = picoimg()
+        .args(["run", "--board", "h4", "--cluster"])
+        .arg(&mixed)
+        .arg("h4-consul.img")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("node pc1 is a c5 board, but no image given is for c5 (given: h4)"),
+        "{}",
+        stderr(&o)
+    );
+    // Without --cluster, one image.
+    let o = picoimg().args(["run", "a.img", "b.img"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("one image to boot"), "{}", stderr(&o));
+}
+
 /// Runs `picoimg personalise IMG --cluster FILE [--node NAME]`.
 fn personalise(img: &Path, cluster: &Path, node: Option<&str>) -> Output {
     let mut c = picoimg();

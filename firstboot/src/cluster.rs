@@ -144,6 +144,11 @@ pub struct Node {
     pub name: Spanned<String>,
     /// A static IPv4 address in the subnet, or "dhcp".
     pub address: Spanned<String>,
+    /// The board the node is (`h4`, `c5`, ... as `picoimg boards` names them), for clusters of
+    /// several boards: `picoimg build --cluster` builds an image for each board the file names,
+    /// `picoimg run --cluster` boots each node from its board's image, and a node whose image
+    /// was built for another board refuses to configure itself.
+    pub board: Option<Spanned<String>>,
     /// How the node recognises itself when neither the kernel command line nor node.toml
     /// names it.
     #[serde(default, rename = "match")]
@@ -932,6 +937,23 @@ fn check_nodes(
         if let Some(m) = &n.matcher {
             check_match(text, i, m, p);
         }
+        if let Some(b) = &n.board {
+            let v = b.get_ref();
+            if v.is_empty()
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                p.push(Problem {
+                    line: at(text, b),
+                    field: format!("node[{i}].board"),
+                    message: format!(
+                        "{} is not a board name (`picoimg boards` lists them: h4, c5, ...)",
+                        quoted(v)
+                    ),
+                });
+            }
+        }
         let address = n.address.get_ref();
         if address != "dhcp" {
             match address.parse::<Ipv4Addr>() {
@@ -1191,6 +1213,7 @@ health_timeout = 900
 name = "pc{i}"
 address = "{addr}"   # or "dhcp"
 roles = [{roles}]
+# board = "h4"   # in a cluster of several boards: which board's image this node runs
 # How the node finds itself if flashing did not name it (picoimg flash --node) and the kernel
 # command line has no picoimg.node=: by MAC address, Raspberry Pi serial, or DMI product UUID.
 # match = {{ mac = "52:54:00:00:00:{:02x}" }}

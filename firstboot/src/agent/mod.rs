@@ -172,6 +172,23 @@ impl<'a> Agent<'a> {
         };
         let node = &file.nodes[found.index()];
         self.rep.set_node(node.name.get_ref().clone());
+        if let Some(want) = &node.board {
+            let built = std::fs::read(self.root.join(BUILD_INFO))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["board"].as_str().map(str::to_owned));
+            if let Some(built) = built.filter(|b| b != want.get_ref()) {
+                return self.rep.finish(
+                    Outcome::Failed,
+                    format!(
+                        "{BOOT_COPY} says node {} is a {} board, but this card holds an image built for {built}: flash the {} image (picoimg build --cluster FILE builds one for each board)",
+                        node.name.get_ref(),
+                        want.get_ref(),
+                        want.get_ref()
+                    ),
+                );
+            }
+        }
         self.rep.say(format!(
             "picoimg: this is node {} of cluster {} ({})",
             node.name.get_ref(),

@@ -336,6 +336,43 @@ fn unknown_node_writes_what_it_saw() {
     assert!(fake.calls().is_empty());
 }
 
+/// In a cluster of several boards, a card flashed with another board's image refuses to
+/// configure the node it was given to, and says which image to flash; the right board goes on.
+#[test]
+fn a_node_on_another_boards_image_refuses_to_configure() {
+    let text = cluster_text().replace(
+        "match = { mac = \"52:54:00:00:00:02\" }",
+        "match = { mac = \"52:54:00:00:00:02\" }\nboard = \"c5\"",
+    );
+    let d = node_root(&text);
+    let r = d.path();
+    std::fs::write(
+        r.join(BUILD_INFO),
+        r#"{"name":"h4-consul","boot_mount":"/boot/efi","board":"h4"}"#,
+    )
+    .unwrap();
+    let fake = Fake::new(r);
+    let mut a = Agent::new(r, &fake, false);
+    assert_eq!(a.apply(), Outcome::Failed);
+    let last = a.lines().last().unwrap().clone();
+    assert!(
+        last.contains("node pc1 is a c5 board, but this card holds an image built for h4"),
+        "{last}"
+    );
+    assert!(fake.calls().is_empty());
+    let right = node_root(&text.replace("board = \"c5\"", "board = \"h4\""));
+    std::fs::write(
+        right.path().join(BUILD_INFO),
+        r#"{"name":"h4-consul","boot_mount":"/boot/efi","board":"h4"}"#,
+    )
+    .unwrap();
+    let fake = Fake::new(right.path());
+    assert_eq!(
+        Agent::new(right.path(), &fake, false).apply(),
+        Outcome::Configured
+    );
+}
+
 #[test]
 fn no_cluster_file_leaves_the_node_alone_and_another_cluster_is_refused() {
     let d = node_root("");
