@@ -775,81 +775,155 @@ fn c5_boot_partition_has_extlinux_boot_scr_and_an_arm64_kernel() {
 /// extlinux.conf (TCG: slow; one boot serves both checks), and its cross-compiled (aarch64,
 /// musl) first-boot agent configures a one-server Consul from a cluster file and reports
 /// `picoimg: ready` (`picoimg run --cluster --expect-ready`, on a private VDE switch).
+/// A cluster of two boards, rehearsed as a user would (`picoimg run --cluster FILE c5.img
+/// h4.img`, each node naming its `board`): pc0 is a C5 (arm64, u-boot and extlinux on QEMU's
+/// `virt`) running a one-server Consul cluster, pc1 an H4 (amd64, OVMF) with no roles; both
+/// VMs on one VDE switch. Checked from inside pc1 over SSH: it is x86_64 and reaches pc0's
+/// address, and pc0 over SSH is aarch64.
 #[test]
-fn c5_boots_through_extlinux_and_forms_a_one_node_consul_cluster() {
+fn c5_and_h4_boot_their_own_images_on_one_switch_and_the_c5_forms_consul() {
     let c = c5();
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("image-tests/c5-cluster");
+    let h = h4();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("image-tests/mixed-cluster");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("id_ed25519");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "picoimg-test", "-f"])
+            .arg(&key),
+    );
+    let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
     let init = run_ok(picoimg().args([
         "cluster",
         "init",
         "--name",
-        "solo",
+        "mixed",
         "--nodes",
-        "1",
+        "2",
         "--subnet",
         "10.78.0.0/24",
     ]));
     let text = init
         .replace("policy = \"sync\"", "policy = \"skip\"")
-        .replace("dns = [\"10.78.0.1\"]", "dns = []");
-    let file = dir.join("solo.toml");
+        .replace("dns = [\"10.78.0.1\"]", "dns = []")
+        .replace(
+            "# [[user]]\n# name = \"pico\"\n# ssh_keys = [\"ssh-ed25519 AAAA... you@laptop\"]",
+            &format!(
+                "[[user]]\nname = \"pico\"\nssh_keys = [\"{}\"]",
+                pubkey.trim()
+            ),
+        )
+        .replacen("# board = \"h4\"", "board = \"c5\"", 1)
+        .replacen(
+            "roles = [\"consul-client\"]\n# board = \"h4\"",
+            "roles = []\nboard = \"h4\"",
+            1,
+        );
+    assert!(
+        text.contains("board = \"c5\"") && text.contains("roles = []\nboard = \"h4\""),
+        "{text}"
+    );
+    let file = dir.join("mixed.toml");
     std::fs::write(&file, text).unwrap();
-    let o = picoimg()
-        .args([
-            "run",
-            "--accel",
-            "tcg",
-            "--expect-ready",
-            "--timeout",
-            "1200",
-        ])
-        .arg("--cluster")
-        .arg(&file)
-        .arg("--dir")
-        .arg(dir.join("run"))
-        .arg(&c.raw)
-        .output()
-        .unwrap();
-    let log = std::fs::read_to_string(dir.join("run/pc0.log")).unwrap_or_default();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut r = picoimg::rehearsal::Rehearsal::start(&picoimg::rehearsal::ClusterOptions {
+        // The order given does not matter: each node boots its board's image.
+        images: vec![h.raw.clone(), c.raw.clone()],
+        board: None,
+        data_dir: None,
+        cluster: file.clone(),
+        nodes: None,
+        dir: Some(dir.join("run")),
+        timeout: Duration::from_secs(1500),
+        expect_ready: false,
+        ssh_port_base: Some(port),
+        accel: picoimg::qemu::Accel::Tcg,
+        disk_size: None,
+        data_disk_size: picoimg::rehearsal::DATA_DISK_SIZE,
+        cpus: None,
+    })
+    .unwrap();
+    let started = Instant::now();
+    let decided = r.wait_all(Duration::from_secs(1500));
+    let pc0 = std::fs::read_to_string(dir.join("run/pc0.log")).unwrap_or_default();
+    let pc1 = std::fs::read_to_string(dir.join("run/pc1.log")).unwrap_or_default();
     assert!(
-        o.status.success(),
+        decided && r.all_ready(),
         "{}\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-        tail(&log)
+        r.summary(),
+        tail(&pc0),
+        tail(&pc1)
     );
-    let summary = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        summary.contains("pc0") && summary.contains("ready after"),
-        "{summary}"
-    );
-    assert!(
-        log.contains("Found /extlinux/extlinux.conf"),
-        "u-boot did not boot the image's extlinux.conf: {}",
-        tail(&log)
+    eprintln!(
+        "mixed c5 + h4 cluster ready {:.0}s after the VMs started",
+        started.elapsed().as_secs_f64()
     );
     assert!(
-        !log.contains("ordering cycle"),
-        "systemd found an ordering cycle: {}",
-        tail(&log)
+        pc0.contains("Found /extlinux/extlinux.conf"),
+        "u-boot did not boot the c5 image's extlinux.conf: {}",
+        tail(&pc0)
     );
+    assert!(!pc0.contains("ordering cycle"), "{}", tail(&pc0));
     assert!(
-        log.contains("picoimg: step consul ok: Consul 1.8.7"),
+        pc0.contains("picoimg: step consul ok: Consul 1.8.7"),
         "{}",
-        tail(&log)
+        tail(&pc0)
     );
     assert!(
-        log.contains(
+        pc0.contains(
             "picoimg: step health ok: consul server: member and voter, leader elected, 1 raft voter(s)"
         ),
         "{}",
-        tail(&log)
+        tail(&pc0)
     );
+    assert!(
+        pc1.contains("BdsDxe") && pc1.contains("picoimg: ready: node pc1 of cluster mixed"),
+        "{}",
+        tail(&pc1)
+    );
+    let ssh = |p: u16, cmd: &str| {
+        let mut last = String::new();
+        for _ in 0..10 {
+            let o = Command::new("ssh")
+                .arg("-i")
+                .arg(&key)
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                ])
+                .args([
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "ConnectTimeout=20",
+                    "-o",
+                    "LogLevel=ERROR",
+                ])
+                .args(["-p", &p.to_string(), "pico@127.0.0.1", cmd])
+                .output()
+                .unwrap();
+            if o.status.success() {
+                return String::from_utf8_lossy(&o.stdout).into_owned();
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        panic!("`{cmd}` on port {p}: {last}");
+    };
+    assert_eq!(ssh(port, "uname -m").trim(), "aarch64");
+    assert_eq!(ssh(port + 1, "uname -m").trim(), "x86_64");
+    let ping = ssh(port + 1, "ping -c 1 -W 10 10.78.0.10");
+    assert!(ping.contains("1 received"), "{ping}");
     // The manifest records the aarch64 agent that did it.
     let agent = c.manifest["firstboot"]["path"].as_str().unwrap();
     assert!(agent.contains("aarch64-unknown-linux-musl"), "{agent}");
+    drop(r);
 }
 
 // ---------------------------------------------------------------------------------------------
