@@ -419,6 +419,8 @@ fn swarm_state(list: &[Listed], expected: &[(&str, Role)]) -> Result<String, Str
 
 fn check(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
     let mut managers = 0;
+    // The last manager's line: an even count is one manager too many (or too few) there.
+    let mut last = 0;
     for (i, n) in f.nodes.iter().enumerate() {
         let has = |r: &str| n.roles.iter().any(|x| x.get_ref() == r);
         if has(MANAGER) && has(WORKER) {
@@ -432,6 +434,11 @@ fn check(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
         }
         if has(MANAGER) {
             managers += 1;
+            last = n
+                .roles
+                .iter()
+                .find(|r| r.get_ref() == MANAGER)
+                .map_or(0, |r| cluster::at(text, r));
             if n.address.get_ref() == "dhcp" {
                 p.push(Problem {
                     line: cluster::at(text, &n.address),
@@ -454,7 +461,7 @@ fn check(text: &str, f: &ClusterFile, p: &mut Vec<Problem>) {
         });
     } else if managers % 2 == 0 {
         p.push(Problem {
-            line: 0,
+            line: last,
             field: "node.roles".into(),
             message: format!(
                 "{managers} swarm-manager nodes: use an odd number (1, 3, 5) so the managers' Raft keeps a majority through a failure"

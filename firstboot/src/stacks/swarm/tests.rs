@@ -23,13 +23,24 @@ fn managers_are_odd_static_and_the_pool_is_apart() {
     let m = "\"swarm-manager\"";
     let w = "\"swarm-worker\"";
     checked(&file(&[m, m, m, w], ""));
-    let p = problems(&file(&[m, m, w], ""));
-    assert!(
-        p.iter().any(|p| p
-            .message
-            .contains("2 swarm-manager nodes: use an odd number")),
-        "{p:#?}"
-    );
+    let t = file(&[m, m, w], "");
+    let p = problems(&t);
+    let even = p
+        .iter()
+        .find(|p| {
+            p.message
+                .contains("2 swarm-manager nodes: use an odd number")
+        })
+        .unwrap_or_else(|| panic!("{p:#?}"));
+    // It points at the second manager's roles.
+    let second = t
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("roles = [\"swarm-manager"))
+        .nth(1)
+        .unwrap()
+        .0;
+    assert_eq!(even.line, second + 1, "{t}");
     let p = problems(&file(&[w, w], ""));
     assert!(
         p.iter()
