@@ -305,35 +305,57 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: Role) -> Resul
                 format!("{me}:{PORT}"),
             ];
         }
-        match minted::decide(ctx, t, p, "swarm", "join", &peers, init)? {
-            Entry::Found => {
-                let s = section(file);
-                t.sys.run(
-                    &Cmd::new("docker")
-                        .args(["swarm", "init"])
-                        .args(&addr)
-                        .args(["--default-addr-pool", s.pool()])
-                        .args([
-                            "--default-addr-pool-mask-length",
-                            &s.mask_length().to_string(),
-                        ]),
-                )?;
-                "founded the swarm".to_owned()
-            }
-            Entry::Join { peer, payload } => {
-                let v: serde_json::Value =
-                    serde_json::from_str(&payload).context("unreadable join offer")?;
-                let (Some(token), Some(at)) = (v["token"].as_str(), v["addr"].as_str()) else {
-                    bail!("{peer}'s join offer lacks a token or an address");
-                };
-                t.sys.run(
-                    &Cmd::new("docker")
-                        .args(["swarm", "join", "--token"])
-                        .hidden_arg(token)
-                        .args(&addr)
-                        .arg(at),
-                )?;
-                format!("joined through {peer}")
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match minted::decide(ctx, t, p, "swarm", "join", &peers, init)? {
+                Entry::Found => {
+                    let s = section(file);
+                    t.sys.run(
+                        &Cmd::new("docker")
+                            .args(["swarm", "init"])
+                            .args(&addr)
+                            .args(["--default-addr-pool", s.pool()])
+                            .args([
+                                "--default-addr-pool-mask-length",
+                                &s.mask_length().to_string(),
+                            ]),
+                    )?;
+                    break "founded the swarm".to_owned();
+                }
+                Entry::Join { peer, payload } => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(&payload).context("unreadable join offer")?;
+                    let (Some(token), Some(at)) = (v["token"].as_str(), v["addr"].as_str()) else {
+                        bail!("{peer}'s join offer lacks a token or an address");
+                    };
+                    let joined = t.sys.run(
+                        &Cmd::new("docker")
+                            .args(["swarm", "join", "--token"])
+                            .hidden_arg(token)
+                            .args(&addr)
+                            .arg(at),
+                    );
+                    let Err(e) = joined else {
+                        break format!("joined through {peer}");
+                    };
+                    // dockerd gives up waiting after its own timeout but goes on joining in
+                    // the background (a busy manager): then the wait below sees it through.
+                    let state = local(t).map(|l| l.state).unwrap_or_default();
+                    if state == "pending" || state == "active" {
+                        p.say(format!(
+                            "picoimg: swarm: joining through {peer} goes on in the background ({state})"
+                        ));
+                        break format!("joined through {peer}");
+                    }
+                    if tries >= 5 {
+                        return Err(e.context(format!("joining the swarm through {peer}")));
+                    }
+                    p.say(format!(
+                        "picoimg: swarm: joining through {peer} failed ({state}), asking again in 15 s: {e:#}"
+                    ));
+                    t.sys.sleep(std::time::Duration::from_secs(15));
+                }
             }
         }
     } else {
