@@ -94,7 +94,7 @@ fn fixture() -> &'static Fixture {
             .status()
             .unwrap();
         assert!(st.success());
-        let cluster = cluster_file(&dir, &key, "lab", "consul,ceph,swarm", 3, "10.77.0.0/24");
+        let cluster = cluster_file(&dir, &key, "lab", "consul,ceph", 3, "10.77.0.0/24");
         Fixture {
             image: out.join("h4-consul+docker+ceph+k3s+swarm+incus+kvm.img"),
             dir,
@@ -947,7 +947,7 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
 
 /// Three VMs from the one rehearsal image, each with an empty 8 GiB disk, form a Consul
 /// cluster and a Ceph cluster by themselves, from one cluster file (`picoimg cluster init
-/// --stack consul,ceph,swarm`).
+/// --stack consul,ceph`).
 ///
 /// Consul: three alive members and raft voters with one leader, `.consul` names through the
 /// node's resolver, ACLs that deny the anonymous token and let the derived one write, a Docker
@@ -955,19 +955,12 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
 /// Nomad's Consul policies and tokens against the booted Consul. Ceph: monitors in quorum from
 /// monitor stores made apart, managers and OSDs with the derived keys (read back by
 /// ceph-authtool and the monitors), HEALTH_OK, and an object written on one node read back on
-/// another. Swarm: pc0 (first manager in file order) founded it, pc1 and pc2 joined with the
-/// tokens it handed over; three managers Ready with one leader, a global service from an image
-/// imported on each node answering on every node's address through the routing mesh, and no
-/// join token on any console or journal. Incus: three members ONLINE; a container created
-/// through pc0 on pc1 is listed by pc2.
-///
-/// Then all three are shut down, pc0's system disk is replaced by a fresh copy of the image
-/// (its OSD disk kept, as after a dead card), and all three boot again; pc0 loses power in the
-/// middle of that first boot (Consul configured, Ceph's configuration written, its monitor not
-/// yet made) and resumes from its recorded steps: the same fsid and keys, HEALTH_OK, pc0's OSD
-/// activated, not made again, the object still there, the Consul cluster formed again; and
-/// pc0, the initialiser, joins the running swarm and Incus cluster instead of founding second
-/// ones (the same swarm id on every node, its old entry removed, the container still listed).
+/// another. Then all three are shut down, pc2's system disk is replaced by a fresh copy of the
+/// image (its OSD disk kept, as after a dead card), and all three boot again; pc2 loses power
+/// in the middle of that first boot (Consul configured, Ceph's configuration written, its
+/// monitor not yet made) and resumes from its recorded steps: the same fsid and keys,
+/// HEALTH_OK, pc2's OSD activated, not made again, the object still there, and the Consul
+/// cluster formed again.
 ///
 /// The power cut is in the second round because there it costs one node's reboot: in the
 /// first, every node's health check waited for the cut node's Consul (bootstrap_expect = 3)
@@ -977,8 +970,7 @@ fn assert_ceph_healthy(f: &Fixture, port: u16) -> String {
 /// the last node's ready line). The rehearsal raises `mon_warn_on_slow_ping_time` (emulation
 /// only, see `cluster_file`).
 #[test]
-fn three_nodes_form_consul_ceph_swarm_and_incus_clusters_through_a_shutdown_a_reflash_and_a_power_cut(
-) {
+fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_power_cut() {
     let f = fixture();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let port = free_ports();
@@ -1009,56 +1001,6 @@ fn three_nodes_form_consul_ceph_swarm_and_incus_clusters_through_a_shutdown_a_re
     assert_consul_formed(f, &cluster, port);
     assert_docker_runs_a_container(f, port + 1);
     assert_nomads_consul_tokens_work(f, &cluster, port + 2);
-    // Swarm and Incus: pc0 (the first manager and member in file order) founded both; the
-    // others joined with the tokens it handed over.
-    let pc0 = std::fs::read_to_string(dir.join("pc0.log")).unwrap();
-    assert!(
-        pc0.contains("swarm manager (founded the swarm): 3 nodes Ready, 3 managers")
-            && pc0.contains("incus member (founded the cluster): 3 members Online"),
-        "{pc0}"
-    );
-    assert!(
-        log.contains("swarm manager (joined through pc0)")
-            && log.contains("incus member (joined through pc0)"),
-        "{log}"
-    );
-    let swarm = assert_swarm_formed(f, port, 1);
-    let (web, meta, rootfs) = busybox_images(&dir);
-    assert_swarm_serves(f, port, &web);
-    assert_incus_formed(f, port + 2);
-    // A container created through pc0 on pc1, listed by pc2.
-    ssh_put(f, port, &meta, "/tmp/meta.tar");
-    ssh_put(f, port, &rootfs, "/tmp/rootfs.tar");
-    ssh_ok(
-        f,
-        port,
-        "sudo incus image import /tmp/meta.tar /tmp/rootfs.tar --alias picoimg-mini >/dev/null \
-         && sudo incus create picoimg-mini c1 --target pc1 >/dev/null",
-    );
-    let listed = ssh_ok(f, port + 2, "sudo incus list --format csv -c nL");
-    assert_eq!(listed.trim(), "c1,pc1", "{listed}");
-    // No join token reached a console or the journal.
-    let tokens = ssh_ok(
-        f,
-        port,
-        "sudo docker swarm join-token -q manager; sudo docker swarm join-token -q worker",
-    );
-    for i in 0..3u16 {
-        let journal = ssh_ok(f, port + i, "sudo journalctl -b --no-pager -o cat");
-        for t in tokens.lines() {
-            assert!(
-                !journal.contains(t.trim()),
-                "pc{i}'s journal shows a join token"
-            );
-        }
-    }
-    for i in 0..3 {
-        let console = std::fs::read_to_string(dir.join(format!("pc{i}.log"))).unwrap();
-        assert!(
-            !console.contains("SWMTKN-"),
-            "pc{i}'s console shows a join token"
-        );
-    }
     // The secret is gone from the boot partitions' copies but the nodes still have it.
     let secret_line = std::fs::read_to_string(&cluster)
         .unwrap()
@@ -1217,41 +1159,34 @@ fn three_nodes_form_consul_ceph_swarm_and_incus_clusters_through_a_shutdown_a_re
             "pc{i} did not power off"
         );
     }
-    r.reflash(0).unwrap();
+    r.reflash(2).unwrap();
     let again = Instant::now();
     for i in 0..3 {
         r.power_on(i).unwrap();
     }
     let cut = r.watch(Duration::from_secs(1500), |_, i, line| {
-        i == 0 && line.contains("picoimg: step ceph ok")
+        i == 2 && line.contains("picoimg: step ceph ok")
     });
     assert!(
         cut,
-        "re-flashed pc0 never wrote its Ceph configuration:\n{}\n{}",
+        "re-flashed pc2 never wrote its Ceph configuration:\n{}\n{}",
         r.summary(),
         console_tails(&r)
     );
-    r.power_cut(0);
-    r.power_on(0).unwrap();
+    r.power_cut(2);
+    r.power_on(2).unwrap();
     wait_ready(
         &mut r,
-        "after a shutdown of every node, pc0 re-flashed and cut",
+        "after a shutdown of every node, pc2 re-flashed and cut",
     );
     eprintln!(
-        "ceph: ready again {:.0}s after the VMs were powered on again (pc0 cut on the way)",
+        "ceph: ready again {:.0}s after the VMs were powered on again (pc2 cut on the way)",
         again.elapsed().as_secs_f64()
     );
-    assert_eq!(assert_ceph_healthy(f, port + 1), fsid);
+    assert_eq!(assert_ceph_healthy(f, port), fsid);
     assert_consul_formed(f, &cluster, port + 2);
-    // The re-flashed initialiser joined the swarm and the Incus cluster it had founded: one
-    // swarm (the same id on every node, its old entry gone), every member online, and the
-    // container made before still listed, now asked through pc0.
-    assert_eq!(assert_swarm_formed(f, port, 0), swarm);
-    assert_incus_formed(f, port);
-    let listed = ssh_ok(f, port, "sudo incus list --format csv -c nL");
-    assert_eq!(listed.trim(), "c1,pc1", "{listed}");
     let read = sum(
-        port,
+        port + 2,
         "sudo rados -p picoimg-test get obj /tmp/back2 && sha256sum /tmp/back2",
     );
     assert_eq!(written, read);
@@ -1262,9 +1197,9 @@ fn three_nodes_form_consul_ceph_swarm_and_incus_clusters_through_a_shutdown_a_re
         "{second}"
     );
     assert!(!second.contains("OSD created"), "{second}");
-    // pc0: boot 2 is the re-flashed card's first boot, cut after its `ceph` step; boot 3
+    // pc2: boot 2 is the re-flashed card's first boot, cut after its `ceph` step; boot 3
     // resumes there.
-    let log = std::fs::read_to_string(dir.join("pc0.log")).unwrap();
+    let log = std::fs::read_to_string(dir.join("pc2.log")).unwrap();
     let cut_boot = log
         .split("power on (boot 2)")
         .nth(1)
@@ -1282,19 +1217,148 @@ fn three_nodes_form_consul_ceph_swarm_and_incus_clusters_through_a_shutdown_a_re
         "step network ok: already done",
         "step consul ok: already done",
         "step ceph ok: already done",
-        "step ceph-mon ok: monitor pc0: store made",
+        "step ceph-mon ok: monitor pc2: store made",
         "step ceph-devices ok: /dev/disk/by-id/virtio-osd0 holds osd.",
         "activated (made before)",
         "ceph HEALTH_OK, 3 mons, 3 osds up",
-        "swarm manager (joined through pc",
-        "incus member (joined through pc",
-        "picoimg: ready: node pc0 of cluster lab",
+        "picoimg: ready: node pc2 of cluster lab",
     ] {
         assert!(resumed.contains(done), "{done}: {resumed}");
     }
     assert!(!resumed.contains("OSD created"), "{resumed}");
     drop(r);
     assert!(!switch_alive(&dir), "the VDE switch outlived the rehearsal");
+}
+
+/// Three VMs from the rehearsal image form a Docker swarm and an Incus cluster by themselves
+/// (`picoimg cluster init --stack swarm`, Ceph's roles left out): pc0, the first manager and
+/// member in file order, founds both; pc1 and pc2 join with the tokens it hands over on the
+/// handover channel. Checked over SSH: three managers Ready with one leader and one swarm id
+/// on every node, a global service of an image imported on each node answering on every
+/// node's address through the routing mesh, three Incus members ONLINE, a container created
+/// through pc0 on pc1 and listed by pc2, no join token in any journal or console. Then pc0's
+/// card dies: it is powered off, re-flashed with a fresh copy of the image and booted while
+/// the others run; the founder joins the swarm and the Incus cluster that still run instead of
+/// founding second ones (the same swarm id, its old entry gone, the container still listed).
+#[test]
+fn three_nodes_form_a_swarm_and_an_incus_cluster_and_a_reflashed_founder_joins_both() {
+    let f = fixture();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = free_ports();
+    let dir = f.dir.join("swarm");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = swarm_cluster_file(f, &dir);
+    let mut r = Rehearsal::start(&ClusterOptions {
+        // Incus keeps its storage pool on the root filesystem.
+        disk_size: Some(4 << 30),
+        ..rehearsal_options(f, &cluster, 3, &dir, port)
+    })
+    .unwrap();
+    let started = Instant::now();
+    wait_ready(&mut r, "swarm and incus, first boot");
+    eprintln!(
+        "swarm and incus: three nodes ready {:.0}s after the VMs started",
+        started.elapsed().as_secs_f64()
+    );
+    let log = |i: usize| std::fs::read_to_string(dir.join(format!("pc{i}.log"))).unwrap();
+    let pc0 = log(0);
+    assert!(
+        pc0.contains("swarm manager (founded the swarm): 3 nodes Ready, 3 managers")
+            && pc0.contains("incus member (founded the cluster): 3 members Online"),
+        "{pc0}"
+    );
+    for i in [1, 2] {
+        let l = log(i);
+        assert!(
+            l.contains("swarm manager (joined through pc0)")
+                && l.contains("incus member (joined through pc0)"),
+            "{l}"
+        );
+    }
+    let swarm = assert_swarm_formed(f, port, 1);
+    let (web, meta, rootfs) = busybox_images(&dir);
+    assert_swarm_serves(f, port, &web);
+    assert_incus_formed(f, port + 2);
+    // A container created through pc0 on pc1, listed by pc2.
+    ssh_put(f, port, &meta, "/tmp/meta.tar");
+    ssh_put(f, port, &rootfs, "/tmp/rootfs.tar");
+    ssh_ok(
+        f,
+        port,
+        "sudo incus image import /tmp/meta.tar /tmp/rootfs.tar --alias picoimg-mini >/dev/null \
+         && sudo incus create picoimg-mini c1 --target pc1 >/dev/null",
+    );
+    let listed = ssh_ok(f, port + 2, "sudo incus list --format csv -c nL");
+    assert_eq!(listed.trim(), "c1,pc1", "{listed}");
+    // No join token reached a console or a journal.
+    let tokens = ssh_ok(
+        f,
+        port,
+        "sudo docker swarm join-token -q manager; sudo docker swarm join-token -q worker",
+    );
+    for i in 0..3u16 {
+        let journal = ssh_ok(f, port + i, "sudo journalctl -b --no-pager -o cat");
+        for t in tokens.lines() {
+            assert!(
+                !journal.contains(t.trim()),
+                "pc{i}'s journal shows a join token"
+            );
+        }
+        assert!(
+            !log(i as usize).contains("SWMTKN-"),
+            "pc{i}'s console shows a join token"
+        );
+    }
+
+    // pc0's card dies while the others run: off, a fresh copy of the image, on again.
+    let _ = ssh(f, port, "sudo systemctl poweroff");
+    assert!(
+        r.wait_exit(0, Duration::from_secs(600)),
+        "pc0 did not power off"
+    );
+    r.reflash(0).unwrap();
+    let again = Instant::now();
+    r.power_on(0).unwrap();
+    wait_ready(&mut r, "pc0 re-flashed");
+    eprintln!(
+        "swarm and incus: re-flashed pc0 ready {:.0}s after it was powered on",
+        again.elapsed().as_secs_f64()
+    );
+    let whole = log(0);
+    let second = whole.split("power on (boot 2)").nth(1).unwrap();
+    assert!(
+        second.contains("swarm manager (joined through pc")
+            && second.contains("incus member (joined through pc"),
+        "{second}"
+    );
+    assert_eq!(assert_swarm_formed(f, port, 0), swarm);
+    assert_incus_formed(f, port);
+    let listed = ssh_ok(f, port, "sudo incus list --format csv -c nL");
+    assert_eq!(listed.trim(), "c1,pc1", "{listed}");
+    drop(r);
+    assert!(!switch_alive(&dir), "the VDE switch outlived the rehearsal");
+}
+
+/// The swarm rehearsal's cluster file: `cluster init --stack swarm` (managers and Incus
+/// members) without Ceph's roles and sections.
+fn swarm_cluster_file(f: &Fixture, dir: &Path) -> PathBuf {
+    let path = cluster_file(dir, &f.key, "swarm", "swarm", 3, "10.77.0.0/24");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = String::new();
+    let mut skip = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            skip = line.starts_with("[ceph");
+        }
+        if !skip {
+            out.push_str(&line.replace("\"ceph-mon\", \"ceph-mgr\", \"ceph-osd\", ", ""));
+            out.push('\n');
+        }
+    }
+    assert!(!out.contains("\"ceph-"), "{out}");
+    std::fs::write(&path, out).unwrap();
+    path
 }
 
 /// A node whose OSD disk holds a filesystem refuses it: the node reports failed naming the
