@@ -42,9 +42,12 @@ const K3S_STAND_IN: &str =
     "#!/bin/sh\necho 'k3s version v1.31.4+k3s1 (picoimg stand-in, not K3s)'\n";
 const K3S_IMAGES_STAND_IN: &str = "picoimg stand-in for k3s-airgap-images-amd64.tar.zst\n";
 
-/// Builds the rehearsal image once (h4 with the consul, docker, ceph, k3s, swarm, incus and
-/// kvm components: one image carries every stack's parts that are reachable here, and K3s's
-/// stand-ins) and writes a three-node cluster file with a fresh SSH key.
+/// Builds the rehearsal image once (h4 with the consul, docker, ceph, k3s, swarm and incus
+/// components, and K3s's stand-ins) and writes a three-node cluster file with a fresh SSH key.
+/// Not kvm: Debian's libvirt-daemon-system starts libvirtd, virtlogd and libvirt-guests at
+/// boot. With kvm and incus added to the image, the Consul + Ceph rehearsal's first round
+/// took about 870 s of uptime to ready instead of 626 (how much of it was libvirt's is not
+/// measured).
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
@@ -69,7 +72,7 @@ fn fixture() -> &'static Fixture {
                 "--board",
                 "h4",
                 "--stack",
-                "consul,docker,ceph,k3s,swarm,incus,kvm",
+                "consul,docker,ceph,k3s,swarm,incus",
                 "--sources",
                 "debian",
             ])
@@ -81,10 +84,10 @@ fn fixture() -> &'static Fixture {
             .unwrap();
         assert!(
             st.success(),
-            "picoimg build h4-consul+docker+ceph+k3s+swarm+incus+kvm failed"
+            "picoimg build h4-consul+docker+ceph+k3s+swarm+incus failed"
         );
         eprintln!(
-            "h4-consul+docker+ceph+k3s+swarm+incus+kvm built in {:.0}s",
+            "h4-consul+docker+ceph+k3s+swarm+incus built in {:.0}s",
             started.elapsed().as_secs_f64()
         );
         let key = dir.join("id_ed25519");
@@ -96,7 +99,7 @@ fn fixture() -> &'static Fixture {
         assert!(st.success());
         let cluster = cluster_file(&dir, &key, "lab", "consul,ceph", 3, "10.77.0.0/24");
         Fixture {
-            image: out.join("h4-consul+docker+ceph+k3s+swarm+incus+kvm.img"),
+            image: out.join("h4-consul+docker+ceph+k3s+swarm+incus.img"),
             dir,
             key,
             cluster,
@@ -1037,23 +1040,9 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_
     let off = ssh_ok(
         f,
         port,
-        "systemctl is-enabled k3s.service k3s-agent.service ssh.socket cni-dhcp.socket \
-         libvirtd-tls.socket libvirtd-tcp.socket || true",
+        "systemctl is-enabled k3s.service k3s-agent.service ssh.socket cni-dhcp.socket || true",
     );
-    assert_eq!(off, "disabled\n".repeat(6), "{off}");
-    // The kvm component (H4 only): libvirtd starts on its socket and virsh answers. Under TCG
-    // there is no nested KVM to rely on; what the node reports is printed.
-    let virsh = ssh_ok(
-        f,
-        port + 1,
-        "sudo virsh -c qemu:///system version && systemctl is-active libvirtd.service \
-         && (test -e /dev/kvm && echo /dev/kvm present || echo no /dev/kvm)",
-    );
-    assert!(
-        virsh.contains("Running hypervisor: QEMU") && virsh.contains("\nactive\n"),
-        "{virsh}"
-    );
-    eprintln!("kvm on pc1: {}", virsh.replace('\n', "; "));
+    assert_eq!(off, "disabled\n".repeat(4), "{off}");
     // A rerun on a configured node: every step already done, and quick.
     let rerun = ssh_ok(
         f,
