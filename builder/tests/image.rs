@@ -918,7 +918,8 @@ fn c5_and_h4_boot_their_own_images_on_one_switch_and_the_c5_forms_consul() {
     };
     assert_eq!(ssh(port, "uname -m").trim(), "aarch64");
     assert_eq!(ssh(port + 1, "uname -m").trim(), "x86_64");
-    let ping = ssh(port + 1, "ping -c 1 -W 10 10.78.0.10");
+    // As root: the image's ping lacks its file capability (cap_net_raw) for other users.
+    let ping = ssh(port + 1, "sudo ping -c 1 -W 10 10.78.0.10");
     assert!(ping.contains("1 received"), "{ping}");
     // The manifest records the aarch64 agent that did it.
     let agent = c.manifest["firstboot"]["path"].as_str().unwrap();
