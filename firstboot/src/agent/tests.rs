@@ -660,8 +660,8 @@ impl crate::stack::Stack for Leaky {
 #[test]
 fn a_registered_stacks_new_secret_never_reaches_a_report() {
     let text = cluster_text().replacen(
-        "roles = [\"consul-server\"]\n# How the node finds itself",
-        "roles = [\"consul-server\", \"leaky-node\"]\n# How the node finds itself",
+        "roles = [\"consul-server\"]\n# board = ",
+        "roles = [\"consul-server\", \"leaky-node\"]\n# board = ",
         2,
     );
     let d = node_root(&text);
