@@ -20,13 +20,30 @@ pub const NONE: &str = "none";
 /// Seconds between two rounds of asking.
 const ASK_EVERY: u64 = 5;
 
+/// Join material one node hands another: a token, and the address to join at.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Offer {
+    pub token: String,
+    pub addr: String,
+}
+
+impl Offer {
+    /// What `Stack::hand_over` answers.
+    pub fn answer(token: &str, addr: String) -> Result<String> {
+        Ok(serde_json::to_string(&Offer {
+            token: token.trim().to_owned(),
+            addr,
+        })?)
+    }
+}
+
 /// How this node comes into the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     /// It founds it.
     Found,
-    /// It joins with the payload `peer` offered.
-    Join { peer: String, payload: String },
+    /// It joins with what `peer` offered.
+    Join { peer: String, offer: Offer },
 }
 
 /// One round of asking `peers` (name, address) for `ask` in order: the first offer, or the
@@ -51,16 +68,19 @@ fn round(
             addr,
         ) {
             Ok(Ok(v)) if v == NONE => none += 1,
-            Ok(Ok(payload)) => {
-                return (
-                    Some(Entry::Join {
-                        peer: name.clone(),
-                        payload,
-                    }),
-                    none,
-                    said,
-                )
-            }
+            Ok(Ok(payload)) => match serde_json::from_str::<Offer>(&payload) {
+                Ok(offer) => {
+                    return (
+                        Some(Entry::Join {
+                            peer: name.clone(),
+                            offer,
+                        }),
+                        none,
+                        said,
+                    )
+                }
+                Err(e) => said.push(format!("{name}: an unreadable offer ({e})")),
+            },
             Ok(Err(why)) => said.push(format!("{name}: {why}")),
             Err(e) => said.push(format!("{name}: {}", short(&e))),
         }

@@ -17,7 +17,7 @@ use crate::agent::system::Target;
 use crate::cluster::{self, ClusterFile, Node, Problem};
 use crate::cmd::Cmd;
 use crate::stack::{self, Ctx, Memo, Progress, Stack, Step};
-use crate::stacks::minted::{self, Entry};
+use crate::stacks::minted::{self, Entry, Offer};
 
 pub const MEMBER: &str = "incus-member";
 /// Incus's API port (cluster traffic and joins).
@@ -132,11 +132,7 @@ impl Stack for Incus {
         let token = t
             .sys
             .run(&incus().args(["cluster", "add", "--quiet", name]))?;
-        Ok(serde_json::json!({
-            "token": token.trim(),
-            "addr": format!("{}:{PORT}", ctx.node.address.get_ref()),
-        })
-        .to_string())
+        Offer::answer(&token, format!("{}:{PORT}", ctx.node.address.get_ref()))
     }
 
     fn health(
@@ -240,16 +236,11 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress) -> Result<String>
                     )?;
                     break "founded the cluster".to_owned();
                 }
-                Entry::Join { peer, payload } => {
-                    let v: serde_json::Value =
-                        serde_json::from_str(&payload).context("unreadable join offer")?;
-                    let Some(token) = v["token"].as_str() else {
-                        bail!("{peer}'s join offer lacks a token");
-                    };
+                Entry::Join { peer, offer } => {
                     let joined = t.sys.run(
                         &incus()
                             .args(["admin", "init", "--preseed"])
-                            .stdin_bytes(join_preseed(name, me, token)),
+                            .stdin_bytes(join_preseed(name, me, &offer.token)),
                     );
                     match joined {
                         Ok(_) => break format!("joined through {peer}"),

@@ -21,7 +21,7 @@ use crate::agent::system::Target;
 use crate::cluster::{self, ClusterFile, Node, Problem, Subnet};
 use crate::cmd::Cmd;
 use crate::stack::{self, Ctx, Memo, Progress, Raw, Section as AnySection, Stack, Step};
-use crate::stacks::minted::{self, Entry};
+use crate::stacks::minted::{self, Entry, Offer};
 
 pub const SECTION: &str = "swarm";
 pub const MANAGER: &str = "swarm-manager";
@@ -197,11 +197,7 @@ impl Stack for Swarm {
         let token = t
             .sys
             .run(&Cmd::new("docker").args(["swarm", "join-token", "-q", r.word()]))?;
-        Ok(serde_json::json!({
-            "token": token.trim(),
-            "addr": format!("{}:{PORT}", ctx.node.address.get_ref()),
-        })
-        .to_string())
+        Offer::answer(&token, format!("{}:{PORT}", ctx.node.address.get_ref()))
     }
 
     fn health(
@@ -323,18 +319,13 @@ fn health(ctx: &Ctx<'_>, t: &Target<'_>, p: &mut dyn Progress, r: Role) -> Resul
                     )?;
                     break "founded the swarm".to_owned();
                 }
-                Entry::Join { peer, payload } => {
-                    let v: serde_json::Value =
-                        serde_json::from_str(&payload).context("unreadable join offer")?;
-                    let (Some(token), Some(at)) = (v["token"].as_str(), v["addr"].as_str()) else {
-                        bail!("{peer}'s join offer lacks a token or an address");
-                    };
+                Entry::Join { peer, offer } => {
                     let joined = t.sys.run(
                         &Cmd::new("docker")
                             .args(["swarm", "join", "--token"])
-                            .hidden_arg(token)
+                            .hidden_arg(&offer.token)
                             .args(&addr)
-                            .arg(at),
+                            .arg(&offer.addr),
                     );
                     let Err(e) = joined else {
                         break format!("joined through {peer}");
