@@ -233,7 +233,15 @@ pub fn apply(
         }
         present.insert(path.clone());
         let mut header = entry.header().clone();
-        // Long names and pax records are re-emitted by the builder from the full path.
+        // Extended attributes (file capabilities a package's postinst set with setcap) travel
+        // as pax records; they are written again before the entry. Long names and the other
+        // pax records are re-emitted by the builder from the full path and the header.
+        let xattrs = xattrs(&mut entry).with_context(|| format!("reading {path}'s xattrs"))?;
+        if !xattrs.is_empty() {
+            builder
+                .append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .with_context(|| format!("copying {path}'s xattrs"))?;
+        }
         let name = if path.is_empty() {
             ".".to_owned()
         } else {
@@ -323,6 +331,22 @@ pub fn apply(
         .and_then(|f| f.sync_all())
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(applied)
+}
+
+/// An entry's extended attributes, as the pax records GNU tar and libarchive write them
+/// (`SCHILY.xattr.<name>`, which mke2fs -d reads back).
+fn xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(pax) = entry.pax_extensions()? {
+        for ext in pax {
+            let ext = ext?;
+            let key = ext.key().context("a pax record's key is not UTF-8")?;
+            if key.starts_with("SCHILY.xattr.") {
+                out.push((key.to_owned(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Adds directory entries for parents that neither the base nor the changes have.
@@ -632,6 +656,65 @@ mod tests {
         assert_eq!(format!("{got:?}"), format!("{:?}", applied.found));
         assert_eq!(applied.file_bytes, file_bytes(&out)?);
         assert_eq!(applied.file_bytes, 3 + 10);
+        Ok(())
+    }
+
+    /// A file capability (what `setcap cap_net_raw+p` stores, as some packages' postinst
+    /// scripts do) survives apply: GNU tar lists it from the output, and mke2fs -d puts it on
+    /// the inode, where debugfs reads it.
+    #[test]
+    fn apply_keeps_extended_attributes() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let base = dir.path().join("base.tar");
+        // security.capability v2, cap_net_raw (bit 13) permitted: what `setcap cap_net_raw+p`
+        // stores.
+        let cap: [u8; 20] = [
+            0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        {
+            let mut b = tar::Builder::new(File::create(&base)?);
+            for d in ["./", "./usr/", "./usr/bin/"] {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                h.set_mode(0o755);
+                b.append_data(&mut h, d, std::io::empty())?;
+            }
+            b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])])?;
+            let mut h = tar::Header::new_gnu();
+            h.set_size(4);
+            h.set_mode(0o755);
+            b.append_data(&mut h, "./usr/bin/ping", &b"ping"[..])?;
+            b.finish()?;
+        }
+        let mut c = Changes::default();
+        c.file("/etc/hostname", "h4\n", 0o644);
+        let out = dir.path().join("out.tar");
+        apply(&base, &c, &out, 0, &[])?;
+        let listed = crate::cmd::Cmd::new("tar")
+            .args(["--xattrs", "--xattrs-include=*", "-tvvf"])
+            .arg(&out)
+            .read()?;
+        assert!(
+            listed.contains("x: 20 security.capability"),
+            "tar lists no capability: {listed}"
+        );
+        let img = dir.path().join("fs.img");
+        File::create(&img)?.set_len(16 << 20)?;
+        let find = |p: &str| crate::cmd::find_program(p).unwrap_or_else(|| p.into());
+        crate::cmd::Cmd::new(find("mke2fs"))
+            .args(["-q", "-F", "-t", "ext4", "-d"])
+            .arg(&out)
+            .arg(&img)
+            .run()?;
+        let ea = crate::cmd::Cmd::new(find("debugfs"))
+            .args(["-R", "ea_list /usr/bin/ping"])
+            .arg(&img)
+            .read()?;
+        assert!(
+            ea.contains("security.capability (20) = 00 00 00 02 00 20"),
+            "{ea}"
+        );
         Ok(())
     }
 }
