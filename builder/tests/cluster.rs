@@ -22,6 +22,8 @@ use picoimg_firstboot::stack::Secrets;
 use picoimg_firstboot::stacks::{consul as consul_stack, nomad};
 use sha2::Digest;
 
+mod common;
+
 static TURN: Mutex<()> = Mutex::new(());
 
 struct Fixture {
@@ -86,10 +88,10 @@ fn fixture() -> &'static Fixture {
             st.success(),
             "picoimg build h4-consul+docker+ceph+k3s+swarm+incus failed"
         );
-        eprintln!(
+        common::measured(format!(
             "h4-consul+docker+ceph+k3s+swarm+incus built in {:.0}s",
             started.elapsed().as_secs_f64()
-        );
+        ));
         let key = dir.join("id_ed25519");
         let st = Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "picoimg-test", "-f"])
@@ -551,10 +553,10 @@ fn assert_consul_formed(f: &Fixture, cluster: &Path, port: u16) {
         std::thread::sleep(Duration::from_secs(10));
     };
     if started.elapsed() > Duration::from_secs(15) {
-        eprintln!(
+        common::measured(format!(
             "consul: every member alive in node {port}'s view {:.0}s after the nodes were ready",
             started.elapsed().as_secs_f64()
-        );
+        ));
     }
     let alive: Vec<&str> = members.lines().filter(|l| l.contains(" alive ")).collect();
     assert_eq!(alive.len(), 3, "consul members:\n{members}");
@@ -982,10 +984,10 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_
     let mut r = ceph_rehearsal(f, &cluster, 3, &dir, port);
     let started = Instant::now();
     wait_ready(&mut r, "first boot");
-    eprintln!(
+    common::measured(format!(
         "ceph: three nodes ready {:.0}s after the VMs started",
         started.elapsed().as_secs_f64()
-    );
+    ));
     // Each console is in its own log, with the node's step lines.
     let log = std::fs::read_to_string(dir.join("pc2.log")).unwrap();
     assert!(
@@ -1062,7 +1064,9 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_
         .find_map(|l| l.strip_prefix("real "))
         .and_then(|s| s.trim().parse().ok())
         .unwrap();
-    eprintln!("firstboot rerun on a configured node: {secs:.2}s (TCG)");
+    common::measured(format!(
+        "firstboot rerun on a configured node: {secs:.2}s (TCG)"
+    ));
 
     let fsid = assert_ceph_healthy(f, port);
     // Every key as derived (the library's own derivation, read back by Ceph's tools).
@@ -1168,10 +1172,10 @@ fn three_nodes_form_consul_and_ceph_clusters_through_a_shutdown_a_reflash_and_a_
         &mut r,
         "after a shutdown of every node, pc2 re-flashed and cut",
     );
-    eprintln!(
+    common::measured(format!(
         "ceph: ready again {:.0}s after the VMs were powered on again (pc2 cut on the way)",
         again.elapsed().as_secs_f64()
-    );
+    ));
     assert_eq!(assert_ceph_healthy(f, port), fsid);
     assert_consul_formed(f, &cluster, port + 2);
     let read = sum(
@@ -1246,10 +1250,10 @@ fn three_nodes_form_a_swarm_and_an_incus_cluster_and_a_reflashed_founder_joins_b
     .unwrap();
     let started = Instant::now();
     wait_ready(&mut r, "swarm and incus, first boot");
-    eprintln!(
+    common::measured(format!(
         "swarm and incus: three nodes ready {:.0}s after the VMs started",
         started.elapsed().as_secs_f64()
-    );
+    ));
     let log = |i: usize| std::fs::read_to_string(dir.join(format!("pc{i}.log"))).unwrap();
     let pc0 = log(0);
     assert!(
@@ -1310,10 +1314,10 @@ fn three_nodes_form_a_swarm_and_an_incus_cluster_and_a_reflashed_founder_joins_b
     let again = Instant::now();
     r.power_on(0).unwrap();
     wait_ready(&mut r, "pc0 re-flashed");
-    eprintln!(
+    common::measured(format!(
         "swarm and incus: re-flashed pc0 ready {:.0}s after it was powered on",
         again.elapsed().as_secs_f64()
-    );
+    ));
     let whole = log(0);
     let second = whole.split("power on (boot 2)").nth(1).unwrap();
     assert!(

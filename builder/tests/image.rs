@@ -96,7 +96,10 @@ fn h4() -> &'static Built {
             .output()
             .unwrap();
         assert!(o.status.success(), "picoimg build failed: {}", o.status);
-        eprintln!("h4-base built in {:.0}s", started.elapsed().as_secs_f64());
+        common::measured(format!(
+            "h4-base built in {:.0}s",
+            started.elapsed().as_secs_f64()
+        ));
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("h4-base.manifest.json")).unwrap())
                 .unwrap();
@@ -130,7 +133,10 @@ fn h4_kvm() -> &'static Built {
             "picoimg build h4-kvm failed: {}",
             o.status
         );
-        eprintln!("h4-kvm built in {:.0}s", started.elapsed().as_secs_f64());
+        common::measured(format!(
+            "h4-kvm built in {:.0}s",
+            started.elapsed().as_secs_f64()
+        ));
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("h4-kvm.manifest.json")).unwrap())
                 .unwrap();
@@ -686,7 +692,10 @@ fn c5() -> &'static C5 {
             .output()
             .unwrap();
         assert!(o.status.success(), "picoimg build c5 failed: {}", o.status);
-        eprintln!("c5-consul built in {:.0}s", started.elapsed().as_secs_f64());
+        common::measured(format!(
+            "c5-consul built in {:.0}s",
+            started.elapsed().as_secs_f64()
+        ));
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("c5-consul.manifest.json")).unwrap())
                 .unwrap();
@@ -896,10 +905,10 @@ fn c5_and_h4_boot_their_own_images_on_one_switch_and_the_c5_forms_consul() {
         tail(&pc0),
         tail(&pc1)
     );
-    eprintln!(
+    common::measured(format!(
         "mixed c5 + h4 cluster ready {:.0}s after the VMs started",
         started.elapsed().as_secs_f64()
-    );
+    ));
     assert!(
         pc0.contains("Found /extlinux/extlinux.conf"),
         "u-boot did not boot the c5 image's extlinux.conf: {}",
@@ -974,7 +983,10 @@ fn c5_and_h4_boot_their_own_images_on_one_switch_and_the_c5_forms_consul() {
         virsh.contains(" default "),
         "libvirt's default network: {virsh}"
     );
-    eprintln!("kvm on pc1 (h4-kvm): {}", virsh.replace('\n', "; "));
+    common::measured(format!(
+        "kvm on pc1 (h4-kvm): {}",
+        virsh.replace('\n', "; ")
+    ));
     // The manifest records the aarch64 agent that did it.
     let agent = c.manifest["firstboot"]["path"].as_str().unwrap();
     assert!(agent.contains("aarch64-unknown-linux-musl"), "{agent}");
@@ -1011,11 +1023,11 @@ fn build_debian_sets() -> (Pi, Pi) {
         "picoimg build {boards:?} failed: {}",
         o.status
     );
-    eprintln!(
+    common::measured(format!(
         "{} built in {:.0}s",
         boards.join(" and "),
         started.elapsed().as_secs_f64()
-    );
+    ));
     // stdout names each board's outputs, in order.
     let listed = String::from_utf8_lossy(&o.stdout).into_owned();
     let pi = |board: &str| {
@@ -1315,10 +1327,10 @@ fn a_normal_users_build_keeps_ownership_and_modes() {
         "build as {TEST_USER} failed: {}",
         o.status
     );
-    eprintln!(
+    common::measured(format!(
         "h4-base built as {TEST_USER} in {:.0}s",
         started.elapsed().as_secs_f64()
-    );
+    ));
     let raw = work.join("out/h4-base.img");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(work.join("out/h4-base.manifest.json")).unwrap())
@@ -1577,10 +1589,10 @@ fn a_rebuild_with_the_same_inputs_reuses_the_outputs() {
         "{err}"
     );
     assert!(!err.contains("compressing"), "{err}");
-    eprintln!(
+    common::measured(format!(
         "no-op rebuild of h4-base: {:.1}s",
         started.elapsed().as_secs_f64()
-    );
+    ));
     let after = std::fs::metadata(out.path().join("h4-base.img.xz"))
         .unwrap()
         .modified()
@@ -1669,10 +1681,10 @@ fn a_second_build_from_the_same_cache_is_bit_identical() {
     let o = picoimg().args(H4_BASE).arg(out.path()).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    eprintln!(
+    common::measured(format!(
         "second build of h4-base: {:.1}s",
         started.elapsed().as_secs_f64()
-    );
+    ));
     let raw = out.path().join("h4-base.img");
     let same = |x: &Path, y: &Path| {
         Command::new("cmp")

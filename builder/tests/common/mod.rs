@@ -60,3 +60,10 @@ pub fn sha256_of(p: &std::path::Path) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
 }
+
+/// Writes a measurement (a build's or a boot's time, what a node reports) straight to the test
+/// process's stderr, past the test harness's capture of `eprintln!`, so a passing run's log
+/// keeps it as a `measured: ...` line.
+pub fn measured(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr().lock(), "measured: {line}");
+}
