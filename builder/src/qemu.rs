@@ -396,8 +396,9 @@ pub fn qemu_cmd(
     Ok(c)
 }
 
-/// Reads a VM's console on a thread of its own: each line (CR and trailing space removed) to
-/// `each` until it returns false or the console closes, then `done`.
+/// Reads a VM's console on a thread of its own: each line (CR and trailing space removed, and
+/// lines a kernel message broke apart joined again: [`Mender`]) to `each` until it returns false
+/// or the console closes, then `done`.
 pub fn read_console(
     reader: std::sync::Arc<duct::ReaderHandle>,
     mut each: impl FnMut(String) -> bool + Send + 'static,
@@ -406,20 +407,115 @@ pub fn read_console(
     std::thread::spawn(move || {
         let mut r = BufReader::new(&*reader);
         let mut line = Vec::new();
-        loop {
+        let mut mender = Mender::default();
+        'read: loop {
             line.clear();
             match r.read_until(b'\n', &mut line) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&line).replace('\r', "");
-                    if !each(text.trim_end().to_owned()) {
-                        break;
+                    for l in mender.push(text.trim_end()) {
+                        if !each(l) {
+                            break 'read;
+                        }
                     }
                 }
             }
         }
+        if let Some(rest) = mender.pending.take() {
+            each(rest.trim_end().to_owned());
+        }
         done();
     });
+}
+
+/// Joins a console line that a kernel message broke apart. The kernel writes to the serial
+/// port directly, so its message can land in the middle of a line userspace is writing (seen:
+/// `picoimg-firstboot[504]: picoimg: [   26.100692] Bridge firewalling registered`, then
+/// `failed: step ceph-devices: ...` on the next line, which hid the node's `picoimg: failed`
+/// from the rehearsal). A kernel timestamp (`[    26.100692] `) after the start of a line marks
+/// the break: the message goes out as a line of its own, and the text before it waits for the
+/// next line that does not start with a timestamp (a few lines at most).
+#[derive(Default)]
+pub struct Mender {
+    pending: Option<String>,
+    waited: u32,
+}
+
+impl Mender {
+    /// The lines to hand on for one console line.
+    pub fn push(&mut self, line: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(head) = self.pending.take() {
+            if kernel_stamp(line) == Some(0) && self.waited < 8 {
+                // Another kernel message before the rest of the broken line.
+                self.waited += 1;
+                self.pending = Some(head);
+                out.push(line.to_owned());
+                return out;
+            }
+            if kernel_stamp(line) == Some(0) {
+                out.push(head.trim_end().to_owned());
+            } else {
+                return self.split(&format!("{head}{line}"), out);
+            }
+        }
+        self.split(line, out)
+    }
+
+    fn split(&mut self, line: &str, mut out: Vec<String>) -> Vec<String> {
+        match kernel_stamp_after_start(line) {
+            Some(at) => {
+                self.pending = Some(line[..at].to_owned());
+                self.waited = 0;
+                out.push(line[at..].to_owned());
+            }
+            None => out.push(line.to_owned()),
+        }
+        out
+    }
+}
+
+/// Where a kernel timestamp (`[` spaces digits `.` six digits `] `) starts in `line`, if at 0.
+fn kernel_stamp(line: &str) -> Option<usize> {
+    stamp_at(line, 0).then_some(0)
+}
+
+/// The first kernel timestamp in `line` after its own leading one (a forwarded journal line
+/// starts with one).
+fn kernel_stamp_after_start(line: &str) -> Option<usize> {
+    let from = if stamp_at(line, 0) {
+        line.find("] ").map(|i| i + 2).unwrap_or(line.len())
+    } else {
+        0
+    };
+    (from.max(1)..line.len())
+        .filter(|&i| line.as_bytes()[i] == b'[')
+        .find(|&i| stamp_at(line, i))
+}
+
+/// Whether a kernel timestamp starts at byte `i` of `line`.
+fn stamp_at(line: &str, i: usize) -> bool {
+    let b = line.as_bytes();
+    if b.get(i) != Some(&b'[') {
+        return false;
+    }
+    let mut j = i + 1;
+    while b.get(j) == Some(&b' ') {
+        j += 1;
+    }
+    let digits = |j: &mut usize| {
+        let start = *j;
+        while b.get(*j).is_some_and(u8::is_ascii_digit) {
+            *j += 1;
+        }
+        *j - start
+    };
+    if digits(&mut j) == 0 || b.get(j) != Some(&b'.') {
+        return false;
+    }
+    j += 1;
+    digits(&mut j) == 6 && b.get(j) == Some(&b']') && b.get(j + 1) == Some(&b' ')
 }
 
 /// Streams the console to stdout until the ready marker (Ok), the failed marker, QEMU's exit
@@ -503,6 +599,59 @@ fn expect_ready(cmd: &Cmd, deadline: Instant, timeout: Duration) -> Result<(), S
 
 #[cfg(test)]
 mod tests {
+    /// The console lines of a rehearsal where a kernel message broke the agent's failure line
+    /// apart (CI, cluster.rs, the OSD refusal): joined again, the marker is on one line.
+    #[test]
+    fn a_line_broken_by_a_kernel_message_is_joined_again() {
+        let mut m = Mender::default();
+        let mut out = Vec::new();
+        for l in [
+            "[   26.139688] picoimg-firstboot[504]: picoimg: step ceph-devices failed: x",
+            "[   26.146322] picoimg-firstboot[504]: picoimg: [   26.100692] Bridge firewalling registered",
+            "[   26.150000] audit: type=1130",
+            "failed: step ceph-devices: /dev/disk/by-id/virtio-osd0 is not empty",
+            "pc0 login: ",
+        ] {
+            out.extend(m.push(l));
+        }
+        assert_eq!(
+            out,
+            [
+                "[   26.139688] picoimg-firstboot[504]: picoimg: step ceph-devices failed: x",
+                "[   26.100692] Bridge firewalling registered",
+                "[   26.150000] audit: type=1130",
+                "[   26.146322] picoimg-firstboot[504]: picoimg: failed: step ceph-devices: /dev/disk/by-id/virtio-osd0 is not empty",
+                "pc0 login: ",
+            ]
+        );
+        assert!(out[3].contains(picoimg_firstboot::contract::NODE_FAILED));
+    }
+
+    /// Lines without a timestamp in their middle pass as they are; brackets that are not a
+    /// kernel timestamp do not break anything; a broken line whose rest never comes is let go.
+    #[test]
+    fn other_lines_pass_unchanged() {
+        let mut m = Mender::default();
+        for l in [
+            "[  OK  ] Started ssh.service",
+            "picoimg: step users ok: pico [1 keys]",
+            "BdsDxe: loading Boot0001 [x] [ 1.5] [12.123456]",
+            "[    0.000000] Linux version 6.12",
+        ] {
+            assert_eq!(m.push(l), [l]);
+        }
+        let mut m = Mender::default();
+        assert_eq!(m.push("head [    1.000000] k"), ["[    1.000000] k"]);
+        for i in 0..8 {
+            let l = format!("[    2.00000{i}] more");
+            assert_eq!(m.push(&l), std::slice::from_ref(&l));
+        }
+        assert_eq!(
+            m.push("[    3.000000] late"),
+            ["head", "[    3.000000] late"]
+        );
+    }
+
     use super::*;
 
     fn h4() -> Board {
