@@ -959,8 +959,8 @@ fn c5_and_h4_boot_their_own_images_on_one_switch_and_the_c5_forms_consul() {
     assert_eq!(ssh(port + 1, "uname -m").trim(), "x86_64");
     let ping = ssh(port + 1, "ping -c 1 -W 10 10.78.0.10");
     assert!(ping.contains("1 received"), "{ping}");
-    // The kvm component (H4 only): libvirtd runs and virsh answers. Under TCG the guest has no
-    // nested KVM; what the node reports about /dev/kvm is printed, not asserted.
+    // The kvm component (H4 only): libvirtd runs and virsh answers. What the node reports about
+    // /dev/kvm under TCG is printed, not asserted (no guest is started in it).
     let virsh = ssh(
         port + 1,
         "systemctl is-active libvirtd.service && sudo virsh -c qemu:///system version \
