@@ -447,14 +447,14 @@ impl Mender {
     pub fn push(&mut self, line: &str) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(head) = self.pending.take() {
-            if kernel_stamp(line) == Some(0) && self.waited < 8 {
+            if stamp_at(line, 0) && self.waited < 8 {
                 // Another kernel message before the rest of the broken line.
                 self.waited += 1;
                 self.pending = Some(head);
                 out.push(line.to_owned());
                 return out;
             }
-            if kernel_stamp(line) == Some(0) {
+            if stamp_at(line, 0) {
                 out.push(head.trim_end().to_owned());
             } else {
                 return self.split(&format!("{head}{line}"), out);
@@ -476,11 +476,6 @@ impl Mender {
     }
 }
 
-/// Where a kernel timestamp (`[` spaces digits `.` six digits `] `) starts in `line`, if at 0.
-fn kernel_stamp(line: &str) -> Option<usize> {
-    stamp_at(line, 0).then_some(0)
-}
-
 /// The first kernel timestamp in `line` after its own leading one (a forwarded journal line
 /// starts with one).
 fn kernel_stamp_after_start(line: &str) -> Option<usize> {
@@ -494,7 +489,8 @@ fn kernel_stamp_after_start(line: &str) -> Option<usize> {
         .find(|&i| stamp_at(line, i))
 }
 
-/// Whether a kernel timestamp starts at byte `i` of `line`.
+/// Whether a kernel timestamp (`[`, spaces, digits, `.`, six digits, `] `) starts at byte `i`
+/// of `line`.
 fn stamp_at(line: &str, i: usize) -> bool {
     let b = line.as_bytes();
     if b.get(i) != Some(&b'[') {
